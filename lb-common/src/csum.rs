@@ -1,0 +1,108 @@
+//! Incremental Internet checksum update (RFC 1624) for NAT rewrites.
+//!
+//! Values are 16-bit words read from the packet with native byte order; one's complement
+//! arithmetic is byte-order independent as long as every operand is read the same way.
+
+/// Accumulates the changes to a checksummed region: `Σ ~old + Σ new`.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CsumDiff(u32);
+
+impl CsumDiff {
+    /// No change yet.
+    pub const fn new() -> Self {
+        CsumDiff(0)
+    }
+
+    /// One 16-bit word changed from `old` to `new`.
+    #[inline(always)]
+    pub fn word(mut self, old: u16, new: u16) -> Self {
+        self.0 += (!old) as u32 + new as u32;
+        self.0 = (self.0 & 0xffff) + (self.0 >> 16);
+        self
+    }
+
+    /// Four bytes (an IPv4 address) changed.
+    #[inline(always)]
+    pub fn bytes4(self, old: &[u8], new: &[u8]) -> Self {
+        self.word(
+            u16::from_ne_bytes([old[0], old[1]]),
+            u16::from_ne_bytes([new[0], new[1]]),
+        )
+        .word(
+            u16::from_ne_bytes([old[2], old[3]]),
+            u16::from_ne_bytes([new[2], new[3]]),
+        )
+    }
+
+    /// Applies the accumulated change to a checksum field (as read from the packet).
+    #[inline(always)]
+    pub fn apply(self, csum: u16) -> u16 {
+        let mut s = (!csum) as u32 + self.0;
+        s = (s & 0xffff) + (s >> 16);
+        s = (s & 0xffff) + (s >> 16);
+        !(s as u16)
+    }
+
+    /// As [`CsumDiff::apply`] for UDP, where 0 means "no checksum" and a computed 0 is sent
+    /// as 0xffff (RFC 768).
+    #[inline(always)]
+    pub fn apply_udp(self, csum: u16) -> u16 {
+        if csum == 0 {
+            return 0;
+        }
+        match self.apply(csum) {
+            0 => 0xffff,
+            c => c,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+    use super::*;
+    use std::vec::Vec;
+
+    /// Full checksum over `data` (reference implementation).
+    fn full(data: &[u8]) -> u16 {
+        let mut s: u32 = 0;
+        for c in data.chunks(2) {
+            let w = if c.len() == 2 { [c[0], c[1]] } else { [c[0], 0] };
+            s += u16::from_ne_bytes(w) as u32;
+        }
+        while s > 0xffff {
+            s = (s & 0xffff) + (s >> 16);
+        }
+        !(s as u16)
+    }
+
+    #[test]
+    fn incremental_equals_full_recompute() {
+        // A 20-byte IPv4 header with its checksum at bytes 10..12.
+        let mut hdr: Vec<u8> = std::vec![
+            0x45, 0, 0, 60, 0x12, 0x34, 0x40, 0, 64, 6, 0, 0, 10, 99, 1, 2, 10, 99, 0, 10
+        ];
+        let c = full(&hdr);
+        hdr[10..12].copy_from_slice(&c.to_ne_bytes());
+        let old = hdr.clone();
+        // NAT: new source and destination, TTL decremented.
+        hdr[12..16].copy_from_slice(&[10, 20, 0, 1]);
+        hdr[16..20].copy_from_slice(&[10, 20, 0, 21]);
+        hdr[8] = 63;
+        let d = CsumDiff::new()
+            .bytes4(&old[12..16], &hdr[12..16])
+            .bytes4(&old[16..20], &hdr[16..20])
+            .word(
+                u16::from_ne_bytes([old[8], old[9]]),
+                u16::from_ne_bytes([hdr[8], hdr[9]]),
+            );
+        let updated = d.apply(u16::from_ne_bytes([old[10], old[11]]));
+        hdr[10..12].copy_from_slice(&[0, 0]);
+        assert_eq!(updated, full(&hdr));
+    }
+
+    #[test]
+    fn udp_zero_checksum_stays_zero() {
+        assert_eq!(CsumDiff::new().word(1, 2).apply_udp(0), 0);
+    }
+}

@@ -1,0 +1,123 @@
+//! Types and pure functions shared by the XDP program (`lb-ebpf`) and userspace (`lb-userspace`).
+//!
+//! Everything here is `no_std`, `#[repr(C)]` and `Copy`, with explicit padding and a
+//! compile-time size check, so both sides agree on every byte of every map key and value.
+//! With the `user` feature the types implement `aya::Pod`.
+#![no_std]
+
+pub mod backend;
+pub mod conntrack;
+pub mod csum;
+pub mod flow;
+pub mod hash;
+pub mod service;
+pub mod stats;
+
+/// Number of buckets in one Maglev table (prime, so every backend's permutation is complete).
+pub const TABLE_SIZE: u32 = 65537;
+/// Most connection-mode services one data plane serves (each has two table slots).
+pub const MAX_SERVICES: u32 = 16;
+/// Backend ids are `1..MAX_BACKENDS`; id 0 means "no backend".
+pub const MAX_BACKENDS: u32 = 4096;
+/// The reserved backend id: an empty bucket.
+pub const NO_BACKEND: u32 = 0;
+/// Default number of flows the conntrack and reverse-NAT maps hold.
+pub const DEFAULT_CONNTRACK_MAX: u32 = 262_144;
+
+/// `AF_INET` as the kernel spells it (in `family` fields).
+pub const FAMILY_V4: u8 = 2;
+/// `AF_INET6`.
+pub const FAMILY_V6: u8 = 10;
+/// IP protocol numbers.
+pub const PROTO_TCP: u8 = 6;
+/// IP protocol numbers.
+pub const PROTO_UDP: u8 = 17;
+
+/// Map names, used by the kernel side (`#[map(name = ..)]`) and by userspace to find and pin them.
+pub mod map_names {
+    /// Services: [`crate::service::ServiceKey`] → [`crate::service::ServiceValue`].
+    pub const SERVICES: &str = "LB_SERVICES";
+    /// Maglev tables: `service id * 2 + slot` → [`crate::service::MaglevTable`].
+    pub const TABLES: &str = "LB_TABLES";
+    /// Backends: backend id → [`crate::backend::BackendInfo`].
+    pub const BACKENDS: &str = "LB_BACKENDS";
+    /// Forward conntrack: client-side [`crate::flow::FlowKey`] → [`crate::conntrack::CtValue`].
+    pub const CONNTRACK: &str = "LB_CONNTRACK";
+    /// Reverse NAT: backend-side [`crate::flow::FlowKey`] → [`crate::conntrack::RnatValue`].
+    pub const REVERSE_NAT: &str = "LB_REVERSE_NAT";
+    /// Per-CPU next hop towards each backend: backend id → [`crate::backend::NextHop`].
+    pub const NEXT_HOPS: &str = "LB_NEXT_HOPS";
+    /// Per-CPU counters per backend: backend id → [`crate::stats::BackendStats`].
+    pub const BACKEND_STATS: &str = "LB_BACKEND_STATS";
+    /// Per-CPU counters of XDP verdicts and reasons: [`crate::stats::Stat`] index → u64.
+    pub const XDP_STATS: &str = "LB_XDP_STATS";
+    /// Every map, in the order userspace pins them.
+    pub const ALL: [&str; 8] = [
+        SERVICES,
+        TABLES,
+        BACKENDS,
+        CONNTRACK,
+        REVERSE_NAT,
+        NEXT_HOPS,
+        BACKEND_STATS,
+        XDP_STATS,
+    ];
+}
+
+/// Name of the load-time global holding [`Tunables`].
+pub const TUNABLES_GLOBAL: &str = "LB_TUNABLES";
+
+/// Settings fixed when the program is loaded (read-only data, so the verifier sees constants).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Tunables {
+    /// Lowest SNAT source port (host order). Must lie outside the host's ephemeral range.
+    pub snat_port_min: u16,
+    /// Highest SNAT source port (host order).
+    pub snat_port_max: u16,
+    /// Number of possible CPUs. The SNAT port range is split into one class per CPU
+    /// (`port % cpus`), so a CPU allocates ports no other CPU can race it for.
+    pub cpus: u32,
+    /// Idle time after which an established TCP flow is forgotten.
+    pub tcp_established_timeout_ns: u64,
+    /// Idle time of a TCP flow that has only seen a SYN, or has seen FIN/RST.
+    pub tcp_transient_timeout_ns: u64,
+    /// Idle time after which a UDP flow is forgotten.
+    pub udp_timeout_ns: u64,
+    /// How long a cached next hop (fib lookup result) is trusted.
+    pub next_hop_ttl_ns: u64,
+}
+
+const SECOND: u64 = 1_000_000_000;
+
+impl Tunables {
+    /// The defaults: SNAT ports 61000–65535 (above Linux's default ephemeral range
+    /// 32768–60999), IPVS-like idle timeouts, next hops re-resolved every second.
+    pub const DEFAULT: Tunables = Tunables {
+        snat_port_min: 61000,
+        snat_port_max: 65535,
+        cpus: 1,
+        tcp_established_timeout_ns: 900 * SECOND,
+        tcp_transient_timeout_ns: 10 * SECOND,
+        udp_timeout_ns: 120 * SECOND,
+        next_hop_ttl_ns: SECOND,
+    };
+}
+
+const _: () = assert!(core::mem::size_of::<Tunables>() == 40);
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: every type below is #[repr(C)], Copy, has no implicit padding (checked by the size
+    // asserts next to each type) and is valid for any bit pattern.
+    unsafe impl aya::Pod for crate::Tunables {}
+    unsafe impl aya::Pod for crate::flow::FlowKey {}
+    unsafe impl aya::Pod for crate::service::ServiceKey {}
+    unsafe impl aya::Pod for crate::service::ServiceValue {}
+    unsafe impl aya::Pod for crate::service::MaglevTable {}
+    unsafe impl aya::Pod for crate::backend::BackendInfo {}
+    unsafe impl aya::Pod for crate::backend::NextHop {}
+    unsafe impl aya::Pod for crate::conntrack::CtValue {}
+    unsafe impl aya::Pod for crate::conntrack::RnatValue {}
+    unsafe impl aya::Pod for crate::stats::BackendStats {}
+}

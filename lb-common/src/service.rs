@@ -1,0 +1,58 @@
+//! Services (VIP, port, protocol) and their Maglev tables.
+
+use crate::{TABLE_SIZE, flow::IpBytes};
+
+/// What identifies a connection-mode service: the address and port clients connect to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct ServiceKey {
+    /// The VIP.
+    pub addr: IpBytes,
+    /// The service port, network byte order.
+    pub port: u16,
+    /// IP protocol.
+    pub proto: u8,
+    /// Address family.
+    pub family: u8,
+}
+
+const _: () = assert!(core::mem::size_of::<ServiceKey>() == 20);
+
+/// What the data plane needs to know about a service.
+///
+/// Userspace replaces the whole value to switch tables: a hash-map update swaps the element
+/// atomically, so a packet sees either the old slot or the new one, never a mix.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ServiceValue {
+    /// Source address of packets towards backends (full-NAT).
+    pub snat_addr: IpBytes,
+    /// Index of this service in [`crate::map_names::TABLES`] (`id * 2 + slot`).
+    pub id: u32,
+    /// Which of the service's two table slots is live (0 or 1).
+    pub slot: u32,
+    /// Table generation, bumped on every table change (for `show table` and metrics).
+    pub generation: u32,
+    /// Explicit padding.
+    pub _pad: u32,
+}
+
+const _: () = assert!(core::mem::size_of::<ServiceValue>() == 32);
+
+impl ServiceValue {
+    /// Index of the live table in [`crate::map_names::TABLES`].
+    #[inline(always)]
+    pub const fn table_index(&self) -> u32 {
+        self.id * 2 + (self.slot & 1)
+    }
+}
+
+/// A Maglev lookup table: bucket → backend id (0 = none).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct MaglevTable {
+    /// `TABLE_SIZE` buckets.
+    pub buckets: [u32; TABLE_SIZE as usize],
+}
+
+const _: () = assert!(core::mem::size_of::<MaglevTable>() == 4 * TABLE_SIZE as usize);

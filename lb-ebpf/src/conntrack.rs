@@ -1,0 +1,95 @@
+//! Flow state and idle timeouts. The forward (conntrack) and reverse (NAT) entries of one flow
+//! are kept in step: a state change or a refresh on one side is copied to the other, so both
+//! expire together and a SNAT port is never reclaimed while its flow still runs.
+
+use lb_common::{
+    PROTO_TCP, Tunables,
+    conntrack::{CtValue, RnatValue, state},
+    flow::FlowKey,
+};
+
+use crate::parse::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
+
+/// Refresh `last_seen` at most this often: a write per packet would bounce the entry's cache
+/// line between CPUs for no gain in precision.
+const REFRESH_NS: u64 = 1_000_000_000;
+
+/// Whether `flags` is a connection-opening SYN (SYN without ACK).
+#[inline(always)]
+pub fn is_syn(flags: u8) -> bool {
+    flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+}
+
+/// Whether an entry last seen at `last_seen` in `st` is still alive at `now`.
+#[inline(always)]
+pub fn alive(last_seen: u64, st: u8, proto: u8, now: u64, t: &Tunables) -> bool {
+    let timeout = if proto != PROTO_TCP {
+        t.udp_timeout_ns
+    } else if st == state::ESTABLISHED {
+        t.tcp_established_timeout_ns
+    } else {
+        t.tcp_transient_timeout_ns
+    };
+    now.saturating_sub(last_seen) <= timeout
+}
+
+/// Applies one packet to an entry's state and timestamp; returns whether anything changed
+/// (and so must be copied to the flow's other entry).
+#[inline(always)]
+pub fn observe(last_seen: &mut u64, st: &mut u8, flags: u8, proto: u8, from_client: bool, now: u64) -> bool {
+    let mut changed = false;
+    if proto == PROTO_TCP {
+        if flags & (TCP_FIN | TCP_RST) != 0 {
+            if *st != state::CLOSING {
+                *st = state::CLOSING;
+                changed = true;
+            }
+        } else if *st == state::SYN && from_client && flags & TCP_SYN == 0 {
+            *st = state::ESTABLISHED;
+            changed = true;
+        }
+    }
+    if changed || now.saturating_sub(*last_seen) > REFRESH_NS {
+        *last_seen = now;
+        changed = true;
+    }
+    changed
+}
+
+/// Copies a change to the flow's other entry (states only move forward: SYN → ESTABLISHED →
+/// CLOSING).
+#[inline(always)]
+pub fn sync(last_seen: &mut u64, st: &mut u8, from_last_seen: u64, from_st: u8) {
+    *last_seen = from_last_seen;
+    if from_st > *st {
+        *st = from_st;
+    }
+}
+
+/// The reverse-NAT key of a flow (backend → SNAT address:port).
+#[inline(always)]
+pub fn reverse_key(ct: &CtValue, client: &FlowKey) -> FlowKey {
+    FlowKey {
+        src: ct.backend_addr,
+        dst: ct.snat_addr,
+        sport: ct.backend_port,
+        dport: ct.snat_port,
+        proto: client.proto,
+        family: client.family,
+        _pad: [0; 2],
+    }
+}
+
+/// The conntrack key of a flow (client → VIP).
+#[inline(always)]
+pub fn forward_key(r: &RnatValue, backend: &FlowKey) -> FlowKey {
+    FlowKey {
+        src: r.client_addr,
+        dst: r.vip_addr,
+        sport: r.client_port,
+        dport: r.vip_port,
+        proto: backend.proto,
+        family: backend.family,
+        _pad: [0; 2],
+    }
+}

@@ -1,0 +1,213 @@
+//! lb's data plane: an XDP full-NAT layer-4 balancer.
+//!
+//! Per packet: parse → VIP? (conntrack hit, or a SYN → Maglev bucket → backend, new flow) →
+//! full-NAT rewrite → cached next hop → TX/REDIRECT. Return traffic (backend → SNAT
+//! address:port) is reverse-NATed back to the client. Everything else is passed to the kernel
+//! untouched. Tables, weights and health are userspace's business; this program only reads them.
+#![no_std]
+#![no_main]
+
+mod conntrack;
+mod forward;
+mod maps;
+mod nat;
+mod parse;
+mod select;
+mod stats;
+
+use aya_ebpf::{
+    bindings::xdp_action::{XDP_ABORTED, XDP_DROP, XDP_PASS},
+    helpers::bpf_ktime_get_ns,
+    macros::xdp,
+    programs::XdpContext,
+};
+use lb_common::{
+    Tunables,
+    flow::IpBytes,
+    service::{ServiceKey, ServiceValue},
+    stats::Stat,
+};
+
+use crate::{
+    maps::{LB_CONNTRACK, LB_REVERSE_NAT, LB_SERVICES, LB_TUNABLES},
+    nat::Rewrite,
+    parse::Packet,
+    stats::Direction,
+};
+
+/// The balancer. Attached to every configured interface.
+#[xdp]
+pub fn lb_xdp(ctx: XdpContext) -> u32 {
+    let action = match try_balance(&ctx) {
+        Ok(a) => a,
+        Err(()) => XDP_ABORTED,
+    };
+    // The verdicts are the first entries of the counter array.
+    if let Some(c) = maps::LB_XDP_STATS.get_ptr_mut(action) {
+        // SAFETY: per-CPU slot.
+        unsafe { *c += 1 };
+    }
+    action
+}
+
+/// A program that passes everything: the baseline that benchmarks subtract.
+#[xdp]
+pub fn lb_pass(_ctx: XdpContext) -> u32 {
+    XDP_PASS
+}
+
+#[inline(always)]
+fn pass(reason: Stat) -> u32 {
+    stats::bump(reason);
+    XDP_PASS
+}
+
+#[inline(always)]
+fn v4_of(a: &IpBytes) -> [u8; 4] {
+    [a[0], a[1], a[2], a[3]]
+}
+
+fn try_balance(ctx: &XdpContext) -> Result<u32, ()> {
+    let pkt = match parse::parse(ctx) {
+        Ok(p) => p,
+        Err(reason) => return Ok(pass(reason)),
+    };
+    let svc_key = ServiceKey {
+        addr: pkt.key.dst,
+        port: pkt.key.dport,
+        proto: pkt.key.proto,
+        family: pkt.key.family,
+    };
+    // SAFETY: userspace replaces service values whole (an atomic element swap); copied at once.
+    if let Some(svc) = unsafe { LB_SERVICES.get(&svc_key) } {
+        let svc = *svc;
+        return Ok(to_backend(ctx, &pkt, &svc));
+    }
+    let t = LB_TUNABLES.load();
+    let dport = u16::from_be(pkt.key.dport);
+    if dport >= t.snat_port_min && dport <= t.snat_port_max {
+        if let Some(r) = LB_REVERSE_NAT.get_ptr_mut(&pkt.key) {
+            return Ok(to_client(ctx, &pkt, r, &t));
+        }
+    }
+    Ok(pass(Stat::NotOurs))
+}
+
+/// Client → VIP: find or create the flow, rewrite towards its backend, send.
+#[inline(always)]
+fn to_backend(ctx: &XdpContext, pkt: &Packet, svc: &ServiceValue) -> u32 {
+    if nat::ttl(pkt) <= 1 {
+        return pass(Stat::TtlExceeded);
+    }
+    let t: Tunables = LB_TUNABLES.load();
+    // SAFETY: helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let proto = pkt.key.proto;
+    let syn = pkt.is_tcp() && conntrack::is_syn(pkt.tcp_flags);
+    let mut new_flow = false;
+    let existing = LB_CONNTRACK.get_ptr_mut(&pkt.key).and_then(|p| {
+        // SAFETY: LRU entry; fields are plain integers, races only lose a refresh.
+        let e = unsafe { &mut *p };
+        let reusable = conntrack::alive(e.last_seen_ns, e.state, proto, now, &t)
+            && !(syn && e.state == lb_common::conntrack::state::CLOSING);
+        reusable.then_some(e)
+    });
+    let ct = match existing {
+        Some(e) => {
+            if conntrack::observe(&mut e.last_seen_ns, &mut e.state, pkt.tcp_flags, proto, true, now) {
+                let rkey = conntrack::reverse_key(e, &pkt.key);
+                if let Some(r) = LB_REVERSE_NAT.get_ptr_mut(&rkey) {
+                    // SAFETY: as above.
+                    let r = unsafe { &mut *r };
+                    conntrack::sync(&mut r.last_seen_ns, &mut r.state, e.last_seen_ns, e.state);
+                }
+            }
+            *e
+        }
+        None => {
+            if pkt.is_tcp() && !syn {
+                // No flow: the host's stack answers with a RST (the VIP is a local address),
+                // so the client learns at once instead of retransmitting into a void.
+                return pass(Stat::NonSynMiss);
+            }
+            match select::new_flow(ctx, pkt, svc, &t, now) {
+                Ok(ct) => {
+                    new_flow = true;
+                    stats::bump(Stat::NewFlow);
+                    ct
+                }
+                // No backend: the host answers the SYN with a RST (nothing listens there).
+                Err(Stat::NoBackend) => return pass(Stat::NoBackend),
+                Err(reason) => {
+                    stats::bump(reason);
+                    return XDP_DROP;
+                }
+            }
+        }
+    };
+    let src = v4_of(&ct.snat_addr);
+    let dst = v4_of(&ct.backend_addr);
+    nat::rewrite(
+        pkt,
+        &Rewrite {
+            src,
+            dst,
+            sport: ct.snat_port,
+            dport: ct.backend_port,
+        },
+    );
+    stats::backend(ct.backend_id, Direction::ToBackend, pkt.len, new_flow);
+    match forward::next_hop(ctx, ct.backend_id, src, dst, now, t.next_hop_ttl_ns) {
+        Some(nh) => forward::send(ctx, pkt, nh.ifindex, &nh.smac, &nh.dmac),
+        // Next hop unknown (e.g. no ARP entry yet): the kernel forwards the rewritten packet
+        // and resolves the neighbour; the next packets take the fast path.
+        None => pass(Stat::FibPass),
+    }
+}
+
+/// Backend → SNAT address:port: rewrite back to VIP → client and send it the way the client's
+/// packets came in.
+#[inline(always)]
+fn to_client(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    r: *mut lb_common::conntrack::RnatValue,
+    t: &Tunables,
+) -> u32 {
+    // SAFETY: LRU entry; fields are plain integers.
+    let e = unsafe { &mut *r };
+    // SAFETY: helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let proto = pkt.key.proto;
+    if !conntrack::alive(e.last_seen_ns, e.state, proto, now, t) {
+        return pass(Stat::NotOurs);
+    }
+    if nat::ttl(pkt) <= 1 {
+        return pass(Stat::TtlExceeded);
+    }
+    if conntrack::observe(&mut e.last_seen_ns, &mut e.state, pkt.tcp_flags, proto, false, now) {
+        let fkey = conntrack::forward_key(e, &pkt.key);
+        if let Some(c) = LB_CONNTRACK.get_ptr_mut(&fkey) {
+            // SAFETY: as above.
+            let c = unsafe { &mut *c };
+            conntrack::sync(&mut c.last_seen_ns, &mut c.state, e.last_seen_ns, e.state);
+        }
+    }
+    nat::rewrite(
+        pkt,
+        &Rewrite {
+            src: v4_of(&e.vip_addr),
+            dst: v4_of(&e.client_addr),
+            sport: e.vip_port,
+            dport: e.client_port,
+        },
+    );
+    stats::backend(e.backend_id, Direction::ToClient, pkt.len, false);
+    forward::send(ctx, pkt, e.ifindex, &e.local_mac, &e.client_mac)
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}

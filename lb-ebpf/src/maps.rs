@@ -1,0 +1,54 @@
+//! Every map the data plane uses. Userspace writes the first three; the kernel writes the rest.
+
+use aya_ebpf::{
+    Global,
+    macros::map,
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+};
+use lb_common::{
+    DEFAULT_CONNTRACK_MAX, MAX_BACKENDS, MAX_SERVICES, Tunables,
+    backend::{BackendInfo, NextHop},
+    conntrack::{CtValue, RnatValue},
+    flow::FlowKey,
+    service::{MaglevTable, ServiceKey, ServiceValue},
+    stats::{BackendStats, STAT_COUNT},
+};
+
+/// (VIP, port, proto) → service id, live table slot, SNAT address.
+#[map]
+pub static LB_SERVICES: HashMap<ServiceKey, ServiceValue> = HashMap::with_max_entries(MAX_SERVICES, 0);
+
+/// `service id * 2 + slot` → the Maglev table (bucket → backend id) for that slot.
+#[map]
+pub static LB_TABLES: Array<MaglevTable> = Array::with_max_entries(MAX_SERVICES * 2, 0);
+
+/// Backend id → backend address and port (id 0 is never used).
+#[map]
+pub static LB_BACKENDS: Array<BackendInfo> = Array::with_max_entries(MAX_BACKENDS, 0);
+
+/// Client-side 5-tuple (client → VIP) → chosen backend, SNAT port, state, last seen.
+#[map]
+pub static LB_CONNTRACK: LruHashMap<FlowKey, CtValue> =
+    LruHashMap::with_max_entries(DEFAULT_CONNTRACK_MAX, 0);
+
+/// Backend-side 5-tuple (backend → SNAT addr:port) → client, VIP and client-side L2.
+#[map]
+pub static LB_REVERSE_NAT: LruHashMap<FlowKey, RnatValue> =
+    LruHashMap::with_max_entries(DEFAULT_CONNTRACK_MAX, 0);
+
+/// Backend id → this CPU's cached fib lookup result towards that backend.
+#[map]
+pub static LB_NEXT_HOPS: PerCpuArray<NextHop> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
+
+/// Backend id → this CPU's packet/byte/flow counters for that backend.
+#[map]
+pub static LB_BACKEND_STATS: PerCpuArray<BackendStats> =
+    PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
+
+/// `Stat` index → this CPU's count of verdicts and reasons.
+#[map]
+pub static LB_XDP_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STAT_COUNT, 0);
+
+/// Load-time settings (SNAT port range, timeouts); userspace overrides the default.
+#[unsafe(no_mangle)]
+pub static LB_TUNABLES: Global<Tunables> = Global::new(Tunables::DEFAULT);

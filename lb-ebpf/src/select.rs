@@ -1,0 +1,144 @@
+//! New flows: the Maglev bucket → backend, and a SNAT port that no live flow holds.
+
+use aya_ebpf::{
+    bindings::BPF_ANY,
+    helpers::{bpf_get_prandom_u32, bpf_get_smp_processor_id},
+    programs::XdpContext,
+};
+use lb_common::{
+    NO_BACKEND, PROTO_TCP, Tunables,
+    backend::BackendInfo,
+    conntrack::{CtValue, RnatValue, state},
+    flow::FlowKey,
+    hash,
+    service::ServiceValue,
+    stats::Stat,
+};
+
+use crate::{
+    conntrack,
+    maps::{LB_BACKENDS, LB_CONNTRACK, LB_REVERSE_NAT, LB_TABLES},
+    parse::Packet,
+};
+
+/// Random SNAT ports tried before reclaiming a dead flow's port (or giving up).
+const SNAT_TRIES: u32 = 8;
+
+/// The backend the service's live table gives this flow.
+#[inline(always)]
+fn pick(svc: &ServiceValue, key: &FlowKey) -> Result<(u32, BackendInfo), Stat> {
+    let table = LB_TABLES.get(svc.table_index()).ok_or(Stat::NoBackend)?;
+    let id = *table
+        .buckets
+        .get(hash::bucket(key) as usize)
+        .ok_or(Stat::NoBackend)?;
+    if id == NO_BACKEND {
+        return Err(Stat::NoBackend);
+    }
+    let be = LB_BACKENDS.get(id).ok_or(Stat::NoBackend)?;
+    if be.flags & BackendInfo::VALID == 0 {
+        return Err(Stat::NoBackend);
+    }
+    Ok((id, *be))
+}
+
+/// Finds a SNAT port for `rkey` (whose `dport` it fills in) and stores `rval` under it.
+///
+/// Each CPU owns the ports `min + cpu + k * cpus`, so no other CPU can insert the same key
+/// meanwhile: a free port can be taken, and a dead flow's port reclaimed, without a race.
+#[inline(always)]
+fn alloc_snat_port(rkey: &mut FlowKey, rval: &RnatValue, t: &Tunables, now: u64) -> Result<(), Stat> {
+    let cpus = if t.cpus == 0 { 1 } else { t.cpus };
+    // SAFETY: helper calls without arguments.
+    let cpu = unsafe { bpf_get_smp_processor_id() } % cpus;
+    let range = (t.snat_port_max.saturating_sub(t.snat_port_min)) as u32 + 1;
+    if cpu >= range {
+        return Err(Stat::FlowNotCreated);
+    }
+    let count = (range - cpu).div_ceil(cpus);
+    let mut reclaim: u32 = 0;
+    for _ in 0..SNAT_TRIES {
+        // SAFETY: helper call without arguments.
+        let idx = unsafe { bpf_get_prandom_u32() } % count;
+        let port = t.snat_port_min as u32 + cpu + idx * cpus;
+        rkey.dport = (port as u16).to_be();
+        // SAFETY: read-only peek at an entry; only its timestamps are used.
+        match unsafe { LB_REVERSE_NAT.get(&*rkey) } {
+            None => {
+                return LB_REVERSE_NAT
+                    .insert(&*rkey, rval, BPF_ANY as u64)
+                    .map_err(|_| Stat::FlowNotCreated);
+            }
+            Some(old) => {
+                if reclaim == 0 && !conntrack::alive(old.last_seen_ns, old.state, rkey.proto, now, t) {
+                    reclaim = port;
+                }
+            }
+        }
+    }
+    if reclaim == 0 {
+        return Err(Stat::FlowNotCreated);
+    }
+    rkey.dport = (reclaim as u16).to_be();
+    LB_REVERSE_NAT
+        .insert(&*rkey, rval, BPF_ANY as u64)
+        .map_err(|_| Stat::FlowNotCreated)
+}
+
+/// Creates the flow for a new connection: picks the backend, takes a SNAT port, stores both
+/// entries. Returns the conntrack entry.
+#[inline(always)]
+pub fn new_flow(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    svc: &ServiceValue,
+    t: &Tunables,
+    now: u64,
+) -> Result<CtValue, Stat> {
+    let (id, be) = pick(svc, &pkt.key)?;
+    let st = if pkt.key.proto == PROTO_TCP {
+        state::SYN
+    } else {
+        state::ESTABLISHED
+    };
+    // SAFETY: bounds-checked by `parse`.
+    let eth = unsafe { &*pkt.eth };
+    let mut rkey = FlowKey {
+        src: be.addr,
+        dst: svc.snat_addr,
+        sport: be.port,
+        dport: 0,
+        proto: pkt.key.proto,
+        family: pkt.key.family,
+        _pad: [0; 2],
+    };
+    let rval = RnatValue {
+        client_addr: pkt.key.src,
+        vip_addr: pkt.key.dst,
+        last_seen_ns: now,
+        backend_id: id,
+        ifindex: ctx.ingress_ifindex() as u32,
+        client_port: pkt.key.sport,
+        vip_port: pkt.key.dport,
+        client_mac: eth.src_addr,
+        local_mac: eth.dst_addr,
+        state: st,
+        _pad: [0; 7],
+    };
+    alloc_snat_port(&mut rkey, &rval, t, now)?;
+    let ct = CtValue {
+        backend_addr: be.addr,
+        snat_addr: svc.snat_addr,
+        last_seen_ns: now,
+        backend_id: id,
+        backend_port: be.port,
+        snat_port: rkey.dport,
+        state: st,
+        _pad: [0; 7],
+    };
+    if LB_CONNTRACK.insert(&pkt.key, &ct, BPF_ANY as u64).is_err() {
+        let _ = LB_REVERSE_NAT.remove(&rkey);
+        return Err(Stat::FlowNotCreated);
+    }
+    Ok(ct)
+}

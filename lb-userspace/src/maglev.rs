@@ -1,0 +1,228 @@
+//! Weighted Maglev: effective weights → a lookup table of `M` buckets (bucket → backend id).
+//!
+//! Pure and deterministic: the same backends and weights give the same table on every host, so
+//! two balancers with one config send a flow to the same backend. The kernel only does
+//! `table[hash % M]`.
+//!
+//! Each backend first gets an exact bucket count — its share of `M` rounded by largest
+//! remainder, so every share is within one bucket of its target. Then the buckets are handed
+//! out Maglev-style: each backend claims the next free bucket of its own permutation of the
+//! table, in an order that interleaves backends by their counts (the k-th claim of a backend
+//! with `n` buckets is due at `(k + ½) / n`). That interleaving is what keeps a weight change or
+//! a removal from moving many more buckets than it must.
+
+use std::{cmp::Ordering, collections::BinaryHeap};
+
+use lb_common::NO_BACKEND;
+
+/// One backend as the table builder sees it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Entry {
+    /// Stable identity: the permutation derives from it (e.g. "service/addr:port").
+    pub key: String,
+    /// The id the kernel's backend map knows it by (never [`NO_BACKEND`]).
+    pub id: u32,
+    /// Effective weight (pool share × backend share); 0 = no buckets.
+    pub weight: f64,
+}
+
+fn fnv1a(seed: u64, s: &str) -> u64 {
+    let mut h = 0xcbf2_9ce4_8422_2325u64 ^ seed;
+    for b in s.as_bytes() {
+        h ^= *b as u64;
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    // Final avalanche so that near-identical names get unrelated permutations.
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^ (h >> 33)
+}
+
+/// Bucket counts per entry: `m * w / Σw`, rounded by largest remainder (ties → lower index).
+pub fn bucket_counts(entries: &[Entry], m: u32) -> Vec<u32> {
+    let total: f64 = entries.iter().map(|e| e.weight.max(0.0)).sum();
+    if total <= 0.0 {
+        return vec![0; entries.len()];
+    }
+    let exact: Vec<f64> = entries
+        .iter()
+        .map(|e| m as f64 * e.weight.max(0.0) / total)
+        .collect();
+    let mut counts: Vec<u32> = exact.iter().map(|q| q.floor() as u32).collect();
+    let given: u32 = counts.iter().sum();
+    let mut order: Vec<usize> = (0..entries.len()).filter(|&i| entries[i].weight > 0.0).collect();
+    order.sort_by(|&a, &b| {
+        let (ra, rb) = (exact[a] - exact[a].floor(), exact[b] - exact[b].floor());
+        rb.partial_cmp(&ra).unwrap_or(Ordering::Equal).then(a.cmp(&b))
+    });
+    for &i in order.iter().cycle().take(m.saturating_sub(given) as usize) {
+        counts[i] += 1;
+    }
+    counts
+}
+
+/// A pending claim: backend `idx` makes its `k`-th claim (of `n`) at time `(2k+1) / 2n`.
+#[derive(Eq, PartialEq)]
+struct Due {
+    k: u64,
+    n: u64,
+    idx: usize,
+}
+
+impl Ord for Due {
+    fn cmp(&self, other: &Self) -> Ordering {
+        // Earliest due first (BinaryHeap is a max-heap, so reversed), then lowest index.
+        let lhs = (2 * self.k as u128 + 1) * other.n as u128;
+        let rhs = (2 * other.k as u128 + 1) * self.n as u128;
+        rhs.cmp(&lhs).then(other.idx.cmp(&self.idx))
+    }
+}
+
+impl PartialOrd for Due {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+/// Builds the table. `m` must be prime (it is [`lb_common::TABLE_SIZE`] in production).
+/// Entries may come in any order: they are sorted by key first.
+pub fn build(entries: &[Entry], m: u32) -> Vec<u32> {
+    let mut sorted: Vec<&Entry> = entries.iter().collect();
+    sorted.sort_by(|a, b| a.key.cmp(&b.key));
+    let owned: Vec<Entry> = sorted.into_iter().cloned().collect();
+    let counts = bucket_counts(&owned, m);
+    let m64 = m as u64;
+    let perms: Vec<(u64, u64)> = owned
+        .iter()
+        .map(|e| {
+            let offset = fnv1a(0, &e.key) % m64;
+            let skip = fnv1a(0x9e37_79b9_7f4a_7c15, &e.key) % (m64 - 1) + 1;
+            (offset, skip)
+        })
+        .collect();
+    let mut table = vec![NO_BACKEND; m as usize];
+    let mut filled = vec![false; m as usize];
+    let mut next = vec![0u64; owned.len()];
+    let mut heap: BinaryHeap<Due> = counts
+        .iter()
+        .enumerate()
+        .filter(|(_, n)| **n > 0)
+        .map(|(idx, &n)| Due {
+            k: 0,
+            n: n as u64,
+            idx,
+        })
+        .collect();
+    while let Some(Due { k, n, idx }) = heap.pop() {
+        let (offset, skip) = perms[idx];
+        // Every permutation visits every bucket (m prime), and a free one exists while claims
+        // remain (Σ counts = m), so this ends.
+        let slot = loop {
+            let s = ((offset + next[idx] * skip) % m64) as usize;
+            next[idx] += 1;
+            if !filled[s] {
+                break s;
+            }
+        };
+        filled[slot] = true;
+        table[slot] = owned[idx].id;
+        if k + 1 < n {
+            heap.push(Due { k: k + 1, n, idx });
+        }
+    }
+    table
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lb_common::TABLE_SIZE;
+    use proptest::prelude::*;
+    use std::collections::HashMap;
+
+    fn entries(weights: &[u32]) -> Vec<Entry> {
+        weights
+            .iter()
+            .enumerate()
+            .map(|(i, &w)| Entry {
+                key: format!("web/10.20.{}.{}:8080", i / 250, i % 250 + 1),
+                id: i as u32 + 1,
+                weight: w as f64,
+            })
+            .collect()
+    }
+
+    fn counts_of(table: &[u32]) -> HashMap<u32, u32> {
+        let mut c = HashMap::new();
+        for &id in table {
+            *c.entry(id).or_default() += 1;
+        }
+        c
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(24))]
+
+        /// Every backend gets its share of the table to within one bucket (so within 1 % of
+        /// its target whenever that is 100 buckets or more), and weight 0 gets nothing.
+        #[test]
+        fn shares_follow_weights(weights in prop::collection::vec(0u32..=1000, 1..=650)) {
+            let es = entries(&weights);
+            let table = build(&es, TABLE_SIZE);
+            let c = counts_of(&table);
+            let total: f64 = weights.iter().map(|&w| w as f64).sum();
+            for e in &es {
+                let got = *c.get(&e.id).unwrap_or(&0) as f64;
+                if e.weight == 0.0 {
+                    prop_assert_eq!(got, 0.0);
+                    continue;
+                }
+                let want = TABLE_SIZE as f64 * e.weight / total;
+                prop_assert!((got - want).abs() < 1.0, "{}: {} buckets, want {}", e.key, got, want);
+                prop_assert!((got - want).abs() / TABLE_SIZE as f64 <= 0.01);
+            }
+            if total == 0.0 {
+                prop_assert!(table.iter().all(|&id| id == NO_BACKEND));
+            } else {
+                prop_assert!(table.iter().all(|&id| id != NO_BACKEND));
+            }
+        }
+
+        /// Removing one of N equal backends moves at most 1/N + 1 % of the buckets.
+        #[test]
+        fn removal_moves_few_buckets(n in 2usize..=650, victim in any::<prop::sample::Index>()) {
+            let es = entries(&vec![100; n]);
+            let before = build(&es, TABLE_SIZE);
+            let gone = es[victim.index(n)].id;
+            let rest: Vec<Entry> = es.iter().filter(|e| e.id != gone).cloned().collect();
+            let after = build(&rest, TABLE_SIZE);
+            let moved = before.iter().zip(&after).filter(|(a, b)| a != b).count() as f64;
+            let bound = TABLE_SIZE as f64 * (1.0 / n as f64 + 0.01);
+            prop_assert!(moved <= bound, "n={} moved {} > {}", n, moved, bound);
+        }
+    }
+
+    #[test]
+    fn same_input_in_any_order_gives_the_same_table() {
+        let es = entries(&[90, 90, 10, 10]);
+        let mut rev = es.clone();
+        rev.reverse();
+        assert_eq!(build(&es, TABLE_SIZE), build(&rev, TABLE_SIZE));
+    }
+
+    #[test]
+    fn counts_sum_to_the_table_size() {
+        let c = bucket_counts(&entries(&[1, 1, 1]), 7);
+        assert_eq!(c.iter().sum::<u32>(), 7);
+        assert!(c.iter().all(|&n| n == 2 || n == 3));
+    }
+
+    #[test]
+    fn weight_change_moves_only_about_the_weight_delta() {
+        // 90/10 → 80/20 between two pools of two: ~10 % of flows must move, not half.
+        let before = build(&entries(&[45, 45, 5, 5]), TABLE_SIZE);
+        let after = build(&entries(&[40, 40, 10, 10]), TABLE_SIZE);
+        let moved = before.iter().zip(&after).filter(|(a, b)| a != b).count() as f64;
+        assert!(moved / (TABLE_SIZE as f64) < 0.15, "moved {moved}");
+    }
+}
