@@ -81,13 +81,13 @@ fn try_balance(ctx: &XdpContext) -> Result<u32, ()> {
     // SAFETY: userspace replaces service values whole (an atomic element swap); copied at once.
     if let Some(svc) = unsafe { LB_SERVICES.get(&svc_key) } {
         let svc = *svc;
-        return Ok(to_backend(ctx, &pkt, &svc));
+        return to_backend(ctx, &pkt, &svc);
     }
     let t = LB_TUNABLES.load();
     let dport = u16::from_be(pkt.key.dport);
     if dport >= t.snat_port_min && dport <= t.snat_port_max {
         if let Some(r) = LB_REVERSE_NAT.get_ptr_mut(&pkt.key) {
-            return Ok(to_client(ctx, &pkt, r, &t));
+            return to_client(ctx, &pkt, r, &t);
         }
     }
     Ok(pass(Stat::NotOurs))
@@ -95,9 +95,9 @@ fn try_balance(ctx: &XdpContext) -> Result<u32, ()> {
 
 /// Client → VIP: find or create the flow, rewrite towards its backend, send.
 #[inline(always)]
-fn to_backend(ctx: &XdpContext, pkt: &Packet, svc: &ServiceValue) -> u32 {
+fn to_backend(ctx: &XdpContext, pkt: &Packet, svc: &ServiceValue) -> Result<u32, ()> {
     if nat::ttl(pkt) <= 1 {
-        return pass(Stat::TtlExceeded);
+        return Ok(pass(Stat::TtlExceeded));
     }
     let t: Tunables = LB_TUNABLES.load();
     // SAFETY: helper without arguments.
@@ -128,7 +128,7 @@ fn to_backend(ctx: &XdpContext, pkt: &Packet, svc: &ServiceValue) -> u32 {
             if pkt.is_tcp() && !syn {
                 // No flow: the host's stack answers with a RST (the VIP is a local address),
                 // so the client learns at once instead of retransmitting into a void.
-                return pass(Stat::NonSynMiss);
+                return Ok(pass(Stat::NonSynMiss));
             }
             match select::new_flow(ctx, pkt, svc, &t, now) {
                 Ok(ct) => {
@@ -137,10 +137,10 @@ fn to_backend(ctx: &XdpContext, pkt: &Packet, svc: &ServiceValue) -> u32 {
                     ct
                 }
                 // No backend: the host answers the SYN with a RST (nothing listens there).
-                Err(Stat::NoBackend) => return pass(Stat::NoBackend),
+                Err(Stat::NoBackend) => return Ok(pass(Stat::NoBackend)),
                 Err(reason) => {
                     stats::bump(reason);
-                    return XDP_DROP;
+                    return Ok(XDP_DROP);
                 }
             }
         }
@@ -155,14 +155,14 @@ fn to_backend(ctx: &XdpContext, pkt: &Packet, svc: &ServiceValue) -> u32 {
             sport: ct.snat_port,
             dport: ct.backend_port,
         },
-    );
+    )?;
     stats::backend(ct.backend_id, Direction::ToBackend, pkt.len, new_flow);
-    match forward::next_hop(ctx, ct.backend_id, src, dst, now, t.next_hop_ttl_ns) {
+    Ok(match forward::next_hop(ctx, ct.backend_id, src, dst, now, t.next_hop_ttl_ns) {
         Some(nh) => forward::send(ctx, pkt, nh.ifindex, &nh.smac, &nh.dmac),
         // Next hop unknown (e.g. no ARP entry yet): the kernel forwards the rewritten packet
         // and resolves the neighbour; the next packets take the fast path.
         None => pass(Stat::FibPass),
-    }
+    })
 }
 
 /// Backend → SNAT address:port: rewrite back to VIP → client and send it the way the client's
@@ -173,17 +173,17 @@ fn to_client(
     pkt: &Packet,
     r: *mut lb_common::conntrack::RnatValue,
     t: &Tunables,
-) -> u32 {
+) -> Result<u32, ()> {
     // SAFETY: LRU entry; fields are plain integers.
     let e = unsafe { &mut *r };
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
     let proto = pkt.key.proto;
     if !conntrack::alive(e.last_seen_ns, e.state, proto, now, t) {
-        return pass(Stat::NotOurs);
+        return Ok(pass(Stat::NotOurs));
     }
     if nat::ttl(pkt) <= 1 {
-        return pass(Stat::TtlExceeded);
+        return Ok(pass(Stat::TtlExceeded));
     }
     if conntrack::observe(&mut e.last_seen_ns, &mut e.state, pkt.tcp_flags, proto, false, now) {
         let fkey = conntrack::forward_key(e, &pkt.key);
@@ -201,9 +201,9 @@ fn to_client(
             sport: e.vip_port,
             dport: e.client_port,
         },
-    );
+    )?;
     stats::backend(e.backend_id, Direction::ToClient, pkt.len, false);
-    forward::send(ctx, pkt, e.ifindex, &e.local_mac, &e.client_mac)
+    Ok(forward::send(ctx, pkt, e.ifindex, &e.local_mac, &e.client_mac))
 }
 
 #[cfg(not(test))]

@@ -13,8 +13,10 @@ pub const TCP_RST: u8 = 0x04;
 pub const TCP_ACK: u8 = 0x10;
 
 const ETH_P_IP: u16 = 0x0800;
-const TCP_HDR_LEN: usize = 20;
-const UDP_HDR_LEN: usize = 8;
+/// Bytes of the TCP header the balancer reads and writes.
+pub const TCP_HDR_LEN: usize = 20;
+/// Bytes of the UDP header.
+pub const UDP_HDR_LEN: usize = 8;
 
 /// A parsed IPv4 TCP/UDP packet, with raw pointers into it (checked against `data_end`).
 pub struct Packet {
@@ -28,6 +30,9 @@ pub struct Packet {
     pub tcp_flags: u8,
     /// Frame length in bytes (for counters).
     pub len: u64,
+    /// End of packet data: writers re-check against it, because the verifier cannot always
+    /// carry `parse`'s checks across the code in between.
+    pub data_end: usize,
 }
 
 impl Packet {
@@ -108,5 +113,6 @@ pub fn parse(ctx: &XdpContext) -> Result<Packet, Stat> {
         },
         tcp_flags,
         len: (ctx.data_end() - ctx.data()) as u64,
+        data_end: ctx.data_end(),
     })
 }

@@ -28,10 +28,12 @@ const SNAT_TRIES: u32 = 8;
 #[inline(always)]
 fn pick(svc: &ServiceValue, key: &FlowKey) -> Result<(u32, BackendInfo), Stat> {
     let table = LB_TABLES.get(svc.table_index()).ok_or(Stat::NoBackend)?;
-    let id = *table
-        .buckets
-        .get(hash::bucket(key) as usize)
-        .ok_or(Stat::NoBackend)?;
+    let bucket = hash::bucket(key);
+    // The compiler knows `hash % M < M` and would drop the bounds check, but the verifier
+    // cannot follow the multiply it turns `%` into: hide the value so the check stays.
+    // SAFETY: reading a local.
+    let bucket = unsafe { core::ptr::read_volatile(&bucket) };
+    let id = *table.buckets.get(bucket as usize).ok_or(Stat::NoBackend)?;
     if id == NO_BACKEND {
         return Err(Stat::NoBackend);
     }
@@ -50,16 +52,24 @@ fn pick(svc: &ServiceValue, key: &FlowKey) -> Result<(u32, BackendInfo), Stat> {
 fn alloc_snat_port(rkey: &mut FlowKey, rval: &RnatValue, t: &Tunables, now: u64) -> Result<(), Stat> {
     let cpus = if t.cpus == 0 { 1 } else { t.cpus };
     // SAFETY: helper calls without arguments.
-    let cpu = unsafe { bpf_get_smp_processor_id() } % cpus;
+    // Divisions use checked forms: a panicking path would leave code the verifier rejects.
+    let cpu = unsafe { bpf_get_smp_processor_id() }
+        .checked_rem(cpus)
+        .unwrap_or(0);
     let range = (t.snat_port_max.saturating_sub(t.snat_port_min)) as u32 + 1;
     if cpu >= range {
         return Err(Stat::FlowNotCreated);
     }
-    let count = (range - cpu).div_ceil(cpus);
+    let count = (range - cpu + cpus - 1).checked_div(cpus).unwrap_or(0);
+    if count == 0 {
+        return Err(Stat::FlowNotCreated);
+    }
     let mut reclaim: u32 = 0;
     for _ in 0..SNAT_TRIES {
         // SAFETY: helper call without arguments.
-        let idx = unsafe { bpf_get_prandom_u32() } % count;
+        let idx = unsafe { bpf_get_prandom_u32() }
+            .checked_rem(count)
+            .unwrap_or(0);
         let port = t.snat_port_min as u32 + cpu + idx * cpus;
         rkey.dport = (port as u16).to_be();
         // SAFETY: read-only peek at an entry; only its timestamps are used.

@@ -1,3 +1,8 @@
 //! lb's userspace: configuration, the Maglev table builder, the data-plane loader and writer.
+pub mod config;
+pub mod control;
+pub mod daemon;
+pub mod host;
 pub mod dataplane;
 pub mod maglev;
+pub mod state;

@@ -1,1 +1,171 @@
-fn main(){}
+//! lbd — the balancer daemon: `run`, `check`, `down` (see INTERFACE.md).
+
+use std::{path::PathBuf, process::ExitCode};
+
+use anyhow::{Context as _, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use lb_userspace::{
+    config::Config,
+    control::{self, server},
+    daemon::Daemon,
+    dataplane::{self, Dataplane, LoadOptions},
+    host,
+    state::State,
+};
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::mpsc,
+};
+
+#[derive(Parser)]
+#[command(name = "lbd", version, about = "Edge layer-4 load balancer daemon (XDP data plane)")]
+struct Cli {
+    /// Log format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
+    log_format: LogFormat,
+    /// Log level (overridden by RUST_LOG).
+    #[arg(long, default_value = "info", global = true)]
+    log_level: String,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the daemon in the foreground. On SIGTERM/SIGINT it exits leaving the data plane
+    /// attached and its maps pinned, for a restarted lbd to adopt.
+    Run {
+        #[arg(long, default_value = "/etc/lb/lb.toml")]
+        config: PathBuf,
+    },
+    /// Parse and validate the config, print a summary (exit 2 when invalid).
+    Check {
+        #[arg(long, default_value = "/etc/lb/lb.toml")]
+        config: PathBuf,
+    },
+    /// Detach the XDP program(s) and remove this instance's pins.
+    Down {
+        #[arg(long, default_value = "/etc/lb/lb.toml")]
+        config: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cli.log_level));
+    let sub = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Text => sub.init(),
+        LogFormat::Json => sub.json().init(),
+    }
+    let load = |path: &PathBuf| match Config::load(path) {
+        Ok(c) => Ok(c),
+        Err(e) => {
+            eprintln!("{e}");
+            Err(ExitCode::from(2))
+        }
+    };
+    match cli.cmd {
+        Cmd::Check { config } => match load(&config) {
+            Ok(c) => {
+                print!("{config}: ok\n{c}", config = config.display());
+                ExitCode::SUCCESS
+            }
+            Err(code) => code,
+        },
+        Cmd::Down { config } => {
+            let c = match load(&config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            match dataplane::remove_pins(&c.daemon.pin_dir) {
+                Ok(()) => {
+                    let _ = std::fs::remove_file(&c.daemon.control_socket);
+                    eprintln!("detached and removed pins under {}", c.daemon.pin_dir.display());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("lbd down: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Cmd::Run { config } => {
+            let c = match load(&config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("lbd: starting the runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match rt.block_on(run(c)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!("{e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+async fn run(cfg: Config) -> Result<()> {
+    let d = &cfg.daemon;
+    host::reserve_snat_ports(d.snat_ports)?;
+    let mut opts = LoadOptions {
+        pin_dir: Some(d.pin_dir.clone()),
+        conntrack_max: d.conntrack_max,
+        ..LoadOptions::default()
+    };
+    opts.tunables.snat_port_min = d.snat_ports.0;
+    opts.tunables.snat_port_max = d.snat_ports.1;
+    let mut dp = Dataplane::load(&opts)?;
+    let state = State::from_config(&cfg)?;
+    for s in state.services.values() {
+        if s.config.mode == lb_userspace::config::Mode::Request {
+            tracing::warn!(service = %s.config.name, "request mode is not served yet by this build; service ignored");
+        }
+    }
+    // Tables first, then attach: the first packet already finds a complete configuration.
+    let mut daemon = Daemon::new(state, None);
+    daemon.dataplane = Some(dp);
+    daemon.sync_all().context("writing the data plane")?;
+    dp = daemon.dataplane.take().context("data plane")?;
+    for iface in &d.interfaces {
+        host::prepare_interface(iface)?;
+        dp.attach(iface, d.xdp_mode)?;
+    }
+    daemon.dataplane = Some(dp);
+
+    let (tx, mut rx) = mpsc::channel::<server::Request>(64);
+    let socket = d.control_socket.clone();
+    let mut server = tokio::spawn(async move { server::serve(&socket, tx).await });
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tracing::info!("lbd running");
+    let result = loop {
+        tokio::select! {
+            Some(req) = rx.recv() => {
+                let (reply, command, ok) = control::handle_line(&mut daemon, &req.line);
+                tracing::info!(command, ok, line = %req.line, "control command");
+                let _ = req.reply.send(reply);
+            }
+            _ = term.recv() => { tracing::info!("SIGTERM: exiting, data plane stays attached"); break Ok(()) }
+            _ = int.recv() => { tracing::info!("SIGINT: exiting, data plane stays attached"); break Ok(()) }
+            r = &mut server => break r.context("control server").and_then(|r| r),
+        }
+    };
+    let _ = std::fs::remove_file(&d.control_socket);
+    result
+}

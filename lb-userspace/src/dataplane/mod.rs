@@ -1,4 +1,357 @@
-//! Loading, attaching and writing the XDP program's maps.
+//! The data plane seen from userspace: load the XDP object, attach it, pin it, and write its
+//! maps. Nothing else in the daemon touches kernel maps.
+//!
+//! Pin layout (versioned so that an incompatible map layout is never misread):
+//! `pin_dir/v1/maps/<MAP>` and `pin_dir/v1/links/<interface>`.
+
+use std::{
+    collections::HashMap as StdHashMap,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, anyhow, bail};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, MapData, PerCpuArray, PerCpuValues},
+    programs::{
+        Xdp, XdpMode,
+        links::{FdLink, PinnedLink},
+    },
+    util::nr_cpus,
+};
+use lb_common::{
+    MAX_BACKENDS, Tunables,
+    backend::{BackendInfo, NextHop},
+    map_names,
+    service::{MaglevTable, ServiceKey, ServiceValue},
+    stats::{BackendStats, STAT_COUNT},
+};
 
 /// The compiled XDP object (built by build.rs from `lb-ebpf`).
-pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
+pub static EBPF_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
+
+/// The balancer program's name in the object.
+pub const PROGRAM: &str = "lb_xdp";
+/// The always-pass program (benchmark baseline).
+pub const PASS_PROGRAM: &str = "lb_pass";
+/// Version of the pin layout; bump when a map's key or value changes.
+pub const PIN_LAYOUT: &str = "v1";
+
+/// A packet sees a table slot for well under a microsecond; waiting this long before
+/// rewriting a slot that was live guarantees no packet still reads it.
+const SLOT_GRACE: Duration = Duration::from_millis(5);
+
+/// How to load the program.
+#[derive(Clone, Debug)]
+pub struct LoadOptions {
+    /// Pin maps and links under `pin_dir/v1/` (and adopt what is pinned there).
+    pub pin_dir: Option<PathBuf>,
+    pub tunables: Tunables,
+    pub conntrack_max: u32,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions {
+            pin_dir: None,
+            tunables: Tunables {
+                cpus: nr_cpus().map(|n| n as u32).unwrap_or(1),
+                ..Tunables::DEFAULT
+            },
+            conntrack_max: lb_common::DEFAULT_CONNTRACK_MAX,
+        }
+    }
+}
+
+/// Directory of this layout's pinned maps.
+pub fn maps_dir(pin_dir: &Path) -> PathBuf {
+    pin_dir.join(PIN_LAYOUT).join("maps")
+}
+
+/// Directory of this layout's pinned links.
+pub fn links_dir(pin_dir: &Path) -> PathBuf {
+    pin_dir.join(PIN_LAYOUT).join("links")
+}
+
+/// Makes sure `dir` is on a bpf filesystem, mounting one at `/sys/fs/bpf` if that is where
+/// it should be and nothing is mounted there (as Cilium and bpfman do).
+pub fn ensure_bpffs(dir: &Path) -> Result<()> {
+    const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+    let is_bpffs = |p: &Path| -> bool {
+        let Ok(c) = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()) else {
+            return false;
+        };
+        // SAFETY: valid C string and an out-parameter of the right type.
+        let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+        unsafe { libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == BPF_FS_MAGIC }
+    };
+    let mut probe = dir.to_path_buf();
+    while !probe.exists() {
+        if !probe.pop() {
+            break;
+        }
+    }
+    if is_bpffs(&probe) {
+        return Ok(());
+    }
+    let root = Path::new("/sys/fs/bpf");
+    if dir.starts_with(root) && !is_bpffs(root) {
+        let status = std::process::Command::new("mount")
+            .args(["-t", "bpf", "bpf", "/sys/fs/bpf"])
+            .status()
+            .context("running mount -t bpf")?;
+        if status.success() {
+            tracing::info!("mounted a bpf filesystem at /sys/fs/bpf");
+            return Ok(());
+        }
+    }
+    bail!(
+        "pin_dir {} is not on a bpf filesystem: mount one first (`mount -t bpf bpf /sys/fs/bpf`) or point pin_dir at one",
+        dir.display()
+    )
+}
+
+/// A loaded balancer: the program plus typed handles to its maps.
+pub struct Dataplane {
+    ebpf: Ebpf,
+    pin_dir: Option<PathBuf>,
+    services: HashMap<MapData, ServiceKey, ServiceValue>,
+    tables: Array<MapData, MaglevTable>,
+    backends: Array<MapData, BackendInfo>,
+    next_hops: PerCpuArray<MapData, NextHop>,
+    backend_stats: PerCpuArray<MapData, BackendStats>,
+    xdp_stats: PerCpuArray<MapData, u64>,
+    /// When each service's slot last stopped being live.
+    retired: StdHashMap<u32, Instant>,
+    /// Pinned links (kept so that dropping the Dataplane never detaches them).
+    links: Vec<PinnedLink>,
+}
+
+impl Dataplane {
+    /// Loads the object (adopting pinned maps under `pin_dir/v1/maps` when they exist).
+    pub fn load(opts: &LoadOptions) -> Result<Dataplane> {
+        let mut loader = EbpfLoader::new();
+        loader
+            .override_global(lb_common::TUNABLES_GLOBAL, &opts.tunables, true)
+            .map_max_entries(map_names::CONNTRACK, opts.conntrack_max)
+            .map_max_entries(map_names::REVERSE_NAT, opts.conntrack_max);
+        let pin_paths: Vec<(&str, PathBuf)> = match &opts.pin_dir {
+            Some(dir) => {
+                ensure_bpffs(dir)?;
+                let maps = maps_dir(dir);
+                std::fs::create_dir_all(&maps)
+                    .with_context(|| format!("creating {}", maps.display()))?;
+                std::fs::create_dir_all(links_dir(dir))?;
+                map_names::ALL.iter().map(|n| (*n, maps.join(n))).collect()
+            }
+            None => Vec::new(),
+        };
+        for (name, path) in &pin_paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader
+            .load(EBPF_OBJECT)
+            .context("loading the XDP object (are you root, with BPF enabled?)")?;
+        for name in [PROGRAM, PASS_PROGRAM] {
+            let prog: &mut Xdp = ebpf
+                .program_mut(name)
+                .ok_or_else(|| anyhow!("program {name} missing from the object"))?
+                .try_into()?;
+            prog.load()
+                .with_context(|| format!("verifier rejected {name}"))?;
+        }
+        let mut take = |name: &str| {
+            ebpf.take_map(name)
+                .ok_or_else(|| anyhow!("map {name} missing from the object"))
+        };
+        let services = HashMap::try_from(take(map_names::SERVICES)?)?;
+        let tables = Array::try_from(take(map_names::TABLES)?)?;
+        let backends = Array::try_from(take(map_names::BACKENDS)?)?;
+        let next_hops = PerCpuArray::try_from(take(map_names::NEXT_HOPS)?)?;
+        let backend_stats = PerCpuArray::try_from(take(map_names::BACKEND_STATS)?)?;
+        let xdp_stats = PerCpuArray::try_from(take(map_names::XDP_STATS)?)?;
+        Ok(Dataplane {
+            ebpf,
+            pin_dir: opts.pin_dir.clone(),
+            services,
+            tables,
+            backends,
+            next_hops,
+            backend_stats,
+            xdp_stats,
+            retired: StdHashMap::new(),
+            links: Vec::new(),
+        })
+    }
+
+    /// The program by name (for tests and benchmarks: `TestRun`).
+    pub fn program(&mut self, name: &str) -> Result<&mut Xdp> {
+        Ok(self
+            .ebpf
+            .program_mut(name)
+            .ok_or_else(|| anyhow!("no program {name}"))?
+            .try_into()?)
+    }
+
+    /// Attaches the balancer to `iface`. With a pin dir the link is pinned, so it outlives this
+    /// process; an existing pinned link is atomically switched to this program instead.
+    pub fn attach(&mut self, iface: &str, mode: crate::config::XdpMode) -> Result<()> {
+        let link_pin = self.pin_dir.as_ref().map(|d| links_dir(d).join(iface));
+        if let Some(path) = &link_pin {
+            if path.exists() {
+                let pinned = PinnedLink::from_pin(path)
+                    .with_context(|| format!("opening pinned link {}", path.display()))?;
+                let link = aya::programs::xdp::XdpLink::try_from(FdLink::from(pinned))?;
+                let prog = self.program(PROGRAM)?;
+                let id = prog
+                    .attach_to_link(link)
+                    .with_context(|| format!("replacing the program on {iface}"))?;
+                // The pin keeps the (updated) link; our fd to it can go.
+                drop(FdLink::try_from(prog.take_link(id)?)?);
+                self.links.push(PinnedLink::from_pin(path)?);
+                tracing::info!(iface, "adopted the pinned XDP link and swapped in this program");
+                return Ok(());
+            }
+        }
+        let modes: &[XdpMode] = match mode {
+            crate::config::XdpMode::Auto => &[XdpMode::Driver, XdpMode::Skb],
+            crate::config::XdpMode::Native => &[XdpMode::Driver],
+            crate::config::XdpMode::Skb => &[XdpMode::Skb],
+        };
+        let prog = self.program(PROGRAM)?;
+        let mut last_err = None;
+        for &m in modes {
+            match prog.attach(iface, m) {
+                Ok(id) => {
+                    tracing::info!(iface, mode = ?m, "XDP program attached");
+                    if let Some(path) = &link_pin {
+                        let link = prog.take_link(id)?;
+                        let pinned = FdLink::try_from(link)?
+                            .pin(path)
+                            .with_context(|| format!("pinning link at {}", path.display()))?;
+                        self.links.push(pinned);
+                    }
+                    return Ok(());
+                }
+                Err(e) => last_err = Some(e),
+            }
+        }
+        Err(anyhow!(
+            "attaching XDP to {iface} ({mode:?}): {}",
+            last_err.map(|e| e.to_string()).unwrap_or_default()
+        ))
+    }
+
+    /// Writes (or clears, with `None`) a backend slot, and forgets its cached next hop.
+    pub fn set_backend(&mut self, id: u32, info: Option<BackendInfo>) -> Result<()> {
+        if id == 0 || id >= MAX_BACKENDS {
+            bail!("backend id {id} out of range");
+        }
+        self.backends.set(id, info.unwrap_or_default(), 0)?;
+        let cpus = nr_cpus().map_err(|(_, e)| e)?;
+        self.next_hops
+            .set(id, PerCpuValues::try_from(vec![NextHop::default(); cpus])?, 0)?;
+        Ok(())
+    }
+
+    /// The service's current value, if it is in the map.
+    pub fn service(&self, key: &ServiceKey) -> Option<ServiceValue> {
+        self.services.get(key, 0).ok()
+    }
+
+    /// Publishes a new table for a service atomically: the table goes into the slot that is
+    /// not live, then the service entry is replaced (one atomic element swap) to point at it.
+    /// Returns the new generation.
+    pub fn publish_table(
+        &mut self,
+        key: &ServiceKey,
+        id: u32,
+        snat_addr: lb_common::flow::IpBytes,
+        table: &MaglevTable,
+    ) -> Result<u32> {
+        let current = self.service(key).filter(|v| v.id == id);
+        let (slot, generation) = match current {
+            Some(v) => ((v.slot + 1) & 1, v.generation.wrapping_add(1)),
+            None => (0, 1),
+        };
+        if let Some(t) = self.retired.get(&id) {
+            let since = t.elapsed();
+            if since < SLOT_GRACE {
+                std::thread::sleep(SLOT_GRACE - since);
+            }
+        }
+        self.tables.set(id * 2 + slot, table, 0)?;
+        self.services.insert(
+            key,
+            ServiceValue {
+                snat_addr,
+                id,
+                slot,
+                generation,
+                _pad: 0,
+            },
+            0,
+        )?;
+        self.retired.insert(id, Instant::now());
+        Ok(generation)
+    }
+
+    /// Stops balancing a service (its flows' packets then go to the kernel).
+    pub fn remove_service(&mut self, key: &ServiceKey) -> Result<()> {
+        match self.services.remove(key) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Every service key in the map (to drop the ones no longer configured).
+    pub fn service_keys(&self) -> Vec<ServiceKey> {
+        self.services.keys().filter_map(|k| k.ok()).collect()
+    }
+
+    /// Counters of one backend, summed over CPUs.
+    pub fn backend_stats(&self, id: u32) -> Result<BackendStats> {
+        let per_cpu = self.backend_stats.get(&id, 0)?;
+        Ok(per_cpu.iter().fold(BackendStats::default(), |mut a, s| {
+            a.packets_to_backend += s.packets_to_backend;
+            a.bytes_to_backend += s.bytes_to_backend;
+            a.packets_to_client += s.packets_to_client;
+            a.bytes_to_client += s.bytes_to_client;
+            a.new_flows += s.new_flows;
+            a
+        }))
+    }
+
+    /// Verdict and reason counters, summed over CPUs (index = `Stat`).
+    pub fn xdp_stats(&self) -> Result<[u64; STAT_COUNT as usize]> {
+        let mut out = [0u64; STAT_COUNT as usize];
+        for (i, o) in out.iter_mut().enumerate() {
+            *o = self.xdp_stats.get(&(i as u32), 0)?.iter().sum();
+        }
+        Ok(out)
+    }
+}
+
+/// Detaches and removes everything pinned under `pin_dir/v1` (what `lbd down` does).
+pub fn remove_pins(pin_dir: &Path) -> Result<()> {
+    let links = links_dir(pin_dir);
+    if links.exists() {
+        for e in std::fs::read_dir(&links)? {
+            let path = e?.path();
+            // Unpinning drops the last reference: the kernel detaches the program.
+            PinnedLink::from_pin(&path)
+                .with_context(|| format!("opening {}", path.display()))?
+                .unpin()?;
+        }
+    }
+    let layout = pin_dir.join(PIN_LAYOUT);
+    if layout.exists() {
+        std::fs::remove_dir_all(&layout)
+            .with_context(|| format!("removing {}", layout.display()))?;
+    }
+    // The pin dir itself goes too if nothing else lives there.
+    let _ = std::fs::remove_dir(pin_dir);
+    Ok(())
+}

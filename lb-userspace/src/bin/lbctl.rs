@@ -1,0 +1,72 @@
+//! lbctl — send one control command to lbd and print the reply.
+//! Exit 0 on success, 1 when the reply is an error, 2 when the socket cannot be reached or
+//! usage is wrong.
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    os::unix::net::UnixStream,
+    path::PathBuf,
+    process::ExitCode,
+    time::Duration,
+};
+
+use clap::Parser;
+
+#[derive(Parser)]
+#[command(name = "lbctl", version, about = "Control a running lbd", trailing_var_arg = true)]
+struct Cli {
+    /// The daemon's control socket.
+    #[arg(long, default_value = "/run/lb/lb.sock")]
+    socket: PathBuf,
+    /// Ask for JSON where the command has it.
+    #[arg(long)]
+    json: bool,
+    /// The command, e.g. `set split web legacy=80 k8s=20`.
+    #[arg(required = true, allow_hyphen_values = true)]
+    words: Vec<String>,
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
+        }
+    };
+    let mut line = cli.words.join(" ");
+    // Only `show stat` has a JSON form so far; other commands answer in text.
+    if cli.json && line.starts_with("show stat") && !line.ends_with(" json") {
+        line.push_str(" json");
+    }
+    match send(&cli.socket, &line) {
+        Ok(reply) => {
+            print!("{reply}");
+            if reply.starts_with("error: ") {
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            }
+        }
+        Err(e) => {
+            eprintln!("lbctl: {}: {e}", cli.socket.display());
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// Sends one line and reads the reply up to (not including) its closing empty line.
+fn send(socket: &PathBuf, line: &str) -> std::io::Result<String> {
+    let mut s = UnixStream::connect(socket)?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    s.write_all(format!("{line}\n").as_bytes())?;
+    let mut r = BufReader::new(s);
+    let mut reply = String::new();
+    loop {
+        let mut l = String::new();
+        if r.read_line(&mut l)? == 0 || l == "\n" {
+            return Ok(reply);
+        }
+        reply.push_str(&l);
+    }
+}

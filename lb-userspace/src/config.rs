@@ -1,0 +1,524 @@
+//! The config file (TOML, see INTERFACE.md). Parsing validates everything a later step would
+//! trip on, and every error names the file and the line:column (or the key) at fault.
+
+use std::{
+    collections::HashSet,
+    fmt,
+    net::{IpAddr, SocketAddr},
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde::{Deserialize, Deserializer, de::Error as _};
+use toml::Spanned;
+
+/// A config file that cannot be used, located as precisely as the problem allows.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// A syntax or value error at a known place.
+    #[error("{path}:{line}:{col}: {msg}")]
+    At {
+        path: PathBuf,
+        line: usize,
+        col: usize,
+        msg: String,
+    },
+    /// A problem that belongs to no single place (e.g. a limit over the whole file).
+    #[error("{path}: {msg}")]
+    File { path: PathBuf, msg: String },
+}
+
+/// Largest accepted weight (pool or backend).
+pub const MAX_WEIGHT: u32 = 1000;
+
+/// A pool or backend weight, 0–1000.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Default)]
+pub struct Weight(pub u32);
+
+impl<'de> Deserialize<'de> for Weight {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let v = i64::deserialize(d)?;
+        if !(0..=MAX_WEIGHT as i64).contains(&v) {
+            return Err(D::Error::custom(format!(
+                "weight {v} is out of range 0-{MAX_WEIGHT}"
+            )));
+        }
+        Ok(Weight(v as u32))
+    }
+}
+
+fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let s = String::deserialize(d)?;
+    humantime::parse_duration(&s)
+        .map_err(|e| D::Error::custom(format!("invalid duration {s:?}: {e} (e.g. \"500ms\", \"2s\")")))
+}
+
+fn port_range<'de, D: Deserializer<'de>>(d: D) -> Result<(u16, u16), D::Error> {
+    let s = String::deserialize(d)?;
+    let parsed = s
+        .split_once('-')
+        .and_then(|(a, b)| Some((a.trim().parse::<u16>().ok()?, b.trim().parse::<u16>().ok()?)));
+    match parsed {
+        Some((a, b)) if a >= 1024 && a <= b => Ok((a, b)),
+        _ => Err(D::Error::custom(format!(
+            "invalid port range {s:?}: want \"LOW-HIGH\" with 1024 <= LOW <= HIGH <= 65535"
+        ))),
+    }
+}
+
+/// Where and how the XDP program attaches.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum XdpMode {
+    /// Native (driver) mode where the driver supports it, else generic (skb) mode.
+    #[default]
+    Auto,
+    /// Native mode only; fail if the driver lacks it.
+    Native,
+    /// Generic (skb) mode.
+    Skb,
+}
+
+/// The `[daemon]` section.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Daemon {
+    /// Interfaces the XDP program attaches to (ingress).
+    pub interfaces: Vec<String>,
+    /// Attach mode.
+    pub xdp_mode: XdpMode,
+    /// The control socket's path (created 0600).
+    pub control_socket: PathBuf,
+    /// Address of the admin HTTP endpoint (/metrics, /live, /ready).
+    pub metrics: SocketAddr,
+    /// bpffs directory for this instance's pins.
+    pub pin_dir: PathBuf,
+    /// SNAT source ports, "LOW-HIGH"; must not overlap the host's ephemeral port range.
+    #[serde(deserialize_with = "port_range")]
+    pub snat_ports: (u16, u16),
+    /// Flows the conntrack and reverse-NAT maps hold.
+    pub conntrack_max: u32,
+}
+
+impl Default for Daemon {
+    fn default() -> Self {
+        let t = lb_common::Tunables::DEFAULT;
+        Daemon {
+            interfaces: Vec::new(),
+            xdp_mode: XdpMode::Auto,
+            control_socket: "/run/lb/lb.sock".into(),
+            metrics: "127.0.0.1:9091".parse().expect("valid literal"),
+            pin_dir: "/sys/fs/bpf/lb".into(),
+            snat_ports: (t.snat_port_min, t.snat_port_max),
+            conntrack_max: lb_common::DEFAULT_CONNTRACK_MAX,
+        }
+    }
+}
+
+/// Transport protocol of a service.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    #[default]
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    /// The IP protocol number.
+    pub fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => lb_common::PROTO_TCP,
+            Protocol::Udp => lb_common::PROTO_UDP,
+        }
+    }
+}
+
+/// How a service balances.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// XDP, one backend per flow.
+    #[default]
+    Connection,
+    /// Userspace HTTP/1.1 proxy, one backend per request.
+    Request,
+}
+
+/// How packets reach backends.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Forwarding {
+    /// Full-NAT: backends see the balancer's SNAT address and need no changes.
+    #[default]
+    Nat,
+    /// Direct server return (not implemented yet; rejected by validation).
+    Dsr,
+}
+
+/// Kind of health check.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CheckKind {
+    #[default]
+    Tcp,
+    Http,
+}
+
+/// `[service.health]`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Health {
+    pub check: CheckKind,
+    /// HTTP path (http checks); a 2xx answer is healthy.
+    pub path: String,
+    #[serde(deserialize_with = "duration")]
+    pub interval: Duration,
+    #[serde(deserialize_with = "duration")]
+    pub timeout: Duration,
+    /// Consecutive successes that make a backend healthy.
+    pub rise: u32,
+    /// Consecutive failures that make it unhealthy.
+    pub fall: u32,
+}
+
+impl Default for Health {
+    fn default() -> Self {
+        Health {
+            check: CheckKind::Tcp,
+            path: "/".into(),
+            interval: Duration::from_millis(500),
+            timeout: Duration::from_millis(300),
+            rise: 2,
+            fall: 2,
+        }
+    }
+}
+
+/// A backend: `"addr:port"` or `{ addr = "…", weight = N, name = "…" }`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(untagged)]
+pub enum BackendSpec {
+    Addr(SocketAddr),
+    Full {
+        addr: SocketAddr,
+        #[serde(default = "one")]
+        weight: Weight,
+        name: Option<String>,
+    },
+}
+
+fn one() -> Weight {
+    Weight(1)
+}
+
+/// A backend after parsing.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Backend {
+    /// Its name: `addr` unless given.
+    pub name: String,
+    pub addr: SocketAddr,
+    pub weight: Weight,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPool {
+    name: Spanned<String>,
+    #[serde(default)]
+    weight: Weight,
+    #[serde(default)]
+    backends: Vec<Spanned<BackendSpec>>,
+}
+
+/// `[[service.pool]]`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Pool {
+    pub name: String,
+    pub weight: Weight,
+    pub backends: Vec<Backend>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawService {
+    name: Spanned<String>,
+    vip: Spanned<IpAddr>,
+    port: u16,
+    #[serde(default)]
+    protocol: Protocol,
+    mode: Option<Mode>,
+    forwarding: Option<Spanned<Forwarding>>,
+    snat: Option<Spanned<IpAddr>>,
+    #[serde(default)]
+    health: Health,
+    #[serde(default, rename = "pool")]
+    pools: Vec<RawPool>,
+}
+
+/// `[[service]]`.
+#[derive(Clone, Debug)]
+pub struct Service {
+    pub name: String,
+    pub vip: IpAddr,
+    pub port: u16,
+    pub protocol: Protocol,
+    pub mode: Mode,
+    pub forwarding: Forwarding,
+    /// Source address towards backends (connection mode, nat).
+    pub snat: Option<IpAddr>,
+    pub health: Health,
+    pub pools: Vec<Pool>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    daemon: Daemon,
+    #[serde(default, rename = "service")]
+    services: Vec<RawService>,
+}
+
+/// A validated config.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub daemon: Daemon,
+    pub services: Vec<Service>,
+}
+
+impl Config {
+    /// Reads and validates `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.into(),
+            source,
+        })?;
+        Config::parse(&text, path)
+    }
+
+    /// Parses and validates `text`; `path` only labels errors.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let at = |span: std::ops::Range<usize>, msg: String| {
+            let (line, col) = line_col(text, span.start);
+            ConfigError::At {
+                path: path.into(),
+                line,
+                col,
+                msg,
+            }
+        };
+        let raw: RawConfig = toml::from_str(text).map_err(|e| match e.span() {
+            Some(span) => at(span, e.message().to_string()),
+            None => ConfigError::File {
+                path: path.into(),
+                msg: e.message().to_string(),
+            },
+        })?;
+        let mut services = Vec::new();
+        let mut names = HashSet::new();
+        let mut listeners = HashSet::new();
+        let mut connection_services = 0;
+        let mut backend_count = 0usize;
+        for s in raw.services {
+            let name = s.name.get_ref().clone();
+            if name.is_empty() || name.contains(['/', ' ']) {
+                return Err(at(s.name.span(), format!("service name {name:?} must be non-empty, without '/' or spaces")));
+            }
+            if !names.insert(name.clone()) {
+                return Err(at(s.name.span(), format!("duplicate service name {name:?}")));
+            }
+            let vip = *s.vip.get_ref();
+            if !listeners.insert((vip, s.port, s.protocol)) {
+                return Err(at(s.vip.span(), format!("service {name:?}: another service already uses {vip} port {} {:?}", s.port, s.protocol)));
+            }
+            let mode = s.mode.unwrap_or_default();
+            let forwarding = match s.forwarding {
+                Some(f) if *f.get_ref() == Forwarding::Dsr => {
+                    return Err(at(f.span(), format!("service {name:?}: forwarding = \"dsr\" is not supported yet; use \"nat\"")));
+                }
+                Some(f) => *f.get_ref(),
+                None => Forwarding::Nat,
+            };
+            if mode == Mode::Connection {
+                connection_services += 1;
+                if vip.is_ipv6() {
+                    return Err(at(s.vip.span(), format!("service {name:?}: IPv6 VIPs are not forwarded yet (connection mode)")));
+                }
+                match &s.snat {
+                    None => return Err(at(s.name.span(), format!("service {name:?}: connection mode with forwarding = \"nat\" needs `snat` (the source address towards backends)"))),
+                    Some(a) if a.get_ref().is_ipv4() != vip.is_ipv4() => {
+                        return Err(at(a.span(), format!("service {name:?}: snat and vip must be the same address family")));
+                    }
+                    _ => {}
+                }
+            } else if s.protocol != Protocol::Tcp {
+                return Err(at(s.name.span(), format!("service {name:?}: request mode needs protocol = \"tcp\"")));
+            }
+            if s.health.interval.is_zero() || s.health.timeout.is_zero() || s.health.rise == 0 || s.health.fall == 0 {
+                return Err(at(s.name.span(), format!("service {name:?}: health interval, timeout, rise and fall must be above zero")));
+            }
+            if s.pools.is_empty() {
+                return Err(at(s.name.span(), format!("service {name:?} has no [[service.pool]]")));
+            }
+            let mut pools = Vec::new();
+            let mut pool_names = HashSet::new();
+            let mut backend_names = HashSet::new();
+            for p in s.pools {
+                let pname = p.name.get_ref().clone();
+                if pname.is_empty() || pname.contains(['/', '=', ' ']) {
+                    return Err(at(p.name.span(), format!("pool name {pname:?} must be non-empty, without '/', '=' or spaces")));
+                }
+                if !pool_names.insert(pname.clone()) {
+                    return Err(at(p.name.span(), format!("service {name:?}: duplicate pool name {pname:?}")));
+                }
+                let mut backends = Vec::new();
+                for b in p.backends {
+                    let span = b.span();
+                    let (addr, weight, bname) = match b.into_inner() {
+                        BackendSpec::Addr(a) => (a, Weight(1), None),
+                        BackendSpec::Full { addr, weight, name } => (addr, weight, name),
+                    };
+                    let bname = bname.unwrap_or_else(|| addr.to_string());
+                    if bname.is_empty() || bname.contains(['/', ' ']) {
+                        return Err(at(span, format!("backend name {bname:?} must be non-empty, without '/' or spaces")));
+                    }
+                    if addr.is_ipv4() != vip.is_ipv4() && mode == Mode::Connection {
+                        return Err(at(span, format!("backend {bname}: address family differs from the VIP's")));
+                    }
+                    if !backend_names.insert(bname.clone()) {
+                        return Err(at(span, format!("service {name:?}: duplicate backend {bname:?} (names are unique within a service)")));
+                    }
+                    backends.push(Backend { name: bname, addr, weight });
+                }
+                backend_count += backends.len();
+                pools.push(Pool {
+                    name: pname,
+                    weight: p.weight,
+                    backends,
+                });
+            }
+            services.push(Service {
+                name,
+                vip,
+                port: s.port,
+                protocol: s.protocol,
+                mode,
+                forwarding,
+                snat: s.snat.map(|a| *a.get_ref()),
+                health: s.health,
+                pools,
+            });
+        }
+        if connection_services > lb_common::MAX_SERVICES as usize {
+            return Err(ConfigError::File { path: path.into(), msg: format!("{connection_services} connection-mode services; at most {} are supported", lb_common::MAX_SERVICES) });
+        }
+        if backend_count >= lb_common::MAX_BACKENDS as usize {
+            return Err(ConfigError::File { path: path.into(), msg: format!("{backend_count} backends; at most {} are supported", lb_common::MAX_BACKENDS - 1) });
+        }
+        Ok(Config {
+            daemon: raw.daemon,
+            services,
+        })
+    }
+}
+
+/// 1-based line and column of byte offset `pos`.
+fn line_col(text: &str, pos: usize) -> (usize, usize) {
+    let before = &text[..pos.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, col)
+}
+
+impl fmt::Display for Config {
+    /// The one-screen summary `lbd check` prints.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let d = &self.daemon;
+        writeln!(f, "interfaces {:?} (xdp {:?}), control {}, metrics {}, pins {}", d.interfaces, d.xdp_mode, d.control_socket.display(), d.metrics, d.pin_dir.display())?;
+        for s in &self.services {
+            writeln!(f, "service {} {}:{} {:?} {:?}", s.name, s.vip, s.port, s.protocol, s.mode)?;
+            for p in &s.pools {
+                let bs: Vec<String> = p.backends.iter().map(|b| if b.name == b.addr.to_string() { format!("{} w{}", b.name, b.weight.0) } else { format!("{}={} w{}", b.name, b.addr, b.weight.0) }).collect();
+                writeln!(f, "  pool {} weight {}: {}", p.name, p.weight.0, bs.join(", "))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[daemon]
+interfaces = ["eth0"]
+
+[[service]]
+name = "web"
+vip = "10.99.0.10"
+port = 80
+snat = "10.20.0.1"
+
+[service.health]
+check = "http"
+path = "/healthz"
+interval = "500ms"
+
+[[service.pool]]
+name = "legacy"
+weight = 90
+backends = ["10.20.0.11:8080", { addr = "10.20.0.12:8080", weight = 2 }]
+
+[[service.pool]]
+name = "k8s"
+weight = 10
+backends = [{ addr = "10.20.0.21:8080", name = "k8s-a" }]
+"#;
+
+    fn err(text: &str) -> String {
+        Config::parse(text, Path::new("lb.toml")).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn parses_the_interface_example() {
+        let c = Config::parse(GOOD, Path::new("lb.toml")).unwrap();
+        let s = &c.services[0];
+        assert_eq!(s.pools[0].backends[1].weight, Weight(2));
+        assert_eq!(s.pools[0].backends[0].name, "10.20.0.11:8080");
+        assert_eq!(s.pools[1].backends[0].name, "k8s-a");
+        assert_eq!(s.health.interval, Duration::from_millis(500));
+        assert_eq!(c.daemon.pin_dir, Path::new("/sys/fs/bpf/lb"));
+    }
+
+    #[test]
+    fn errors_name_file_line_and_column() {
+        let bad = GOOD.replace("weight = 90", "weight = 1001");
+        let e = err(&bad);
+        assert!(e.starts_with("lb.toml:18:10: "), "{e}");
+        assert!(e.contains("out of range"), "{e}");
+        let e = err(&GOOD.replace("\"10.99.0.10\"", "\"10.99.0.300\""));
+        assert!(e.starts_with("lb.toml:7:7: "), "{e}");
+        let e = err(&GOOD.replace("interval = \"500ms\"", "interval = \"soon\""));
+        assert!(e.contains("lb.toml:14:") && e.contains("invalid duration"), "{e}");
+        let e = err(&GOOD.replace("port = 80", "port = 80\nprot = 1"));
+        assert!(e.contains("lb.toml:9:") && e.contains("prot"), "{e}");
+    }
+
+    #[test]
+    fn semantic_errors_point_at_the_key() {
+        let e = err(&GOOD.replace("name = \"k8s\"", "name = \"legacy\""));
+        assert!(e.starts_with("lb.toml:22:8:") && e.contains("duplicate pool"), "{e}");
+        let e = err(&GOOD.replace("snat = \"10.20.0.1\"\n", ""));
+        assert!(e.contains("needs `snat`"), "{e}");
+        let e = err(&GOOD.replace("k8s-a", "10.20.0.11:8080"));
+        assert!(e.contains("duplicate backend"), "{e}");
+    }
+}

@@ -1,0 +1,33 @@
+use crate::{control::split_path, daemon::Daemon, state::parse_weight};
+
+/// `set weight SERVICE/POOL N` or `set weight SERVICE/POOL/BACKEND N`.
+#[derive(Debug, PartialEq)]
+pub struct SetWeight {
+    pub service: String,
+    pub pool: String,
+    pub backend: Option<String>,
+    pub weight: u32,
+}
+
+const USAGE: &str = "usage: set weight SERVICE/POOL[/BACKEND] N";
+
+impl SetWeight {
+    pub fn parse(args: &[&str]) -> Result<Self, String> {
+        let [path, w] = args else { return Err(USAGE.into()) };
+        let weight = parse_weight(w).map_err(|e| e.to_string())?;
+        match split_path(path).as_slice() {
+            [s, p] => Ok(SetWeight { service: s.to_string(), pool: p.to_string(), backend: None, weight }),
+            [s, p, b] => Ok(SetWeight { service: s.to_string(), pool: p.to_string(), backend: Some(b.to_string()), weight }),
+            _ => Err(USAGE.into()),
+        }
+    }
+
+    pub fn execute(self, d: &mut Daemon) -> Result<String, String> {
+        let service = self.service.clone();
+        d.change(&service, |st| match &self.backend {
+            None => st.set_pool_weight(&self.service, &self.pool, self.weight),
+            Some(b) => st.set_backend_weight(&self.service, &self.pool, b, self.weight),
+        })?;
+        Ok(String::new())
+    }
+}

@@ -1,0 +1,375 @@
+//! The desired state: services, pools, backends, their weights, states and health. One task
+//! owns it; commands, health transitions and reloads are applied to it and every change is
+//! all-or-nothing — a rejected change leaves it exactly as it was.
+
+use std::{collections::BTreeMap, fmt, net::SocketAddr};
+
+use crate::{
+    config::{self, MAX_WEIGHT, Mode},
+    maglev,
+};
+
+/// Administrative state of a backend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AdminState {
+    /// Takes new flows.
+    Ready,
+    /// No new flows; established flows continue.
+    Drain,
+    /// As drain, and health checks stop.
+    Maint,
+}
+
+impl AdminState {
+    /// Parses `ready|drain|maint`.
+    pub fn parse(s: &str) -> Option<AdminState> {
+        match s {
+            "ready" => Some(AdminState::Ready),
+            "drain" => Some(AdminState::Drain),
+            "maint" => Some(AdminState::Maint),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for AdminState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            AdminState::Ready => "ready",
+            AdminState::Drain => "drain",
+            AdminState::Maint => "maint",
+        })
+    }
+}
+
+/// A backend in the desired state.
+#[derive(Clone, Debug)]
+pub struct Backend {
+    pub name: String,
+    pub addr: SocketAddr,
+    pub weight: u32,
+    pub state: AdminState,
+    /// Result of health checks (true until checks say otherwise).
+    pub healthy: bool,
+    /// Id in the data plane's backend map (never 0).
+    pub id: u32,
+}
+
+impl Backend {
+    /// Whether it may receive new flows/requests.
+    pub fn eligible(&self) -> bool {
+        self.state == AdminState::Ready && self.healthy && self.weight > 0
+    }
+}
+
+/// A pool of backends.
+#[derive(Clone, Debug)]
+pub struct Pool {
+    pub name: String,
+    pub weight: u32,
+    pub backends: Vec<Backend>,
+}
+
+impl Pool {
+    fn eligible_weight(&self) -> u64 {
+        self.backends
+            .iter()
+            .filter(|b| b.eligible())
+            .map(|b| b.weight as u64)
+            .sum()
+    }
+}
+
+/// A service in the desired state.
+#[derive(Clone, Debug)]
+pub struct Service {
+    pub config: config::Service,
+    pub pools: Vec<Pool>,
+    /// Index in the data plane's service slots (connection mode).
+    pub slot: u32,
+}
+
+/// Why a change was refused. Nothing was changed.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum StateError {
+    #[error("no such service {0:?}")]
+    NoService(String),
+    #[error("service {0:?} has no pool {1:?}")]
+    NoPool(String, String),
+    #[error("pool {0}/{1} has no backend {2:?}")]
+    NoBackend(String, String, String),
+    #[error("weight {0:?} is not an integer 0-{MAX_WEIGHT}")]
+    BadWeight(String),
+    #[error("set split must name every pool of {service:?} exactly once ({pools})")]
+    SplitIncomplete { service: String, pools: String },
+    #[error("too many backends: ids exhausted")]
+    NoIds,
+}
+
+/// Parses a weight argument.
+pub fn parse_weight(s: &str) -> Result<u32, StateError> {
+    match s.parse::<u32>() {
+        Ok(w) if w <= MAX_WEIGHT && !s.starts_with('+') => Ok(w),
+        _ => Err(StateError::BadWeight(s.into())),
+    }
+}
+
+/// One backend's effective share of new flows, for display and the table builder.
+#[derive(Clone, Debug)]
+pub struct Share {
+    pub pool: String,
+    pub backend: String,
+    pub id: u32,
+    /// Fraction of new flows (0–1).
+    pub share: f64,
+}
+
+/// All services.
+#[derive(Clone, Debug, Default)]
+pub struct State {
+    pub services: BTreeMap<String, Service>,
+}
+
+impl State {
+    /// Builds the state from a config, giving backends ids 1, 2, … in config order.
+    pub fn from_config(cfg: &config::Config) -> Result<State, StateError> {
+        let mut services = BTreeMap::new();
+        let mut next_id = 1u32;
+        let mut next_slot = 0u32;
+        for s in &cfg.services {
+            let mut pools = Vec::new();
+            for p in &s.pools {
+                let mut backends = Vec::new();
+                for b in &p.backends {
+                    if next_id >= lb_common::MAX_BACKENDS {
+                        return Err(StateError::NoIds);
+                    }
+                    backends.push(Backend {
+                        name: b.name.clone(),
+                        addr: b.addr,
+                        weight: b.weight.0,
+                        state: AdminState::Ready,
+                        healthy: true,
+                        id: next_id,
+                    });
+                    next_id += 1;
+                }
+                pools.push(Pool {
+                    name: p.name.clone(),
+                    weight: p.weight.0,
+                    backends,
+                });
+            }
+            let slot = if s.mode == Mode::Connection {
+                next_slot += 1;
+                next_slot - 1
+            } else {
+                u32::MAX
+            };
+            services.insert(
+                s.name.clone(),
+                Service {
+                    config: s.clone(),
+                    pools,
+                    slot,
+                },
+            );
+        }
+        Ok(State { services })
+    }
+
+    /// The service named `name`.
+    pub fn service(&self, name: &str) -> Result<&Service, StateError> {
+        self.services
+            .get(name)
+            .ok_or_else(|| StateError::NoService(name.into()))
+    }
+
+    fn service_mut(&mut self, name: &str) -> Result<&mut Service, StateError> {
+        self.services
+            .get_mut(name)
+            .ok_or_else(|| StateError::NoService(name.into()))
+    }
+
+    fn backend_mut(&mut self, svc: &str, pool: &str, backend: &str) -> Result<&mut Backend, StateError> {
+        let s = self.service_mut(svc)?;
+        let p = s
+            .pools
+            .iter_mut()
+            .find(|p| p.name == pool)
+            .ok_or_else(|| StateError::NoPool(svc.into(), pool.into()))?;
+        p.backends
+            .iter_mut()
+            .find(|b| b.name == backend)
+            .ok_or_else(|| StateError::NoBackend(svc.into(), pool.into(), backend.into()))
+    }
+
+    /// `set weight SERVICE/POOL N`.
+    pub fn set_pool_weight(&mut self, svc: &str, pool: &str, w: u32) -> Result<(), StateError> {
+        let s = self.service_mut(svc)?;
+        let p = s
+            .pools
+            .iter_mut()
+            .find(|p| p.name == pool)
+            .ok_or_else(|| StateError::NoPool(svc.into(), pool.into()))?;
+        p.weight = w;
+        Ok(())
+    }
+
+    /// `set weight SERVICE/POOL/BACKEND N`.
+    pub fn set_backend_weight(&mut self, svc: &str, pool: &str, backend: &str, w: u32) -> Result<(), StateError> {
+        self.backend_mut(svc, pool, backend)?.weight = w;
+        Ok(())
+    }
+
+    /// `set state SERVICE/POOL/BACKEND STATE`.
+    pub fn set_backend_state(&mut self, svc: &str, pool: &str, backend: &str, st: AdminState) -> Result<(), StateError> {
+        self.backend_mut(svc, pool, backend)?.state = st;
+        Ok(())
+    }
+
+    /// `set split SERVICE POOL=N …`: every pool named exactly once, or nothing changes.
+    pub fn set_split(&mut self, svc: &str, split: &[(String, u32)]) -> Result<(), StateError> {
+        let s = self.service_mut(svc)?;
+        for (name, _) in split {
+            if !s.pools.iter().any(|p| &p.name == name) {
+                return Err(StateError::NoPool(svc.into(), name.clone()));
+            }
+        }
+        let mut named: Vec<&str> = split.iter().map(|(n, _)| n.as_str()).collect();
+        named.sort();
+        named.dedup();
+        if named.len() != split.len() || named.len() != s.pools.len() {
+            return Err(StateError::SplitIncomplete {
+                service: svc.into(),
+                pools: s.pools.iter().map(|p| p.name.as_str()).collect::<Vec<_>>().join(", "),
+            });
+        }
+        for (name, w) in split {
+            if let Some(p) = s.pools.iter_mut().find(|p| &p.name == name) {
+                p.weight = *w;
+            }
+        }
+        Ok(())
+    }
+
+    /// Each backend's share of new flows: pool weight over the pools that can take flows,
+    /// times backend weight within its pool (INTERFACE.md, "Weights and states").
+    pub fn shares(&self, svc: &str) -> Result<Vec<Share>, StateError> {
+        let s = self.service(svc)?;
+        let pool_total: u64 = s
+            .pools
+            .iter()
+            .filter(|p| p.eligible_weight() > 0)
+            .map(|p| p.weight as u64)
+            .sum();
+        let mut out = Vec::new();
+        for p in &s.pools {
+            let pw = p.eligible_weight();
+            for b in &p.backends {
+                let share = if pool_total > 0 && pw > 0 && b.eligible() {
+                    (p.weight as f64 / pool_total as f64) * (b.weight as f64 / pw as f64)
+                } else {
+                    0.0
+                };
+                out.push(Share {
+                    pool: p.name.clone(),
+                    backend: b.name.clone(),
+                    id: b.id,
+                    share,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// The Maglev table of a service.
+    pub fn table(&self, svc: &str) -> Result<Vec<u32>, StateError> {
+        let entries: Vec<maglev::Entry> = self
+            .shares(svc)?
+            .into_iter()
+            .map(|s| maglev::Entry {
+                // The backend's identity for hashing is its name (its address unless named),
+                // so moving it between pools or renaming a pool does not reshuffle flows.
+                key: format!("{svc}/{}", s.backend),
+                id: s.id,
+                weight: s.share,
+            })
+            .collect();
+        Ok(maglev::build(&entries, lb_common::TABLE_SIZE))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn state() -> State {
+        let cfg = config::Config::parse(
+            r#"
+[[service]]
+name = "web"
+vip = "10.99.0.10"
+port = 80
+snat = "10.20.0.1"
+[[service.pool]]
+name = "legacy"
+weight = 90
+backends = ["10.20.0.11:8080", "10.20.0.12:8080"]
+[[service.pool]]
+name = "k8s"
+weight = 10
+backends = ["10.20.0.21:8080", { addr = "10.20.0.22:8080", weight = 3 }]
+"#,
+            Path::new("t.toml"),
+        )
+        .unwrap();
+        State::from_config(&cfg).unwrap()
+    }
+
+    fn share(st: &State, b: &str) -> f64 {
+        st.shares("web").unwrap().iter().find(|s| s.backend == b).unwrap().share
+    }
+
+    #[test]
+    fn shares_are_pool_times_backend_weight() {
+        let st = state();
+        assert!((share(&st, "10.20.0.11:8080") - 0.45).abs() < 1e-9);
+        assert!((share(&st, "10.20.0.21:8080") - 0.025).abs() < 1e-9);
+        assert!((share(&st, "10.20.0.22:8080") - 0.075).abs() < 1e-9);
+    }
+
+    #[test]
+    fn a_pool_without_eligible_backends_drops_out_of_the_split() {
+        let mut st = state();
+        for b in ["10.20.0.21:8080", "10.20.0.22:8080"] {
+            st.set_backend_state("web", "k8s", b, AdminState::Drain).unwrap();
+        }
+        assert!((share(&st, "10.20.0.11:8080") - 0.5).abs() < 1e-9);
+        assert_eq!(share(&st, "10.20.0.21:8080"), 0.0);
+    }
+
+    #[test]
+    fn rejected_split_changes_nothing() {
+        let mut st = state();
+        let before = format!("{:?}", st.shares("web").unwrap());
+        let half = [("legacy".to_string(), 50)];
+        assert!(matches!(st.set_split("web", &half), Err(StateError::SplitIncomplete { .. })));
+        let unknown = [("legacy".to_string(), 50), ("nope".to_string(), 50)];
+        assert!(matches!(st.set_split("web", &unknown), Err(StateError::NoPool(..))));
+        let twice = [("legacy".to_string(), 50), ("legacy".to_string(), 50)];
+        assert!(st.set_split("web", &twice).is_err());
+        assert_eq!(before, format!("{:?}", st.shares("web").unwrap()));
+        st.set_split("web", &[("legacy".into(), 50), ("k8s".into(), 50)]).unwrap();
+        assert!((share(&st, "10.20.0.11:8080") - 0.25).abs() < 1e-9);
+    }
+
+    #[test]
+    fn weights_outside_0_to_1000_are_refused() {
+        for bad in ["-1", "1001", "x", "", "1.5", "+5"] {
+            assert!(parse_weight(bad).is_err(), "{bad}");
+        }
+        assert_eq!(parse_weight("1000"), Ok(1000));
+    }
+}

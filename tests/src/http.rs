@@ -1,0 +1,162 @@
+//! A tiny HTTP/1.1 backend and client, run as threads inside network namespaces.
+
+use std::{
+    io::{BufRead, BufReader, Read, Write},
+    net::{SocketAddr, TcpListener, TcpStream},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread::JoinHandle,
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result, bail};
+
+use crate::netns::Netns;
+
+/// A backend that answers every request with its name; stops (and closes its connections)
+/// when dropped.
+pub struct Backend {
+    stop: Arc<AtomicBool>,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl Backend {
+    /// Listens on `addr` inside `ns`.
+    pub fn start(ns: &Netns, addr: SocketAddr, name: &str) -> Result<Backend> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let ns_name = ns.name.clone();
+        let name = name.to_string();
+        let s = stop.clone();
+        let handle = std::thread::spawn(move || {
+            let setup = (|| -> Result<TcpListener> {
+                Netns { name: ns_name.clone() }.enter_no_drop()?;
+                let l = TcpListener::bind(addr)?;
+                l.set_nonblocking(true)?;
+                Ok(l)
+            })();
+            let listener = match setup {
+                Ok(l) => {
+                    let _ = ready_tx.send(Ok(()));
+                    l
+                }
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                    return;
+                }
+            };
+            while !s.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((c, _)) => {
+                        let (name, s) = (name.clone(), s.clone());
+                        std::thread::spawn(move || serve(c, &name, &s));
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(2)),
+                }
+            }
+        });
+        ready_rx.recv().context("backend thread")??;
+        Ok(Backend { stop, handle: Some(handle) })
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+fn serve(c: TcpStream, name: &str, stop: &AtomicBool) {
+    let _ = c.set_read_timeout(Some(Duration::from_millis(200)));
+    let mut w = match c.try_clone() {
+        Ok(w) => w,
+        Err(_) => return,
+    };
+    let mut r = BufReader::new(c);
+    loop {
+        let mut close = false;
+        let mut got = false;
+        loop {
+            let mut line = String::new();
+            match r.read_line(&mut line) {
+                Ok(0) => return,
+                Ok(_) => {
+                    got = true;
+                    if line.to_ascii_lowercase().starts_with("connection: close") {
+                        close = true;
+                    }
+                    if line == "\r\n" {
+                        break;
+                    }
+                }
+                Err(_) if stop.load(Ordering::Relaxed) => return,
+                Err(_) if !got => continue,
+                Err(_) => return,
+            }
+        }
+        let resp = format!(
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n{}\r\n{name}",
+            name.len(),
+            if close { "Connection: close\r\n" } else { "" }
+        );
+        if w.write_all(resp.as_bytes()).is_err() || close {
+            return;
+        }
+    }
+}
+
+/// A keep-alive client connection.
+pub struct Client {
+    r: BufReader<TcpStream>,
+    w: TcpStream,
+}
+
+impl Client {
+    /// Connects from the calling thread's namespace.
+    pub fn connect(addr: SocketAddr) -> Result<Client> {
+        let c = TcpStream::connect_timeout(&addr, Duration::from_secs(3))
+            .with_context(|| format!("connect {addr}"))?;
+        c.set_read_timeout(Some(Duration::from_secs(3)))?;
+        Ok(Client { w: c.try_clone()?, r: BufReader::new(c) })
+    }
+
+    /// One request; returns the body (the backend's name).
+    pub fn get(&mut self, close: bool) -> Result<String> {
+        let req = format!(
+            "GET / HTTP/1.1\r\nHost: lb\r\n{}\r\n",
+            if close { "Connection: close\r\n" } else { "" }
+        );
+        self.w.write_all(req.as_bytes())?;
+        let mut status = String::new();
+        self.r.read_line(&mut status)?;
+        if !status.starts_with("HTTP/1.1 200") {
+            bail!("bad status line {status:?}");
+        }
+        let mut len = 0usize;
+        loop {
+            let mut l = String::new();
+            if self.r.read_line(&mut l)? == 0 {
+                bail!("connection closed in headers");
+            }
+            if l == "\r\n" {
+                break;
+            }
+            if let Some(v) = l.to_ascii_lowercase().strip_prefix("content-length:") {
+                len = v.trim().parse()?;
+            }
+        }
+        let mut body = vec![0; len];
+        self.r.read_exact(&mut body)?;
+        Ok(String::from_utf8(body)?)
+    }
+}
+
+/// One request on a new connection (`Connection: close`); returns the body.
+pub fn get_once(addr: SocketAddr) -> Result<String> {
+    Client::connect(addr)?.get(true)
+}

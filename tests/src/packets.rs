@@ -1,0 +1,111 @@
+//! Building and checking packets for BPF_PROG_TEST_RUN fixtures (etherparse does the bytes).
+
+use etherparse::{Ethernet2Header, EtherType, IpNumber, Ipv4Header, TcpHeader, UdpHeader};
+
+pub const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
+pub const LB_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
+
+/// TCP flags to set on a built segment.
+#[derive(Clone, Copy, Default)]
+pub struct Flags {
+    pub syn: bool,
+    pub ack: bool,
+    pub fin: bool,
+    pub rst: bool,
+}
+
+pub const SYN: Flags = Flags { syn: true, ack: false, fin: false, rst: false };
+pub const ACK: Flags = Flags { syn: false, ack: true, fin: false, rst: false };
+pub const FIN: Flags = Flags { syn: false, ack: true, fin: true, rst: false };
+
+fn ip(src: [u8; 4], dst: [u8; 4], proto: IpNumber, payload_len: usize) -> Ipv4Header {
+    let mut h = Ipv4Header::new(payload_len as u16, 64, proto, src, dst).expect("valid");
+    h.identification = 0x1234;
+    h.dont_fragment = true;
+    h
+}
+
+fn eth() -> Ethernet2Header {
+    Ethernet2Header {
+        source: CLIENT_MAC,
+        destination: LB_MAC,
+        ether_type: EtherType::IPV4,
+    }
+}
+
+/// An Ethernet/IPv4/TCP frame with correct checksums; `options` are IPv4 options (len % 4 == 0).
+pub fn tcp_with(src: ([u8; 4], u16), dst: ([u8; 4], u16), f: Flags, payload: &[u8], options: &[u8]) -> Vec<u8> {
+    let mut t = TcpHeader::new(src.1, dst.1, 1000, 64240);
+    t.syn = f.syn;
+    t.ack = f.ack;
+    t.fin = f.fin;
+    t.rst = f.rst;
+    if f.ack {
+        t.acknowledgment_number = 1;
+    }
+    let mut iph = ip(src.0, dst.0, IpNumber::TCP, t.header_len() + payload.len());
+    iph.options = etherparse::Ipv4Options::try_from(options).expect("valid options length");
+    iph.set_payload_len(t.header_len() + payload.len()).unwrap();
+    iph.header_checksum = iph.calc_header_checksum();
+    t.checksum = t.calc_checksum_ipv4(&iph, payload).expect("checksum");
+    let mut out = Vec::new();
+    eth().write(&mut out).unwrap();
+    iph.write(&mut out).unwrap();
+    t.write(&mut out).unwrap();
+    out.extend_from_slice(payload);
+    out
+}
+
+/// An Ethernet/IPv4/TCP frame without IP options.
+pub fn tcp(src: ([u8; 4], u16), dst: ([u8; 4], u16), f: Flags) -> Vec<u8> {
+    tcp_with(src, dst, f, b"", &[])
+}
+
+/// An Ethernet/IPv4/UDP frame with a checksum.
+pub fn udp(src: ([u8; 4], u16), dst: ([u8; 4], u16), payload: &[u8]) -> Vec<u8> {
+    let iph = ip(src.0, dst.0, IpNumber::UDP, 8 + payload.len());
+    let u = UdpHeader::with_ipv4_checksum(src.1, dst.1, &iph, payload).unwrap();
+    let mut out = Vec::new();
+    eth().write(&mut out).unwrap();
+    iph.write(&mut out).unwrap();
+    u.write(&mut out).unwrap();
+    out.extend_from_slice(payload);
+    out
+}
+
+/// What a checked output frame says.
+#[derive(Debug, PartialEq)]
+pub struct Seen {
+    pub src: ([u8; 4], u16),
+    pub dst: ([u8; 4], u16),
+    pub ttl: u8,
+    pub smac: [u8; 6],
+    pub dmac: [u8; 6],
+}
+
+/// Parses an IPv4 TCP/UDP frame and asserts that both checksums are right.
+pub fn check(frame: &[u8]) -> Seen {
+    let (e, rest) = Ethernet2Header::from_slice(frame).expect("ethernet");
+    let (iph, rest) = Ipv4Header::from_slice(rest).expect("ipv4");
+    assert_eq!(iph.header_checksum, iph.calc_header_checksum(), "IPv4 header checksum");
+    let (sport, dport) = match iph.protocol {
+        IpNumber::TCP => {
+            let (t, payload) = TcpHeader::from_slice(rest).expect("tcp");
+            assert_eq!(t.checksum, t.calc_checksum_ipv4(&iph, payload).unwrap(), "TCP checksum");
+            (t.source_port, t.destination_port)
+        }
+        IpNumber::UDP => {
+            let (u, payload) = UdpHeader::from_slice(rest).expect("udp");
+            assert_eq!(u.checksum, u.calc_checksum_ipv4(&iph, payload).unwrap(), "UDP checksum");
+            (u.source_port, u.destination_port)
+        }
+        p => panic!("unexpected protocol {p:?}"),
+    };
+    Seen {
+        src: (iph.source, sport),
+        dst: (iph.destination, dport),
+        ttl: iph.time_to_live,
+        smac: e.source,
+        dmac: e.destination,
+    }
+}
