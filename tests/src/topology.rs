@@ -1,0 +1,237 @@
+//! The migration topology: client → balancer → bridge → 2 legacy + 2 k8s backends, each in
+//! its own namespace, plus a private bpffs for the balancer's pins. Dropping it stops lbd,
+//! removes the pins, unmounts, and deletes every namespace.
+
+use std::{
+    net::SocketAddr,
+    os::unix::net::UnixStream,
+    io::{BufRead, BufReader, Write},
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+
+use crate::{
+    http::Backend,
+    netns::{ChildGuard, Netns, run, tx_csum_off, unique_prefix, veth},
+};
+
+/// The VIP of the connection-mode service.
+pub const VIP: &str = "10.99.0.10";
+/// The balancer's address towards the backends (also the SNAT address).
+pub const LB_BACKEND_SIDE: &str = "10.20.0.1";
+
+/// Name and address of each backend, in pool order.
+pub const BACKENDS: [(&str, &str, &str); 4] = [
+    ("legacy", "legacy-1", "10.20.0.11:8080"),
+    ("legacy", "legacy-2", "10.20.0.12:8080"),
+    ("k8s", "k8s-1", "10.20.0.21:8080"),
+    ("k8s", "k8s-2", "10.20.0.22:8080"),
+];
+
+/// The namespaces and what runs in them. Field order is drop order: processes and backends
+/// first, then pins and the bpffs, then the namespaces.
+pub struct Topology {
+    lbd: Option<ChildGuard>,
+    backends: Vec<Backend>,
+    pub dir: PathBuf,
+    pub config: PathBuf,
+    pub socket: PathBuf,
+    pub lbd_bin: PathBuf,
+    bpffs: PathBuf,
+    pub client: Netns,
+    pub lb: Netns,
+    _bridge: Netns,
+    _backend_ns: Vec<Netns>,
+}
+
+fn lbd_binary() -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("LBD_BIN") {
+        return Ok(p.into());
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    for profile in ["debug", "release"] {
+        let p = target.join(profile).join("lbd");
+        if p.exists() {
+            return Ok(p);
+        }
+    }
+    bail!("lbd binary not found: run `cargo build -p lb-userspace` (cargo xtask test does) or set LBD_BIN")
+}
+
+impl Topology {
+    /// Builds the namespaces, starts the four HTTP backends (answering with their names).
+    pub fn new(tag: &str, xdp_mode: &str) -> Result<Topology> {
+        let p = unique_prefix(tag);
+        let client = Netns::new(&format!("{p}c"))?;
+        let lb = Netns::new(&format!("{p}l"))?;
+        let bridge = Netns::new(&format!("{p}s"))?;
+        let mut backend_ns = Vec::new();
+        for i in 0..BACKENDS.len() {
+            backend_ns.push(Netns::new(&format!("{p}b{i}"))?);
+        }
+        let dir = PathBuf::from(format!("/run/{p}"));
+        std::fs::create_dir_all(&dir)?;
+        let bpffs = dir.join("bpf");
+        std::fs::create_dir_all(&bpffs)?;
+        run(&["mount", "-t", "bpf", "bpf", bpffs.to_str().context("path")?])?;
+        let mut t = Topology {
+            lbd: None,
+            backends: Vec::new(),
+            config: dir.join("lb.toml"),
+            socket: dir.join("lb.sock"),
+            lbd_bin: lbd_binary()?,
+            dir,
+            bpffs,
+            client,
+            lb,
+            _bridge: bridge,
+            _backend_ns: backend_ns,
+        };
+        t.wire(xdp_mode)?;
+        Ok(t)
+    }
+
+    fn wire(&mut self, xdp_mode: &str) -> Result<()> {
+        let (client, lb, bridge) = (&self.client, &self.lb, &self._bridge);
+        veth(client, "eth0", lb, "eth0")?;
+        client.ip(&["addr", "add", "10.99.1.2/24", "dev", "eth0"])?;
+        client.ip(&["route", "add", "default", "via", "10.99.1.1"])?;
+        lb.ip(&["addr", "add", "10.99.1.1/24", "dev", "eth0"])?;
+        lb.ip(&["addr", "add", &format!("{VIP}/32"), "dev", "lo"])?;
+        bridge.ip(&["link", "add", "br0", "type", "bridge"])?;
+        bridge.ip(&["link", "set", "br0", "up"])?;
+        veth(lb, "eth1", bridge, "p0")?;
+        lb.ip(&["addr", "add", &format!("{LB_BACKEND_SIDE}/24"), "dev", "eth1"])?;
+        bridge.ip(&["link", "set", "p0", "master", "br0"])?;
+        for (i, ns) in self._backend_ns.iter().enumerate() {
+            let port = format!("p{}", i + 1);
+            veth(ns, "eth0", bridge, &port)?;
+            bridge.ip(&["link", "set", &port, "master", "br0"])?;
+            let ip = BACKENDS[i].2.split(':').next().context("addr")?;
+            ns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
+            ns.ip(&["route", "add", "default", "via", LB_BACKEND_SIDE])?;
+            tx_csum_off(ns, "eth0")?;
+        }
+        tx_csum_off(client, "eth0")?;
+        // Native XDP_REDIRECT into a veth needs NAPI on its peer: GRO on enables it.
+        client.exec(&["ethtool", "-K", "eth0", "gro", "on"])?;
+        bridge.exec(&["ethtool", "-K", "p0", "gro", "on"])?;
+        for (i, (_, name, addr)) in BACKENDS.iter().enumerate() {
+            let ns = &self._backend_ns[i];
+            self.backends.push(Backend::start(ns, addr.parse()?, name)?);
+        }
+        let cfg = format!(
+            r#"[daemon]
+interfaces = ["eth0", "eth1"]
+xdp_mode = "{xdp_mode}"
+control_socket = "{sock}"
+metrics = "127.0.0.1:9091"
+pin_dir = "{pins}"
+
+[[service]]
+name = "web"
+vip = "{VIP}"
+port = 80
+protocol = "tcp"
+mode = "connection"
+snat = "{LB_BACKEND_SIDE}"
+
+[[service.pool]]
+name = "legacy"
+weight = 90
+backends = [{{ addr = "10.20.0.11:8080", name = "legacy-1" }}, {{ addr = "10.20.0.12:8080", name = "legacy-2" }}]
+
+[[service.pool]]
+name = "k8s"
+weight = 10
+backends = [{{ addr = "10.20.0.21:8080", name = "k8s-1" }}, {{ addr = "10.20.0.22:8080", name = "k8s-2" }}]
+"#,
+            sock = self.socket.display(),
+            pins = self.bpffs.join("lb").display(),
+        );
+        std::fs::write(&self.config, cfg)?;
+        Ok(())
+    }
+
+    /// Starts lbd in the balancer namespace and waits for its control socket.
+    pub fn start_lbd(&mut self) -> Result<()> {
+        let log = self.dir.join("lbd.log");
+        let cfg = self.config.to_str().context("path")?.to_string();
+        let bin = self.lbd_bin.to_str().context("path")?.to_string();
+        self.lbd = Some(self.lb.spawn(&[&bin, "run", "--config", &cfg], &log)?);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if self.control("show services").is_ok() {
+                return Ok(());
+            }
+            if !self.lbd.as_mut().is_some_and(|c| c.running()) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!("lbd did not come up; its log:\n{}", std::fs::read_to_string(&log).unwrap_or_default())
+    }
+
+    /// lbd's log so far.
+    pub fn lbd_log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("lbd.log")).unwrap_or_default()
+    }
+
+    /// Sends one control command (the path lbctl uses) and returns the reply.
+    pub fn control(&self, line: &str) -> Result<String> {
+        let mut s = UnixStream::connect(&self.socket)?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        s.write_all(format!("{line}\n").as_bytes())?;
+        let mut r = BufReader::new(s);
+        let mut reply = String::new();
+        loop {
+            let mut l = String::new();
+            if r.read_line(&mut l)? == 0 || l == "\n" {
+                break;
+            }
+            reply.push_str(&l);
+        }
+        if let Some(e) = reply.strip_prefix("error: ") {
+            bail!("{line}: {}", e.trim());
+        }
+        Ok(reply)
+    }
+
+    /// The VIP address clients connect to.
+    pub fn vip(&self) -> SocketAddr {
+        format!("{VIP}:80").parse().expect("literal")
+    }
+
+    /// Runs `f` on a thread inside the client namespace.
+    pub fn in_client<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
+        let name = self.client.name.clone();
+        std::thread::spawn(move || {
+            Netns { name }.enter_no_drop()?;
+            Ok(f())
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("client thread panicked"))?
+    }
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.lbd.take() {
+            c.terminate();
+        }
+        self.backends.clear();
+        if self.config.exists() {
+            let _ = std::process::Command::new(&self.lbd_bin)
+                .args(["down", "--config"])
+                .arg(&self.config)
+                .stderr(std::process::Stdio::null())
+                .status();
+        }
+        let _ = std::process::Command::new("umount").arg(&self.bpffs).status();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

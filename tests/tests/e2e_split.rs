@@ -1,0 +1,102 @@
+//! End to end in network namespaces: real TCP connections through the XDP balancer to HTTP
+//! backends that answer with their name.
+
+use std::collections::HashMap;
+
+use lb_tests::{
+    http::{Client, get_once},
+    require_root,
+    topology::Topology,
+};
+
+/// Makes `n` new connections (one request each); returns answers per backend and failures.
+fn new_connections(t: &Topology, n: usize) -> (HashMap<String, usize>, usize) {
+    let vip = t.vip();
+    t.in_client(move || {
+        let mut by = HashMap::new();
+        let mut failed = 0;
+        for _ in 0..n {
+            match get_once(vip) {
+                Ok(name) => *by.entry(name).or_insert(0) += 1,
+                Err(_) => failed += 1,
+            }
+        }
+        (by, failed)
+    })
+    .unwrap()
+}
+
+fn legacy_share(by: &HashMap<String, usize>) -> f64 {
+    let legacy: usize = by.iter().filter(|(k, _)| k.starts_with("legacy")).map(|(_, v)| v).sum();
+    let total: usize = by.values().sum();
+    100.0 * legacy as f64 / total as f64
+}
+
+fn split_follows_weights_and_keepalive_flows_keep_their_backend(mode: &str) {
+    let mut t = Topology::new("e", mode).unwrap();
+    t.start_lbd().unwrap();
+
+    let (by, failed) = new_connections(&t, 1000);
+    eprintln!("[{mode}] 90/10: {by:?}, failed {failed}");
+    assert_eq!(failed, 0, "every connection must succeed; lbd log:\n{}", t.lbd_log());
+    let share = legacy_share(&by);
+    assert!((86.0..=94.0).contains(&share), "legacy share {share:.1} % at 90/10");
+    assert_eq!(by.len(), 4, "every backend takes flows: {by:?}");
+
+    // 20 keep-alive connections opened before the change.
+    let vip = t.vip();
+    let kept: Vec<(Client, String)> = t
+        .in_client(move || {
+            (0..20)
+                .map(|_| {
+                    let mut c = Client::connect(vip).unwrap();
+                    let name = c.get(false).unwrap();
+                    (c, name)
+                })
+                .collect()
+        })
+        .unwrap();
+
+    t.control("set split web legacy=50 k8s=50").unwrap();
+    let backends = t.control("show backends web").unwrap();
+    assert!(backends.contains("legacy legacy-1 1 25.00%"), "{backends}");
+
+    let (by, failed) = new_connections(&t, 1000);
+    eprintln!("[{mode}] 50/50: {by:?}, failed {failed}");
+    assert_eq!(failed, 0);
+    let share = legacy_share(&by);
+    assert!((46.0..=54.0).contains(&share), "legacy share {share:.1} % at 50/50");
+
+    // The established keep-alive connections still work, each on the backend it had.
+    let moved = t
+        .in_client(move || {
+            let mut moved = Vec::new();
+            for (mut c, before) in kept {
+                for _ in 0..3 {
+                    let now = c.get(false).expect("keep-alive connection broke after the split change");
+                    if now != before {
+                        moved.push((before.clone(), now));
+                    }
+                }
+            }
+            moved
+        })
+        .unwrap();
+    assert!(moved.is_empty(), "established flows changed backend: {moved:?}");
+}
+
+#[test]
+fn native_xdp_split_follows_weights_and_keepalive_flows_keep_their_backend() {
+    if !require_root("native_xdp_split_follows_weights") {
+        return;
+    }
+    split_follows_weights_and_keepalive_flows_keep_their_backend("native");
+}
+
+#[test]
+fn skb_xdp_split_follows_weights_and_keepalive_flows_keep_their_backend() {
+    if !require_root("skb_xdp_split_follows_weights") {
+        return;
+    }
+    split_follows_weights_and_keepalive_flows_keep_their_backend("skb");
+}
