@@ -67,7 +67,11 @@ mod tests {
     fn full(data: &[u8]) -> u16 {
         let mut s: u32 = 0;
         for c in data.chunks(2) {
-            let w = if c.len() == 2 { [c[0], c[1]] } else { [c[0], 0] };
+            let w = if c.len() == 2 {
+                [c[0], c[1]]
+            } else {
+                [c[0], 0]
+            };
             s += u16::from_ne_bytes(w) as u32;
         }
         while s > 0xffff {

@@ -36,7 +36,14 @@ pub fn alive(last_seen: u64, st: u8, proto: u8, now: u64, t: &Tunables) -> bool 
 /// Applies one packet to an entry's state and timestamp; returns whether anything changed
 /// (and so must be copied to the flow's other entry).
 #[inline(always)]
-pub fn observe(last_seen: &mut u64, st: &mut u8, flags: u8, proto: u8, from_client: bool, now: u64) -> bool {
+pub fn observe(
+    last_seen: &mut u64,
+    st: &mut u8,
+    flags: u8,
+    proto: u8,
+    from_client: bool,
+    now: u64,
+) -> bool {
     let mut changed = false;
     if proto == PROTO_TCP {
         if flags & (TCP_FIN | TCP_RST) != 0 {

@@ -114,7 +114,14 @@ fn to_backend(ctx: &XdpContext, pkt: &Packet, svc: &ServiceValue) -> Result<u32,
     });
     let ct = match existing {
         Some(e) => {
-            if conntrack::observe(&mut e.last_seen_ns, &mut e.state, pkt.tcp_flags, proto, true, now) {
+            if conntrack::observe(
+                &mut e.last_seen_ns,
+                &mut e.state,
+                pkt.tcp_flags,
+                proto,
+                true,
+                now,
+            ) {
                 let rkey = conntrack::reverse_key(e, &pkt.key);
                 if let Some(r) = LB_REVERSE_NAT.get_ptr_mut(&rkey) {
                     // SAFETY: as above.
@@ -157,12 +164,14 @@ fn to_backend(ctx: &XdpContext, pkt: &Packet, svc: &ServiceValue) -> Result<u32,
         },
     )?;
     stats::backend(ct.backend_id, Direction::ToBackend, pkt.len, new_flow);
-    Ok(match forward::next_hop(ctx, ct.backend_id, src, dst, now, t.next_hop_ttl_ns) {
-        Some(nh) => forward::send(ctx, pkt, nh.ifindex, &nh.smac, &nh.dmac),
-        // Next hop unknown (e.g. no ARP entry yet): the kernel forwards the rewritten packet
-        // and resolves the neighbour; the next packets take the fast path.
-        None => pass(Stat::FibPass),
-    })
+    Ok(
+        match forward::next_hop(ctx, ct.backend_id, src, dst, now, t.next_hop_ttl_ns) {
+            Some(nh) => forward::send(ctx, pkt, nh.ifindex, &nh.smac, &nh.dmac),
+            // Next hop unknown (e.g. no ARP entry yet): the kernel forwards the rewritten packet
+            // and resolves the neighbour; the next packets take the fast path.
+            None => pass(Stat::FibPass),
+        },
+    )
 }
 
 /// Backend → SNAT address:port: rewrite back to VIP → client and send it the way the client's
@@ -185,7 +194,14 @@ fn to_client(
     if nat::ttl(pkt) <= 1 {
         return Ok(pass(Stat::TtlExceeded));
     }
-    if conntrack::observe(&mut e.last_seen_ns, &mut e.state, pkt.tcp_flags, proto, false, now) {
+    if conntrack::observe(
+        &mut e.last_seen_ns,
+        &mut e.state,
+        pkt.tcp_flags,
+        proto,
+        false,
+        now,
+    ) {
         let fkey = conntrack::forward_key(e, &pkt.key);
         if let Some(c) = LB_CONNTRACK.get_ptr_mut(&fkey) {
             // SAFETY: as above.
@@ -203,7 +219,13 @@ fn to_client(
         },
     )?;
     stats::backend(e.backend_id, Direction::ToClient, pkt.len, false);
-    Ok(forward::send(ctx, pkt, e.ifindex, &e.local_mac, &e.client_mac))
+    Ok(forward::send(
+        ctx,
+        pkt,
+        e.ifindex,
+        &e.local_mac,
+        &e.client_mac,
+    ))
 }
 
 #[cfg(not(test))]

@@ -16,7 +16,8 @@ use lb_common::{
 
 /// (VIP, port, proto) → service id, live table slot, SNAT address.
 #[map]
-pub static LB_SERVICES: HashMap<ServiceKey, ServiceValue> = HashMap::with_max_entries(MAX_SERVICES, 0);
+pub static LB_SERVICES: HashMap<ServiceKey, ServiceValue> =
+    HashMap::with_max_entries(MAX_SERVICES, 0);
 
 /// `service id * 2 + slot` → the Maglev table (bucket → backend id) for that slot.
 #[map]

@@ -44,14 +44,18 @@ pub fn rewrite(pkt: &Packet, rw: &Rewrite) -> Result<(), ()> {
         let dport = rw.dport.to_ne_bytes();
         if pkt.key.proto == PROTO_TCP {
             let h = &mut *l4_bytes::<TCP_HDR_LEN>(pkt.l4, &pkt.data_end)?;
-            let c = ports.apply(u16::from_ne_bytes([h[16], h[17]])).to_ne_bytes();
+            let c = ports
+                .apply(u16::from_ne_bytes([h[16], h[17]]))
+                .to_ne_bytes();
             *h = [
                 sport[0], sport[1], dport[0], dport[1], h[4], h[5], h[6], h[7], h[8], h[9], h[10],
                 h[11], h[12], h[13], h[14], h[15], c[0], c[1], h[18], h[19],
             ];
         } else {
             let h = &mut *l4_bytes::<UDP_HDR_LEN>(pkt.l4, &pkt.data_end)?;
-            let c = ports.apply_udp(u16::from_ne_bytes([h[6], h[7]])).to_ne_bytes();
+            let c = ports
+                .apply_udp(u16::from_ne_bytes([h[6], h[7]]))
+                .to_ne_bytes();
             h[0] = sport[0];
             h[1] = sport[1];
             h[2] = dport[0];

@@ -49,7 +49,12 @@ fn pick(svc: &ServiceValue, key: &FlowKey) -> Result<(u32, BackendInfo), Stat> {
 /// Each CPU owns the ports `min + cpu + k * cpus`, so no other CPU can insert the same key
 /// meanwhile: a free port can be taken, and a dead flow's port reclaimed, without a race.
 #[inline(always)]
-fn alloc_snat_port(rkey: &mut FlowKey, rval: &RnatValue, t: &Tunables, now: u64) -> Result<(), Stat> {
+fn alloc_snat_port(
+    rkey: &mut FlowKey,
+    rval: &RnatValue,
+    t: &Tunables,
+    now: u64,
+) -> Result<(), Stat> {
     let cpus = if t.cpus == 0 { 1 } else { t.cpus };
     // SAFETY: helper calls without arguments.
     // Divisions use checked forms: a panicking path would leave code the verifier rejects.
@@ -80,7 +85,9 @@ fn alloc_snat_port(rkey: &mut FlowKey, rval: &RnatValue, t: &Tunables, now: u64)
                     .map_err(|_| Stat::FlowNotCreated);
             }
             Some(old) => {
-                if reclaim == 0 && !conntrack::alive(old.last_seen_ns, old.state, rkey.proto, now, t) {
+                if reclaim == 0
+                    && !conntrack::alive(old.last_seen_ns, old.state, rkey.proto, now, t)
+                {
                     reclaim = port;
                 }
             }

@@ -55,8 +55,11 @@ impl<'de> Deserialize<'de> for Weight {
 
 fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     let s = String::deserialize(d)?;
-    humantime::parse_duration(&s)
-        .map_err(|e| D::Error::custom(format!("invalid duration {s:?}: {e} (e.g. \"500ms\", \"2s\")")))
+    humantime::parse_duration(&s).map_err(|e| {
+        D::Error::custom(format!(
+            "invalid duration {s:?}: {e} (e.g. \"500ms\", \"2s\")"
+        ))
+    })
 }
 
 fn port_range<'de, D: Deserializer<'de>>(d: D) -> Result<(u16, u16), D::Error> {
@@ -329,19 +332,36 @@ impl Config {
         for s in raw.services {
             let name = s.name.get_ref().clone();
             if name.is_empty() || name.contains(['/', ' ']) {
-                return Err(at(s.name.span(), format!("service name {name:?} must be non-empty, without '/' or spaces")));
+                return Err(at(
+                    s.name.span(),
+                    format!("service name {name:?} must be non-empty, without '/' or spaces"),
+                ));
             }
             if !names.insert(name.clone()) {
-                return Err(at(s.name.span(), format!("duplicate service name {name:?}")));
+                return Err(at(
+                    s.name.span(),
+                    format!("duplicate service name {name:?}"),
+                ));
             }
             let vip = *s.vip.get_ref();
             if !listeners.insert((vip, s.port, s.protocol)) {
-                return Err(at(s.vip.span(), format!("service {name:?}: another service already uses {vip} port {} {:?}", s.port, s.protocol)));
+                return Err(at(
+                    s.vip.span(),
+                    format!(
+                        "service {name:?}: another service already uses {vip} port {} {:?}",
+                        s.port, s.protocol
+                    ),
+                ));
             }
             let mode = s.mode.unwrap_or_default();
             let forwarding = match s.forwarding {
                 Some(f) if *f.get_ref() == Forwarding::Dsr => {
-                    return Err(at(f.span(), format!("service {name:?}: forwarding = \"dsr\" is not supported yet; use \"nat\"")));
+                    return Err(at(
+                        f.span(),
+                        format!(
+                            "service {name:?}: forwarding = \"dsr\" is not supported yet; use \"nat\""
+                        ),
+                    ));
                 }
                 Some(f) => *f.get_ref(),
                 None => Forwarding::Nat,
@@ -349,23 +369,55 @@ impl Config {
             if mode == Mode::Connection {
                 connection_services += 1;
                 if vip.is_ipv6() {
-                    return Err(at(s.vip.span(), format!("service {name:?}: IPv6 VIPs are not forwarded yet (connection mode)")));
+                    return Err(at(
+                        s.vip.span(),
+                        format!(
+                            "service {name:?}: IPv6 VIPs are not forwarded yet (connection mode)"
+                        ),
+                    ));
                 }
                 match &s.snat {
-                    None => return Err(at(s.name.span(), format!("service {name:?}: connection mode with forwarding = \"nat\" needs `snat` (the source address towards backends)"))),
+                    None => {
+                        return Err(at(
+                            s.name.span(),
+                            format!(
+                                "service {name:?}: connection mode with forwarding = \"nat\" needs `snat` (the source address towards backends)"
+                            ),
+                        ));
+                    }
                     Some(a) if a.get_ref().is_ipv4() != vip.is_ipv4() => {
-                        return Err(at(a.span(), format!("service {name:?}: snat and vip must be the same address family")));
+                        return Err(at(
+                            a.span(),
+                            format!(
+                                "service {name:?}: snat and vip must be the same address family"
+                            ),
+                        ));
                     }
                     _ => {}
                 }
             } else if s.protocol != Protocol::Tcp {
-                return Err(at(s.name.span(), format!("service {name:?}: request mode needs protocol = \"tcp\"")));
+                return Err(at(
+                    s.name.span(),
+                    format!("service {name:?}: request mode needs protocol = \"tcp\""),
+                ));
             }
-            if s.health.interval.is_zero() || s.health.timeout.is_zero() || s.health.rise == 0 || s.health.fall == 0 {
-                return Err(at(s.name.span(), format!("service {name:?}: health interval, timeout, rise and fall must be above zero")));
+            if s.health.interval.is_zero()
+                || s.health.timeout.is_zero()
+                || s.health.rise == 0
+                || s.health.fall == 0
+            {
+                return Err(at(
+                    s.name.span(),
+                    format!(
+                        "service {name:?}: health interval, timeout, rise and fall must be above zero"
+                    ),
+                ));
             }
             if s.pools.is_empty() {
-                return Err(at(s.name.span(), format!("service {name:?} has no [[service.pool]]")));
+                return Err(at(
+                    s.name.span(),
+                    format!("service {name:?} has no [[service.pool]]"),
+                ));
             }
             let mut pools = Vec::new();
             let mut pool_names = HashSet::new();
@@ -373,10 +425,18 @@ impl Config {
             for p in s.pools {
                 let pname = p.name.get_ref().clone();
                 if pname.is_empty() || pname.contains(['/', '=', ' ']) {
-                    return Err(at(p.name.span(), format!("pool name {pname:?} must be non-empty, without '/', '=' or spaces")));
+                    return Err(at(
+                        p.name.span(),
+                        format!(
+                            "pool name {pname:?} must be non-empty, without '/', '=' or spaces"
+                        ),
+                    ));
                 }
                 if !pool_names.insert(pname.clone()) {
-                    return Err(at(p.name.span(), format!("service {name:?}: duplicate pool name {pname:?}")));
+                    return Err(at(
+                        p.name.span(),
+                        format!("service {name:?}: duplicate pool name {pname:?}"),
+                    ));
                 }
                 let mut backends = Vec::new();
                 for b in p.backends {
@@ -387,15 +447,32 @@ impl Config {
                     };
                     let bname = bname.unwrap_or_else(|| addr.to_string());
                     if bname.is_empty() || bname.contains(['/', ' ']) {
-                        return Err(at(span, format!("backend name {bname:?} must be non-empty, without '/' or spaces")));
+                        return Err(at(
+                            span,
+                            format!(
+                                "backend name {bname:?} must be non-empty, without '/' or spaces"
+                            ),
+                        ));
                     }
                     if addr.is_ipv4() != vip.is_ipv4() && mode == Mode::Connection {
-                        return Err(at(span, format!("backend {bname}: address family differs from the VIP's")));
+                        return Err(at(
+                            span,
+                            format!("backend {bname}: address family differs from the VIP's"),
+                        ));
                     }
                     if !backend_names.insert(bname.clone()) {
-                        return Err(at(span, format!("service {name:?}: duplicate backend {bname:?} (names are unique within a service)")));
+                        return Err(at(
+                            span,
+                            format!(
+                                "service {name:?}: duplicate backend {bname:?} (names are unique within a service)"
+                            ),
+                        ));
                     }
-                    backends.push(Backend { name: bname, addr, weight });
+                    backends.push(Backend {
+                        name: bname,
+                        addr,
+                        weight,
+                    });
                 }
                 backend_count += backends.len();
                 pools.push(Pool {
@@ -417,10 +494,22 @@ impl Config {
             });
         }
         if connection_services > lb_common::MAX_SERVICES as usize {
-            return Err(ConfigError::File { path: path.into(), msg: format!("{connection_services} connection-mode services; at most {} are supported", lb_common::MAX_SERVICES) });
+            return Err(ConfigError::File {
+                path: path.into(),
+                msg: format!(
+                    "{connection_services} connection-mode services; at most {} are supported",
+                    lb_common::MAX_SERVICES
+                ),
+            });
         }
         if backend_count >= lb_common::MAX_BACKENDS as usize {
-            return Err(ConfigError::File { path: path.into(), msg: format!("{backend_count} backends; at most {} are supported", lb_common::MAX_BACKENDS - 1) });
+            return Err(ConfigError::File {
+                path: path.into(),
+                msg: format!(
+                    "{backend_count} backends; at most {} are supported",
+                    lb_common::MAX_BACKENDS - 1
+                ),
+            });
         }
         Ok(Config {
             daemon: raw.daemon,
@@ -441,12 +530,40 @@ impl fmt::Display for Config {
     /// The one-screen summary `lbd check` prints.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let d = &self.daemon;
-        writeln!(f, "interfaces {:?} (xdp {:?}), control {}, metrics {}, pins {}", d.interfaces, d.xdp_mode, d.control_socket.display(), d.metrics, d.pin_dir.display())?;
+        writeln!(
+            f,
+            "interfaces {:?} (xdp {:?}), control {}, metrics {}, pins {}",
+            d.interfaces,
+            d.xdp_mode,
+            d.control_socket.display(),
+            d.metrics,
+            d.pin_dir.display()
+        )?;
         for s in &self.services {
-            writeln!(f, "service {} {}:{} {:?} {:?}", s.name, s.vip, s.port, s.protocol, s.mode)?;
+            writeln!(
+                f,
+                "service {} {}:{} {:?} {:?}",
+                s.name, s.vip, s.port, s.protocol, s.mode
+            )?;
             for p in &s.pools {
-                let bs: Vec<String> = p.backends.iter().map(|b| if b.name == b.addr.to_string() { format!("{} w{}", b.name, b.weight.0) } else { format!("{}={} w{}", b.name, b.addr, b.weight.0) }).collect();
-                writeln!(f, "  pool {} weight {}: {}", p.name, p.weight.0, bs.join(", "))?;
+                let bs: Vec<String> = p
+                    .backends
+                    .iter()
+                    .map(|b| {
+                        if b.name == b.addr.to_string() {
+                            format!("{} w{}", b.name, b.weight.0)
+                        } else {
+                            format!("{}={} w{}", b.name, b.addr, b.weight.0)
+                        }
+                    })
+                    .collect();
+                writeln!(
+                    f,
+                    "  pool {} weight {}: {}",
+                    p.name,
+                    p.weight.0,
+                    bs.join(", ")
+                )?;
             }
         }
         Ok(())
@@ -484,7 +601,9 @@ backends = [{ addr = "10.20.0.21:8080", name = "k8s-a" }]
 "#;
 
     fn err(text: &str) -> String {
-        Config::parse(text, Path::new("lb.toml")).unwrap_err().to_string()
+        Config::parse(text, Path::new("lb.toml"))
+            .unwrap_err()
+            .to_string()
     }
 
     #[test]
@@ -507,7 +626,10 @@ backends = [{ addr = "10.20.0.21:8080", name = "k8s-a" }]
         let e = err(&GOOD.replace("\"10.99.0.10\"", "\"10.99.0.300\""));
         assert!(e.starts_with("lb.toml:7:7: "), "{e}");
         let e = err(&GOOD.replace("interval = \"500ms\"", "interval = \"soon\""));
-        assert!(e.contains("lb.toml:14:") && e.contains("invalid duration"), "{e}");
+        assert!(
+            e.contains("lb.toml:14:") && e.contains("invalid duration"),
+            "{e}"
+        );
         let e = err(&GOOD.replace("port = 80", "port = 80\nprot = 1"));
         assert!(e.contains("lb.toml:9:") && e.contains("prot"), "{e}");
     }
@@ -515,7 +637,10 @@ backends = [{ addr = "10.20.0.21:8080", name = "k8s-a" }]
     #[test]
     fn semantic_errors_point_at_the_key() {
         let e = err(&GOOD.replace("name = \"k8s\"", "name = \"legacy\""));
-        assert!(e.starts_with("lb.toml:22:8:") && e.contains("duplicate pool"), "{e}");
+        assert!(
+            e.starts_with("lb.toml:22:8:") && e.contains("duplicate pool"),
+            "{e}"
+        );
         let e = err(&GOOD.replace("snat = \"10.20.0.1\"\n", ""));
         assert!(e.contains("needs `snat`"), "{e}");
         let e = err(&GOOD.replace("k8s-a", "10.20.0.11:8080"));

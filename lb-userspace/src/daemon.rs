@@ -4,12 +4,7 @@
 use std::collections::HashMap;
 
 use anyhow::{Context as _, Result};
-use lb_common::{
-    FAMILY_V4, FAMILY_V6,
-    backend::BackendInfo,
-    flow::IpBytes,
-    service::{MaglevTable, ServiceKey},
-};
+use lb_common::{FAMILY_V4, FAMILY_V6, backend::BackendInfo, flow::IpBytes, service::ServiceKey};
 
 use crate::{
     config::Mode,
@@ -130,25 +125,17 @@ impl Daemon {
         let Some(dp) = self.dataplane.as_mut() else {
             return Ok(());
         };
-        let mut table = boxed_table();
+        let mut table = crate::dataplane::empty_table();
         table.buckets.copy_from_slice(&built);
         let started = std::time::Instant::now();
         let generation = dp.publish_table(&key, slot, snat, &table)?;
-        tracing::info!(service = name, generation, took_us = started.elapsed().as_micros() as u64, "table published");
+        tracing::info!(
+            service = name,
+            generation,
+            took_us = started.elapsed().as_micros() as u64,
+            "table published"
+        );
         self.generations.insert(name.to_string(), generation);
         Ok(())
-    }
-}
-
-/// A zeroed table on the heap (it is 256 KiB: too big for a task's stack).
-fn boxed_table() -> Box<MaglevTable> {
-    let layout = std::alloc::Layout::new::<MaglevTable>();
-    // SAFETY: MaglevTable is plain u32s, for which all-zero is valid; layout is non-zero-sized.
-    unsafe {
-        let p = std::alloc::alloc_zeroed(layout) as *mut MaglevTable;
-        if p.is_null() {
-            std::alloc::handle_alloc_error(layout);
-        }
-        Box::from_raw(p)
     }
 }

@@ -2,7 +2,7 @@
 pub mod config;
 pub mod control;
 pub mod daemon;
-pub mod host;
 pub mod dataplane;
+pub mod host;
 pub mod maglev;
 pub mod state;

@@ -50,10 +50,14 @@ pub fn bucket_counts(entries: &[Entry], m: u32) -> Vec<u32> {
         .collect();
     let mut counts: Vec<u32> = exact.iter().map(|q| q.floor() as u32).collect();
     let given: u32 = counts.iter().sum();
-    let mut order: Vec<usize> = (0..entries.len()).filter(|&i| entries[i].weight > 0.0).collect();
+    let mut order: Vec<usize> = (0..entries.len())
+        .filter(|&i| entries[i].weight > 0.0)
+        .collect();
     order.sort_by(|&a, &b| {
         let (ra, rb) = (exact[a] - exact[a].floor(), exact[b] - exact[b].floor());
-        rb.partial_cmp(&ra).unwrap_or(Ordering::Equal).then(a.cmp(&b))
+        rb.partial_cmp(&ra)
+            .unwrap_or(Ordering::Equal)
+            .then(a.cmp(&b))
     });
     for &i in order.iter().cycle().take(m.saturating_sub(given) as usize) {
         counts[i] += 1;

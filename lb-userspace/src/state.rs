@@ -191,7 +191,12 @@ impl State {
             .ok_or_else(|| StateError::NoService(name.into()))
     }
 
-    fn backend_mut(&mut self, svc: &str, pool: &str, backend: &str) -> Result<&mut Backend, StateError> {
+    fn backend_mut(
+        &mut self,
+        svc: &str,
+        pool: &str,
+        backend: &str,
+    ) -> Result<&mut Backend, StateError> {
         let s = self.service_mut(svc)?;
         let p = s
             .pools
@@ -217,13 +222,25 @@ impl State {
     }
 
     /// `set weight SERVICE/POOL/BACKEND N`.
-    pub fn set_backend_weight(&mut self, svc: &str, pool: &str, backend: &str, w: u32) -> Result<(), StateError> {
+    pub fn set_backend_weight(
+        &mut self,
+        svc: &str,
+        pool: &str,
+        backend: &str,
+        w: u32,
+    ) -> Result<(), StateError> {
         self.backend_mut(svc, pool, backend)?.weight = w;
         Ok(())
     }
 
     /// `set state SERVICE/POOL/BACKEND STATE`.
-    pub fn set_backend_state(&mut self, svc: &str, pool: &str, backend: &str, st: AdminState) -> Result<(), StateError> {
+    pub fn set_backend_state(
+        &mut self,
+        svc: &str,
+        pool: &str,
+        backend: &str,
+        st: AdminState,
+    ) -> Result<(), StateError> {
         self.backend_mut(svc, pool, backend)?.state = st;
         Ok(())
     }
@@ -242,7 +259,12 @@ impl State {
         if named.len() != split.len() || named.len() != s.pools.len() {
             return Err(StateError::SplitIncomplete {
                 service: svc.into(),
-                pools: s.pools.iter().map(|p| p.name.as_str()).collect::<Vec<_>>().join(", "),
+                pools: s
+                    .pools
+                    .iter()
+                    .map(|p| p.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
             });
         }
         for (name, w) in split {
@@ -329,7 +351,12 @@ backends = ["10.20.0.21:8080", { addr = "10.20.0.22:8080", weight = 3 }]
     }
 
     fn share(st: &State, b: &str) -> f64 {
-        st.shares("web").unwrap().iter().find(|s| s.backend == b).unwrap().share
+        st.shares("web")
+            .unwrap()
+            .iter()
+            .find(|s| s.backend == b)
+            .unwrap()
+            .share
     }
 
     #[test]
@@ -344,7 +371,8 @@ backends = ["10.20.0.21:8080", { addr = "10.20.0.22:8080", weight = 3 }]
     fn a_pool_without_eligible_backends_drops_out_of_the_split() {
         let mut st = state();
         for b in ["10.20.0.21:8080", "10.20.0.22:8080"] {
-            st.set_backend_state("web", "k8s", b, AdminState::Drain).unwrap();
+            st.set_backend_state("web", "k8s", b, AdminState::Drain)
+                .unwrap();
         }
         assert!((share(&st, "10.20.0.11:8080") - 0.5).abs() < 1e-9);
         assert_eq!(share(&st, "10.20.0.21:8080"), 0.0);
@@ -355,13 +383,20 @@ backends = ["10.20.0.21:8080", { addr = "10.20.0.22:8080", weight = 3 }]
         let mut st = state();
         let before = format!("{:?}", st.shares("web").unwrap());
         let half = [("legacy".to_string(), 50)];
-        assert!(matches!(st.set_split("web", &half), Err(StateError::SplitIncomplete { .. })));
+        assert!(matches!(
+            st.set_split("web", &half),
+            Err(StateError::SplitIncomplete { .. })
+        ));
         let unknown = [("legacy".to_string(), 50), ("nope".to_string(), 50)];
-        assert!(matches!(st.set_split("web", &unknown), Err(StateError::NoPool(..))));
+        assert!(matches!(
+            st.set_split("web", &unknown),
+            Err(StateError::NoPool(..))
+        ));
         let twice = [("legacy".to_string(), 50), ("legacy".to_string(), 50)];
         assert!(st.set_split("web", &twice).is_err());
         assert_eq!(before, format!("{:?}", st.shares("web").unwrap()));
-        st.set_split("web", &[("legacy".into(), 50), ("k8s".into(), 50)]).unwrap();
+        st.set_split("web", &[("legacy".into(), 50), ("k8s".into(), 50)])
+            .unwrap();
         assert!((share(&st, "10.20.0.11:8080") - 0.25).abs() < 1e-9);
     }
 

@@ -32,7 +32,10 @@ impl Backend {
         let s = stop.clone();
         let handle = std::thread::spawn(move || {
             let setup = (|| -> Result<TcpListener> {
-                Netns { name: ns_name.clone() }.enter_no_drop()?;
+                Netns {
+                    name: ns_name.clone(),
+                }
+                .enter_no_drop()?;
                 let l = TcpListener::bind(addr)?;
                 l.set_nonblocking(true)?;
                 Ok(l)
@@ -58,7 +61,10 @@ impl Backend {
             }
         });
         ready_rx.recv().context("backend thread")??;
-        Ok(Backend { stop, handle: Some(handle) })
+        Ok(Backend {
+            stop,
+            handle: Some(handle),
+        })
     }
 }
 
@@ -122,7 +128,10 @@ impl Client {
         let c = TcpStream::connect_timeout(&addr, Duration::from_secs(3))
             .with_context(|| format!("connect {addr}"))?;
         c.set_read_timeout(Some(Duration::from_secs(3)))?;
-        Ok(Client { w: c.try_clone()?, r: BufReader::new(c) })
+        Ok(Client {
+            w: c.try_clone()?,
+            r: BufReader::new(c),
+        })
     }
 
     /// One request; returns the body (the backend's name).

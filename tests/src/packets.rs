@@ -1,6 +1,6 @@
 //! Building and checking packets for BPF_PROG_TEST_RUN fixtures (etherparse does the bytes).
 
-use etherparse::{Ethernet2Header, EtherType, IpNumber, Ipv4Header, TcpHeader, UdpHeader};
+use etherparse::{EtherType, Ethernet2Header, IpNumber, Ipv4Header, TcpHeader, UdpHeader};
 
 pub const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
 pub const LB_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
@@ -14,9 +14,24 @@ pub struct Flags {
     pub rst: bool,
 }
 
-pub const SYN: Flags = Flags { syn: true, ack: false, fin: false, rst: false };
-pub const ACK: Flags = Flags { syn: false, ack: true, fin: false, rst: false };
-pub const FIN: Flags = Flags { syn: false, ack: true, fin: true, rst: false };
+pub const SYN: Flags = Flags {
+    syn: true,
+    ack: false,
+    fin: false,
+    rst: false,
+};
+pub const ACK: Flags = Flags {
+    syn: false,
+    ack: true,
+    fin: false,
+    rst: false,
+};
+pub const FIN: Flags = Flags {
+    syn: false,
+    ack: true,
+    fin: true,
+    rst: false,
+};
 
 fn ip(src: [u8; 4], dst: [u8; 4], proto: IpNumber, payload_len: usize) -> Ipv4Header {
     let mut h = Ipv4Header::new(payload_len as u16, 64, proto, src, dst).expect("valid");
@@ -34,7 +49,13 @@ fn eth() -> Ethernet2Header {
 }
 
 /// An Ethernet/IPv4/TCP frame with correct checksums; `options` are IPv4 options (len % 4 == 0).
-pub fn tcp_with(src: ([u8; 4], u16), dst: ([u8; 4], u16), f: Flags, payload: &[u8], options: &[u8]) -> Vec<u8> {
+pub fn tcp_with(
+    src: ([u8; 4], u16),
+    dst: ([u8; 4], u16),
+    f: Flags,
+    payload: &[u8],
+    options: &[u8],
+) -> Vec<u8> {
     let mut t = TcpHeader::new(src.1, dst.1, 1000, 64240);
     t.syn = f.syn;
     t.ack = f.ack;
@@ -87,16 +108,28 @@ pub struct Seen {
 pub fn check(frame: &[u8]) -> Seen {
     let (e, rest) = Ethernet2Header::from_slice(frame).expect("ethernet");
     let (iph, rest) = Ipv4Header::from_slice(rest).expect("ipv4");
-    assert_eq!(iph.header_checksum, iph.calc_header_checksum(), "IPv4 header checksum");
+    assert_eq!(
+        iph.header_checksum,
+        iph.calc_header_checksum(),
+        "IPv4 header checksum"
+    );
     let (sport, dport) = match iph.protocol {
         IpNumber::TCP => {
             let (t, payload) = TcpHeader::from_slice(rest).expect("tcp");
-            assert_eq!(t.checksum, t.calc_checksum_ipv4(&iph, payload).unwrap(), "TCP checksum");
+            assert_eq!(
+                t.checksum,
+                t.calc_checksum_ipv4(&iph, payload).unwrap(),
+                "TCP checksum"
+            );
             (t.source_port, t.destination_port)
         }
         IpNumber::UDP => {
             let (u, payload) = UdpHeader::from_slice(rest).expect("udp");
-            assert_eq!(u.checksum, u.calc_checksum_ipv4(&iph, payload).unwrap(), "UDP checksum");
+            assert_eq!(
+                u.checksum,
+                u.calc_checksum_ipv4(&iph, payload).unwrap(),
+                "UDP checksum"
+            );
             (u.source_port, u.destination_port)
         }
         p => panic!("unexpected protocol {p:?}"),

@@ -3,9 +3,9 @@
 //! removes the pins, unmounts, and deletes every namespace.
 
 use std::{
+    io::{BufRead, BufReader, Write},
     net::SocketAddr,
     os::unix::net::UnixStream,
-    io::{BufRead, BufReader, Write},
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
@@ -59,7 +59,9 @@ fn lbd_binary() -> Result<PathBuf> {
             return Ok(p);
         }
     }
-    bail!("lbd binary not found: run `cargo build -p lb-userspace` (cargo xtask test does) or set LBD_BIN")
+    bail!(
+        "lbd binary not found: run `cargo build -p lb-userspace` (cargo xtask test does) or set LBD_BIN"
+    )
 }
 
 impl Topology {
@@ -105,7 +107,13 @@ impl Topology {
         bridge.ip(&["link", "add", "br0", "type", "bridge"])?;
         bridge.ip(&["link", "set", "br0", "up"])?;
         veth(lb, "eth1", bridge, "p0")?;
-        lb.ip(&["addr", "add", &format!("{LB_BACKEND_SIDE}/24"), "dev", "eth1"])?;
+        lb.ip(&[
+            "addr",
+            "add",
+            &format!("{LB_BACKEND_SIDE}/24"),
+            "dev",
+            "eth1",
+        ])?;
         bridge.ip(&["link", "set", "p0", "master", "br0"])?;
         for (i, ns) in self._backend_ns.iter().enumerate() {
             let port = format!("p{}", i + 1);
@@ -173,7 +181,10 @@ backends = [{{ addr = "10.20.0.21:8080", name = "k8s-1" }}, {{ addr = "10.20.0.2
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        bail!("lbd did not come up; its log:\n{}", std::fs::read_to_string(&log).unwrap_or_default())
+        bail!(
+            "lbd did not come up; its log:\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        )
     }
 
     /// lbd's log so far.
@@ -207,7 +218,10 @@ backends = [{{ addr = "10.20.0.21:8080", name = "k8s-1" }}, {{ addr = "10.20.0.2
     }
 
     /// Runs `f` on a thread inside the client namespace.
-    pub fn in_client<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
+    pub fn in_client<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T> {
         let name = self.client.name.clone();
         std::thread::spawn(move || {
             Netns { name }.enter_no_drop()?;
@@ -231,7 +245,9 @@ impl Drop for Topology {
                 .stderr(std::process::Stdio::null())
                 .status();
         }
-        let _ = std::process::Command::new("umount").arg(&self.bpffs).status();
+        let _ = std::process::Command::new("umount")
+            .arg(&self.bpffs)
+            .status();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

@@ -27,7 +27,11 @@ fn new_connections(t: &Topology, n: usize) -> (HashMap<String, usize>, usize) {
 }
 
 fn legacy_share(by: &HashMap<String, usize>) -> f64 {
-    let legacy: usize = by.iter().filter(|(k, _)| k.starts_with("legacy")).map(|(_, v)| v).sum();
+    let legacy: usize = by
+        .iter()
+        .filter(|(k, _)| k.starts_with("legacy"))
+        .map(|(_, v)| v)
+        .sum();
     let total: usize = by.values().sum();
     100.0 * legacy as f64 / total as f64
 }
@@ -38,9 +42,17 @@ fn split_follows_weights_and_keepalive_flows_keep_their_backend(mode: &str) {
 
     let (by, failed) = new_connections(&t, 1000);
     eprintln!("[{mode}] 90/10: {by:?}, failed {failed}");
-    assert_eq!(failed, 0, "every connection must succeed; lbd log:\n{}", t.lbd_log());
+    assert_eq!(
+        failed,
+        0,
+        "every connection must succeed; lbd log:\n{}",
+        t.lbd_log()
+    );
     let share = legacy_share(&by);
-    assert!((86.0..=94.0).contains(&share), "legacy share {share:.1} % at 90/10");
+    assert!(
+        (86.0..=94.0).contains(&share),
+        "legacy share {share:.1} % at 90/10"
+    );
     assert_eq!(by.len(), 4, "every backend takes flows: {by:?}");
 
     // 20 keep-alive connections opened before the change.
@@ -65,7 +77,10 @@ fn split_follows_weights_and_keepalive_flows_keep_their_backend(mode: &str) {
     eprintln!("[{mode}] 50/50: {by:?}, failed {failed}");
     assert_eq!(failed, 0);
     let share = legacy_share(&by);
-    assert!((46.0..=54.0).contains(&share), "legacy share {share:.1} % at 50/50");
+    assert!(
+        (46.0..=54.0).contains(&share),
+        "legacy share {share:.1} % at 50/50"
+    );
 
     // The established keep-alive connections still work, each on the backend it had.
     let moved = t
@@ -73,7 +88,9 @@ fn split_follows_weights_and_keepalive_flows_keep_their_backend(mode: &str) {
             let mut moved = Vec::new();
             for (mut c, before) in kept {
                 for _ in 0..3 {
-                    let now = c.get(false).expect("keep-alive connection broke after the split change");
+                    let now = c
+                        .get(false)
+                        .expect("keep-alive connection broke after the split change");
                     if now != before {
                         moved.push((before.clone(), now));
                     }
@@ -82,7 +99,10 @@ fn split_follows_weights_and_keepalive_flows_keep_their_backend(mode: &str) {
             moved
         })
         .unwrap();
-    assert!(moved.is_empty(), "established flows changed backend: {moved:?}");
+    assert!(
+        moved.is_empty(),
+        "established flows changed backend: {moved:?}"
+    );
 }
 
 #[test]

@@ -4,19 +4,13 @@
 //! neighbour entries for three of them, so fib lookups give known answers.
 
 use aya::programs::{TestRun, TestRunOptions};
-use lb_common::{
-    TABLE_SIZE,
-    backend::BackendInfo,
-    flow::v4,
-    service::{MaglevTable, ServiceKey},
-    stats::Stat,
-};
+use lb_common::{TABLE_SIZE, backend::BackendInfo, flow::v4, service::ServiceKey, stats::Stat};
 use lb_tests::{
     netns::{Netns, unique_prefix},
     packets::{self, ACK, CLIENT_MAC, FIN, LB_MAC, SYN, Seen, check, tcp, tcp_with, udp},
     require_root,
 };
-use lb_userspace::dataplane::{Dataplane, LoadOptions, PROGRAM};
+use lb_userspace::dataplane::{Dataplane, LoadOptions, PROGRAM, empty_table};
 
 const XDP_PASS: u32 = 2;
 const XDP_TX: u32 = 3;
@@ -29,7 +23,12 @@ const SNAT: [u8; 4] = [10, 20, 0, 1];
 const CLIENT: [u8; 4] = [10, 99, 1, 2];
 const VETH_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x01, 0x00];
 /// Backends 1..=4; the first three have permanent neighbour entries, the fourth none.
-const BACKENDS: [[u8; 4]; 4] = [[10, 20, 0, 11], [10, 20, 0, 12], [10, 20, 0, 21], [10, 20, 0, 22]];
+const BACKENDS: [[u8; 4]; 4] = [
+    [10, 20, 0, 11],
+    [10, 20, 0, 12],
+    [10, 20, 0, 21],
+    [10, 20, 0, 22],
+];
 
 fn backend_mac(i: usize) -> [u8; 6] {
     [0x02, 0, 0, 0, 0x02, i as u8 + 1]
@@ -43,14 +42,42 @@ struct Fixture {
 impl Fixture {
     fn new() -> Fixture {
         let ns = Netns::new(&unique_prefix("fx")).unwrap();
-        ns.ip(&["link", "add", "veth0", "address", "02:00:00:00:01:00", "type", "veth", "peer", "name", "veth1"]).unwrap();
-        ns.ip(&["addr", "add", "10.20.0.1/24", "dev", "veth0"]).unwrap();
+        ns.ip(&[
+            "link",
+            "add",
+            "veth0",
+            "address",
+            "02:00:00:00:01:00",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "veth1",
+        ])
+        .unwrap();
+        ns.ip(&["addr", "add", "10.20.0.1/24", "dev", "veth0"])
+            .unwrap();
         ns.ip(&["link", "set", "veth0", "up"]).unwrap();
         ns.ip(&["link", "set", "veth1", "up"]).unwrap();
         for (i, b) in BACKENDS.iter().enumerate().take(3) {
-            let mac = backend_mac(i).iter().map(|x| format!("{x:02x}")).collect::<Vec<_>>().join(":");
+            let mac = backend_mac(i)
+                .iter()
+                .map(|x| format!("{x:02x}"))
+                .collect::<Vec<_>>()
+                .join(":");
             let addr = format!("{}.{}.{}.{}", b[0], b[1], b[2], b[3]);
-            ns.ip(&["neigh", "add", &addr, "lladdr", &mac, "dev", "veth0", "nud", "permanent"]).unwrap();
+            ns.ip(&[
+                "neigh",
+                "add",
+                &addr,
+                "lladdr",
+                &mac,
+                "dev",
+                "veth0",
+                "nud",
+                "permanent",
+            ])
+            .unwrap();
         }
         ns.sysctl("net.ipv4.ip_forward", "1").unwrap();
         ns.enter().unwrap();
@@ -60,7 +87,13 @@ impl Fixture {
         for (i, b) in BACKENDS.iter().enumerate() {
             dp.set_backend(
                 i as u32 + 1,
-                Some(BackendInfo { addr: v4(*b), port: 8080u16.to_be(), family: 2, flags: BackendInfo::VALID, _pad: 0 }),
+                Some(BackendInfo {
+                    addr: v4(*b),
+                    port: 8080u16.to_be(),
+                    family: 2,
+                    flags: BackendInfo::VALID,
+                    _pad: 0,
+                }),
             )
             .unwrap();
         }
@@ -73,13 +106,18 @@ impl Fixture {
 
     /// Points every bucket of a service at one backend id (0 = empty table).
     fn table(&mut self, vip: [u8; 4], port: u16, proto: u8, backend: u32) {
-        let key = ServiceKey { addr: v4(vip), port: port.to_be(), proto, family: 2 };
+        let key = ServiceKey {
+            addr: v4(vip),
+            port: port.to_be(),
+            proto,
+            family: 2,
+        };
         let id = match (vip, port, proto) {
             (VIP, 80, 6) => 0,
             (VIP, 53, 17) => 1,
             _ => 2,
         };
-        let mut t: Box<MaglevTable> = unsafe { Box::new_zeroed().assume_init() };
+        let mut t = empty_table();
         t.buckets = [backend; TABLE_SIZE as usize];
         self.dp.publish_table(&key, id, v4(SNAT), &t).unwrap();
     }
@@ -88,7 +126,11 @@ impl Fixture {
         let prog = self.dp.program(PROGRAM).unwrap();
         let mut out = vec![0u8; pkt.len() + 64];
         let r = prog
-            .test_run(TestRunOptions { data_in: Some(pkt), data_out: Some(&mut out), ..Default::default() })
+            .test_run(TestRunOptions {
+                data_in: Some(pkt),
+                data_out: Some(&mut out),
+                ..Default::default()
+            })
             .unwrap();
         out.truncate(r.data_size_out as usize);
         (r.return_value, out)
@@ -127,35 +169,70 @@ fn packets_that_are_not_ours_pass_untouched() {
     let mut bad_ihl = syn.clone();
     bad_ihl[14] = 0x44;
     let cases: Vec<(&str, Vec<u8>, Stat)> = vec![
-        ("SYN to a non-VIP address", tcp((CLIENT, 40000), ([10, 99, 0, 99], 80), SYN), Stat::NotOurs),
-        ("SYN to the VIP on another port", tcp((CLIENT, 40000), (VIP, 81), SYN), Stat::NotOurs),
+        (
+            "SYN to a non-VIP address",
+            tcp((CLIENT, 40000), ([10, 99, 0, 99], 80), SYN),
+            Stat::NotOurs,
+        ),
+        (
+            "SYN to the VIP on another port",
+            tcp((CLIENT, 40000), (VIP, 81), SYN),
+            Stat::NotOurs,
+        ),
         ("ARP", arp, Stat::NotOurs),
         ("IPv6 (not forwarded yet)", ipv6, Stat::NotOurs),
         ("ICMP to the VIP", icmp, Stat::NotOurs),
         ("GRE to the VIP", gre, Stat::NotOurs),
         ("IP fragment to the VIP", frag, Stat::Fragment),
         // (A frame shorter than an Ethernet header cannot be fed to test_run: EINVAL.)
-        ("truncated IPv4 header", cut(syn.clone(), 14 + 12), Stat::Malformed),
+        (
+            "truncated IPv4 header",
+            cut(syn.clone(), 14 + 12),
+            Stat::Malformed,
+        ),
         ("IHL below 5", bad_ihl, Stat::Malformed),
-        ("truncated TCP header", cut(syn.clone(), 14 + 20 + 12), Stat::Malformed),
-        ("ACK to the VIP without a flow", tcp((CLIENT, 40000), (VIP, 80), ACK), Stat::NonSynMiss),
-        ("SYN to a service without backends", tcp((CLIENT, 40000), (EMPTY_VIP, 80), SYN), Stat::NoBackend),
+        (
+            "truncated TCP header",
+            cut(syn.clone(), 14 + 20 + 12),
+            Stat::Malformed,
+        ),
+        (
+            "ACK to the VIP without a flow",
+            tcp((CLIENT, 40000), (VIP, 80), ACK),
+            Stat::NonSynMiss,
+        ),
+        (
+            "SYN to a service without backends",
+            tcp((CLIENT, 40000), (EMPTY_VIP, 80), SYN),
+            Stat::NoBackend,
+        ),
         ("SYN whose TTL would expire", ttl1, Stat::TtlExceeded),
-        ("return traffic to a SNAT port without a flow", tcp((BACKENDS[0], 8080), (SNAT, 61001), ACK), Stat::NotOurs),
+        (
+            "return traffic to a SNAT port without a flow",
+            tcp((BACKENDS[0], 8080), (SNAT, 61001), ACK),
+            Stat::NotOurs,
+        ),
     ];
     for (name, pkt, reason) in cases {
         let before = f.stat(reason);
         let (verdict, out) = f.run(&pkt);
         assert_eq!(verdict, XDP_PASS, "{name}: verdict");
         assert_eq!(out, pkt, "{name}: packet must not be rewritten");
-        assert_eq!(f.stat(reason), before + 1, "{name}: reason {reason:?} counted");
+        assert_eq!(
+            f.stat(reason),
+            before + 1,
+            "{name}: reason {reason:?} counted"
+        );
     }
     assert_eq!(f.stat(Stat::NewFlow), 0, "no flow may have been created");
 }
 
 fn snat_port(seen: &Seen) -> u16 {
     let p = seen.src.1;
-    assert!((61000..=65535).contains(&p), "SNAT port {p} outside the configured range");
+    assert!(
+        (61000..=65535).contains(&p),
+        "SNAT port {p} outside the configured range"
+    );
     p
 }
 
@@ -169,30 +246,76 @@ fn flows_are_natted_both_ways_and_survive_table_changes() {
     let mut f = Fixture::new();
 
     let (v, out) = f.run(&tcp((CLIENT, 40000), (VIP, 80), SYN));
-    assert_eq!(v, XDP_REDIRECT, "SYN to VIP is redirected towards the backend");
+    assert_eq!(
+        v, XDP_REDIRECT,
+        "SYN to VIP is redirected towards the backend"
+    );
     let seen = check(&out);
     let port = snat_port(&seen);
-    assert_eq!(seen, Seen { src: (SNAT, port), dst: (BACKENDS[0], 8080), ttl: 63, smac: VETH_MAC, dmac: backend_mac(0) });
+    assert_eq!(
+        seen,
+        Seen {
+            src: (SNAT, port),
+            dst: (BACKENDS[0], 8080),
+            ttl: 63,
+            smac: VETH_MAC,
+            dmac: backend_mac(0)
+        }
+    );
 
     // A retransmitted SYN stays on the same flow (same SNAT port).
     let (_, out) = f.run(&tcp((CLIENT, 40000), (VIP, 80), SYN));
     assert_eq!(check(&out).src, (SNAT, port));
 
     // The backend's answer is reverse-NATed and sent back out the way the client came in.
-    let (v, out) = f.run(&tcp((BACKENDS[0], 8080), (SNAT, port), packets::Flags { syn: true, ack: true, ..Default::default() }));
-    assert_eq!(v, XDP_TX, "return traffic leaves through the client's interface");
-    assert_eq!(check(&out), Seen { src: (VIP, 80), dst: (CLIENT, 40000), ttl: 63, smac: LB_MAC, dmac: CLIENT_MAC });
+    let (v, out) = f.run(&tcp(
+        (BACKENDS[0], 8080),
+        (SNAT, port),
+        packets::Flags {
+            syn: true,
+            ack: true,
+            ..Default::default()
+        },
+    ));
+    assert_eq!(
+        v, XDP_TX,
+        "return traffic leaves through the client's interface"
+    );
+    assert_eq!(
+        check(&out),
+        Seen {
+            src: (VIP, 80),
+            dst: (CLIENT, 40000),
+            ttl: 63,
+            smac: LB_MAC,
+            dmac: CLIENT_MAC
+        }
+    );
 
     // The table now sends everything to backend 2: the established flow stays on backend 1…
     f.table(VIP, 80, 6, 2);
-    let (v, out) = f.run(&tcp_with((CLIENT, 40000), (VIP, 80), ACK, b"GET / HTTP/1.1\r\n\r\n", &[]));
+    let (v, out) = f.run(&tcp_with(
+        (CLIENT, 40000),
+        (VIP, 80),
+        ACK,
+        b"GET / HTTP/1.1\r\n\r\n",
+        &[],
+    ));
     assert_eq!(v, XDP_REDIRECT);
-    assert_eq!(check(&out).dst, (BACKENDS[0], 8080), "established flow keeps its backend");
+    assert_eq!(
+        check(&out).dst,
+        (BACKENDS[0], 8080),
+        "established flow keeps its backend"
+    );
     // …while a new flow follows the new table.
     let (_, out) = f.run(&tcp((CLIENT, 40002), (VIP, 80), SYN));
     let seen = check(&out);
     assert_eq!(seen.dst, (BACKENDS[1], 8080));
-    assert_ne!(snat_port(&seen), port, "two live flows never share a SNAT port");
+    assert_ne!(
+        snat_port(&seen),
+        port,
+        "two live flows never share a SNAT port"
+    );
 
     // IPv4 options are parsed past, and the packet forwarded with its options intact.
     let opts = [1u8, 1, 1, 1]; // four NOPs
@@ -205,7 +328,11 @@ fn flows_are_natted_both_ways_and_survive_table_changes() {
     let (v, _) = f.run(&tcp((CLIENT, 40000), (VIP, 80), FIN));
     assert_eq!(v, XDP_REDIRECT);
     let (_, out) = f.run(&tcp((CLIENT, 40000), (VIP, 80), SYN));
-    assert_eq!(check(&out).dst, (BACKENDS[1], 8080), "a reused client port after FIN is a new flow");
+    assert_eq!(
+        check(&out).dst,
+        (BACKENDS[1], 8080),
+        "a reused client port after FIN is a new flow"
+    );
 
     // UDP: every datagram of a new flow is balanced; the checksum stays valid.
     let (v, out) = f.run(&udp((CLIENT, 5353), (VIP, 53), b"query"));
@@ -219,12 +346,19 @@ fn flows_are_natted_both_ways_and_survive_table_changes() {
     let before = f.stat(Stat::FibPass);
     let (v, out) = f.run(&tcp((CLIENT, 40010), (VIP, 80), SYN));
     assert_eq!(v, XDP_PASS);
-    assert_eq!(check(&out).dst, (BACKENDS[3], 8080), "handed to the kernel already rewritten");
+    assert_eq!(
+        check(&out).dst,
+        (BACKENDS[3], 8080),
+        "handed to the kernel already rewritten"
+    );
     assert_eq!(f.stat(Stat::FibPass), before + 1);
 
     // Counters: flows and packets per backend.
     let b1 = f.dp.backend_stats(1).unwrap();
-    assert_eq!(b1.new_flows, 2, "two flows went to backend 1 (TCP 40000 and UDP)");
+    assert_eq!(
+        b1.new_flows, 2,
+        "two flows went to backend 1 (TCP 40000 and UDP)"
+    );
     assert_eq!(b1.packets_to_client, 1);
     assert_eq!(f.stat(Stat::NewFlow), 6);
 }
@@ -236,24 +370,54 @@ fn a_flow_that_cannot_get_a_snat_port_is_dropped_and_counted() {
     }
     // A range of exactly one port per CPU: the first flow per CPU takes it, the next is refused.
     let ns = Netns::new(&unique_prefix("fs")).unwrap();
-    ns.ip(&["link", "add", "veth0", "type", "veth", "peer", "name", "veth1"]).unwrap();
+    ns.ip(&[
+        "link", "add", "veth0", "type", "veth", "peer", "name", "veth1",
+    ])
+    .unwrap();
     ns.enter().unwrap();
     let mut opts = LoadOptions::default();
     opts.tunables.cpus = aya::util::nr_cpus().unwrap() as u32;
     opts.tunables.snat_port_min = 61000;
     opts.tunables.snat_port_max = 61000 + opts.tunables.cpus as u16 - 1;
     let mut dp = Dataplane::load(&opts).unwrap();
-    dp.set_backend(1, Some(BackendInfo { addr: v4(BACKENDS[0]), port: 8080u16.to_be(), family: 2, flags: BackendInfo::VALID, _pad: 0 })).unwrap();
-    let mut t: Box<MaglevTable> = unsafe { Box::new_zeroed().assume_init() };
+    dp.set_backend(
+        1,
+        Some(BackendInfo {
+            addr: v4(BACKENDS[0]),
+            port: 8080u16.to_be(),
+            family: 2,
+            flags: BackendInfo::VALID,
+            _pad: 0,
+        }),
+    )
+    .unwrap();
+    let mut t = empty_table();
     t.buckets = [1; TABLE_SIZE as usize];
-    dp.publish_table(&ServiceKey { addr: v4(VIP), port: 80u16.to_be(), proto: 6, family: 2 }, 0, v4(SNAT), &t).unwrap();
+    dp.publish_table(
+        &ServiceKey {
+            addr: v4(VIP),
+            port: 80u16.to_be(),
+            proto: 6,
+            family: 2,
+        },
+        0,
+        v4(SNAT),
+        &t,
+    )
+    .unwrap();
     let mut verdicts = Vec::new();
     for port in 0..2 {
         let pkt = tcp((CLIENT, 40000 + port), (VIP, 80), SYN);
         let prog = dp.program(PROGRAM).unwrap();
         let mut out = vec![0u8; pkt.len() + 64];
         // test_run runs on one CPU, so both flows compete for that CPU's single port.
-        let r = prog.test_run(TestRunOptions { data_in: Some(&pkt), data_out: Some(&mut out), ..Default::default() }).unwrap();
+        let r = prog
+            .test_run(TestRunOptions {
+                data_in: Some(&pkt),
+                data_out: Some(&mut out),
+                ..Default::default()
+            })
+            .unwrap();
         verdicts.push(r.return_value);
     }
     assert_ne!(verdicts[0], XDP_DROP, "the first flow gets the port");

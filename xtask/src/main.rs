@@ -1,1 +1,177 @@
-fn main(){}
+//! `cargo xtask setup | build | test | demo | bench` — the project's own install-and-run steps.
+//!
+//! xtask depends on nothing of the project's, so it compiles on a fresh machine before the
+//! eBPF toolchain exists; `setup` then installs that toolchain (idempotent, quick when done).
+
+use std::process::{Command, ExitCode};
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what is missing: Debian packages, bpf-linker, a bpf filesystem.
+    Setup,
+    /// Set up, then build lbd/lbctl (and the XDP program they embed).
+    Build,
+    /// Set up, build, run every test (unit, property, BPF_PROG_TEST_RUN fixtures, namespaces).
+    Test,
+    /// Set up, build, and walk the migration story in network namespaces.
+    Demo,
+    /// Set up, build, and measure per-packet cost (BPF_PROG_TEST_RUN) into BENCHMARKS.md.
+    Bench,
+}
+
+/// Debian packages the build and the tests need.
+const PACKAGES: &[&str] = &[
+    "rustc-web",
+    "cargo-web",
+    "rust-web-src",
+    "llvm-22-dev",
+    "bpftool",
+    "iproute2",
+    "ethtool",
+    "procps",
+    "socat",
+];
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+fn sh(cmd: &mut Command) -> Result<()> {
+    let status = cmd.status().with_context(|| format!("spawning {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| o.stdout.starts_with(b"0\n"))
+        .unwrap_or(false)
+}
+
+fn setup() -> Result<()> {
+    let missing: Vec<&str> = PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| {
+            !Command::new("dpkg-query")
+                .args(["-W", "-f=${Status}", p])
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+                .unwrap_or(false)
+        })
+        .collect();
+    if !missing.is_empty() {
+        if !is_root() {
+            bail!("missing Debian packages {missing:?}: run `cargo xtask setup` as root");
+        }
+        eprintln!("setup: installing {missing:?}");
+        sh(Command::new("apt-get").args(["update", "-qq"]))?;
+        sh(Command::new("apt-get")
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    }
+    let have_linker = Command::new("bpf-linker")
+        .arg("--version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION))
+        .unwrap_or(false);
+    if !have_linker {
+        eprintln!("setup: building bpf-linker {BPF_LINKER_VERSION} against Debian's LLVM 22");
+        // Both variables are needed: without LLVM_PREFIX its build script finds an older LLVM.
+        sh(Command::new("cargo")
+            .args([
+                "install",
+                "--locked",
+                &format!("bpf-linker@{BPF_LINKER_VERSION}"),
+            ])
+            .args(["--no-default-features", "--features", "llvm-22"])
+            .env("LLVM_SYS_221_PREFIX", "/usr/lib/llvm-22")
+            .env("LLVM_PREFIX", "/usr/lib/llvm-22"))?;
+    }
+    if is_root() {
+        let mounted = std::fs::read_to_string("/proc/mounts")
+            .map(|m| {
+                m.lines().any(|l| {
+                    l.split_whitespace().nth(1) == Some("/sys/fs/bpf") && l.contains(" bpf ")
+                })
+            })
+            .unwrap_or(false);
+        if !mounted {
+            eprintln!("setup: mounting a bpf filesystem at /sys/fs/bpf");
+            sh(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))?;
+        }
+    }
+    Ok(())
+}
+
+fn cargo(args: &[&str]) -> Command {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.args(args);
+    c
+}
+
+fn build(release: bool) -> Result<()> {
+    let mut args = vec!["build", "--bins"];
+    if release {
+        args.push("--release");
+    }
+    sh(&mut cargo(&args))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let r = match cli.cmd {
+        Cmd::Setup => setup(),
+        Cmd::Build => setup().and_then(|_| build(false)),
+        Cmd::Test => setup().and_then(|_| build(false)).and_then(|_| {
+            // fmt and clippy first: cheap, and a red lint is as much a failure as a red test.
+            sh(&mut cargo(&["fmt", "--all", "--", "--check"]))?;
+            sh(&mut cargo(&[
+                "clippy",
+                "--all-targets",
+                "--",
+                "-D",
+                "warnings",
+            ]))?;
+            // Namespace tests run two at a time: 2 cores, and each runs real traffic.
+            sh(&mut cargo(&["test", "--", "--test-threads=2"]))
+        }),
+        Cmd::Demo => setup().and_then(|_| build(false)).and_then(|_| {
+            sh(&mut cargo(&[
+                "run", "--quiet", "-p", "lb-tests", "--bin", "lb-demo",
+            ]))
+        }),
+        Cmd::Bench => setup().and_then(|_| build(true)).and_then(|_| {
+            sh(&mut cargo(&[
+                "test",
+                "--release",
+                "-p",
+                "lb-tests",
+                "--test",
+                "xdp_bench",
+                "--",
+                "--ignored",
+                "--nocapture",
+            ]))
+        }),
+    };
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -13,7 +13,12 @@ use std::{
 use clap::Parser;
 
 #[derive(Parser)]
-#[command(name = "lbctl", version, about = "Control a running lbd", trailing_var_arg = true)]
+#[command(
+    name = "lbctl",
+    version,
+    about = "Control a running lbd",
+    trailing_var_arg = true
+)]
 struct Cli {
     /// The daemon's control socket.
     #[arg(long, default_value = "/run/lb/lb.sock")]

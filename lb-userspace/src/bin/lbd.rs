@@ -18,7 +18,11 @@ use tokio::{
 };
 
 #[derive(Parser)]
-#[command(name = "lbd", version, about = "Edge layer-4 load balancer daemon (XDP data plane)")]
+#[command(
+    name = "lbd",
+    version,
+    about = "Edge layer-4 load balancer daemon (XDP data plane)"
+)]
 struct Cli {
     /// Log format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
@@ -60,7 +64,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cli.log_level));
-    let sub = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let sub = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match cli.log_format {
         LogFormat::Text => sub.init(),
         LogFormat::Json => sub.json().init(),
@@ -88,7 +94,10 @@ fn main() -> ExitCode {
             match dataplane::remove_pins(&c.daemon.pin_dir) {
                 Ok(()) => {
                     let _ = std::fs::remove_file(&c.daemon.control_socket);
-                    eprintln!("detached and removed pins under {}", c.daemon.pin_dir.display());
+                    eprintln!(
+                        "detached and removed pins under {}",
+                        c.daemon.pin_dir.display()
+                    );
                     ExitCode::SUCCESS
                 }
                 Err(e) => {
@@ -102,7 +111,11 @@ fn main() -> ExitCode {
                 Ok(c) => c,
                 Err(code) => return code,
             };
-            let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+            let rt = match tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+            {
                 Ok(rt) => rt,
                 Err(e) => {
                     eprintln!("lbd: starting the runtime: {e}");

@@ -29,11 +29,21 @@ impl Command {
         Ok(match words.as_slice() {
             ["help"] => Command::Help(cmd::help::Help),
             ["show", "services"] => Command::ShowServices(cmd::show_services::ShowServices),
-            ["show", "backends", rest @ ..] => Command::ShowBackends(cmd::show_backends::ShowBackends::parse(rest)?),
-            ["show", "table", rest @ ..] => Command::ShowTable(cmd::show_table::ShowTable::parse(rest)?),
-            ["set", "weight", rest @ ..] => Command::SetWeight(cmd::set_weight::SetWeight::parse(rest)?),
-            ["set", "split", rest @ ..] => Command::SetSplit(cmd::set_split::SetSplit::parse(rest)?),
-            ["set", "state", rest @ ..] => Command::SetState(cmd::set_state::SetState::parse(rest)?),
+            ["show", "backends", rest @ ..] => {
+                Command::ShowBackends(cmd::show_backends::ShowBackends::parse(rest)?)
+            }
+            ["show", "table", rest @ ..] => {
+                Command::ShowTable(cmd::show_table::ShowTable::parse(rest)?)
+            }
+            ["set", "weight", rest @ ..] => {
+                Command::SetWeight(cmd::set_weight::SetWeight::parse(rest)?)
+            }
+            ["set", "split", rest @ ..] => {
+                Command::SetSplit(cmd::set_split::SetSplit::parse(rest)?)
+            }
+            ["set", "state", rest @ ..] => {
+                Command::SetState(cmd::set_state::SetState::parse(rest)?)
+            }
             _ => Command::Unknown(line.trim().to_string()),
         })
     }

@@ -25,7 +25,8 @@ pub async fn serve(path: &Path, to_owner: mpsc::Sender<Request>) -> Result<()> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
     let _ = std::fs::remove_file(path);
-    let listener = UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
+    let listener =
+        UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
     tracing::info!(socket = %path.display(), "control socket listening");
     // SAFETY: geteuid has no preconditions.
@@ -33,7 +34,10 @@ pub async fn serve(path: &Path, to_owner: mpsc::Sender<Request>) -> Result<()> {
     let to_owner = Arc::new(to_owner);
     loop {
         let (stream, _) = listener.accept().await?;
-        let allowed = stream.peer_cred().map(|c| c.uid() == 0 || c.uid() == own_uid).unwrap_or(false);
+        let allowed = stream
+            .peer_cred()
+            .map(|c| c.uid() == 0 || c.uid() == own_uid)
+            .unwrap_or(false);
         let to_owner = to_owner.clone();
         tokio::spawn(async move {
             if !allowed {
@@ -54,12 +58,16 @@ async fn client(stream: UnixStream, to_owner: &mpsc::Sender<Request>) -> Result<
     let mut buf = Vec::new();
     loop {
         buf.clear();
-        let n = (&mut r).take(MAX_LINE as u64 + 1).read_until(b'\n', &mut buf).await?;
+        let n = (&mut r)
+            .take(MAX_LINE as u64 + 1)
+            .read_until(b'\n', &mut buf)
+            .await?;
         if n == 0 {
             return Ok(());
         }
         if buf.len() > MAX_LINE && !buf.ends_with(b"\n") {
-            w.write_all(format!("error: line longer than {MAX_LINE} bytes\n\n").as_bytes()).await?;
+            w.write_all(format!("error: line longer than {MAX_LINE} bytes\n\n").as_bytes())
+                .await?;
             return Ok(());
         }
         let reply = match std::str::from_utf8(&buf) {
@@ -67,7 +75,10 @@ async fn client(stream: UnixStream, to_owner: &mpsc::Sender<Request>) -> Result<
             Ok(line) => {
                 let (tx, rx) = oneshot::channel();
                 to_owner
-                    .send(Request { line: line.trim_end_matches(['\r', '\n']).to_string(), reply: tx })
+                    .send(Request {
+                        line: line.trim_end_matches(['\r', '\n']).to_string(),
+                        reply: tx,
+                    })
                     .await
                     .context("daemon is shutting down")?;
                 rx.await.context("daemon is shutting down")?

@@ -29,8 +29,7 @@ use lb_common::{
 };
 
 /// The compiled XDP object (built by build.rs from `lb-ebpf`).
-pub static EBPF_OBJECT: &[u8] =
-    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
 
 /// The balancer program's name in the object.
 pub const PROGRAM: &str = "lb_xdp";
@@ -211,7 +210,10 @@ impl Dataplane {
                 // The pin keeps the (updated) link; our fd to it can go.
                 drop(FdLink::try_from(prog.take_link(id)?)?);
                 self.links.push(PinnedLink::from_pin(path)?);
-                tracing::info!(iface, "adopted the pinned XDP link and swapped in this program");
+                tracing::info!(
+                    iface,
+                    "adopted the pinned XDP link and swapped in this program"
+                );
                 return Ok(());
             }
         }
@@ -251,8 +253,11 @@ impl Dataplane {
         }
         self.backends.set(id, info.unwrap_or_default(), 0)?;
         let cpus = nr_cpus().map_err(|(_, e)| e)?;
-        self.next_hops
-            .set(id, PerCpuValues::try_from(vec![NextHop::default(); cpus])?, 0)?;
+        self.next_hops.set(
+            id,
+            PerCpuValues::try_from(vec![NextHop::default(); cpus])?,
+            0,
+        )?;
         Ok(())
     }
 
@@ -331,6 +336,19 @@ impl Dataplane {
             *o = self.xdp_stats.get(&(i as u32), 0)?.iter().sum();
         }
         Ok(out)
+    }
+}
+
+/// A table with every bucket empty, on the heap (it is 256 KiB: too big for a task's stack).
+pub fn empty_table() -> Box<MaglevTable> {
+    let layout = std::alloc::Layout::new::<MaglevTable>();
+    // SAFETY: MaglevTable is plain u32s, for which all-zero is valid; layout is non-zero-sized.
+    unsafe {
+        let p = std::alloc::alloc_zeroed(layout) as *mut MaglevTable;
+        if p.is_null() {
+            std::alloc::handle_alloc_error(layout);
+        }
+        Box::from_raw(p)
     }
 }
 

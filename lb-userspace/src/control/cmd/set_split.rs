@@ -11,16 +11,26 @@ const USAGE: &str = "usage: set split SERVICE POOL=N [POOL=N ...]";
 
 impl SetSplit {
     pub fn parse(args: &[&str]) -> Result<Self, String> {
-        let [service, pairs @ ..] = args else { return Err(USAGE.into()) };
+        let [service, pairs @ ..] = args else {
+            return Err(USAGE.into());
+        };
         if pairs.is_empty() {
             return Err(USAGE.into());
         }
         let mut split = Vec::new();
         for p in pairs {
-            let (name, w) = p.split_once('=').ok_or_else(|| format!("{p:?} is not POOL=N; {USAGE}"))?;
-            split.push((name.to_string(), parse_weight(w).map_err(|e| e.to_string())?));
+            let (name, w) = p
+                .split_once('=')
+                .ok_or_else(|| format!("{p:?} is not POOL=N; {USAGE}"))?;
+            split.push((
+                name.to_string(),
+                parse_weight(w).map_err(|e| e.to_string())?,
+            ));
         }
-        Ok(SetSplit { service: service.to_string(), split })
+        Ok(SetSplit {
+            service: service.to_string(),
+            split,
+        })
     }
 
     pub fn execute(self, d: &mut Daemon) -> Result<String, String> {

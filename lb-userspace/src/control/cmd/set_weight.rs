@@ -13,11 +13,23 @@ const USAGE: &str = "usage: set weight SERVICE/POOL[/BACKEND] N";
 
 impl SetWeight {
     pub fn parse(args: &[&str]) -> Result<Self, String> {
-        let [path, w] = args else { return Err(USAGE.into()) };
+        let [path, w] = args else {
+            return Err(USAGE.into());
+        };
         let weight = parse_weight(w).map_err(|e| e.to_string())?;
         match split_path(path).as_slice() {
-            [s, p] => Ok(SetWeight { service: s.to_string(), pool: p.to_string(), backend: None, weight }),
-            [s, p, b] => Ok(SetWeight { service: s.to_string(), pool: p.to_string(), backend: Some(b.to_string()), weight }),
+            [s, p] => Ok(SetWeight {
+                service: s.to_string(),
+                pool: p.to_string(),
+                backend: None,
+                weight,
+            }),
+            [s, p, b] => Ok(SetWeight {
+                service: s.to_string(),
+                pool: p.to_string(),
+                backend: Some(b.to_string()),
+                weight,
+            }),
             _ => Err(USAGE.into()),
         }
     }

@@ -10,7 +10,9 @@ impl ShowBackends {
     pub fn parse(args: &[&str]) -> Result<Self, String> {
         match args {
             [] => Ok(ShowBackends { service: None }),
-            [s] => Ok(ShowBackends { service: Some(s.to_string()) }),
+            [s] => Ok(ShowBackends {
+                service: Some(s.to_string()),
+            }),
             _ => Err("usage: show backends [SERVICE]".into()),
         }
     }
@@ -29,7 +31,10 @@ impl ShowBackends {
             let shares = d.state.shares(&name).map_err(|e| e.to_string())?;
             for p in &svc.pools {
                 for b in &p.backends {
-                    let share = shares.iter().find(|s| s.id == b.id).map_or(0.0, |s| s.share);
+                    let share = shares
+                        .iter()
+                        .find(|s| s.id == b.id)
+                        .map_or(0.0, |s| s.share);
                     out += &format!(
                         "{name} {} {} {} {:.2}% {} {}\n",
                         p.name,

@@ -9,7 +9,11 @@ impl ShowServices {
         let mut out = String::from("service vip port protocol mode pools generation\n");
         for (name, s) in &d.state.services {
             let c = &s.config;
-            let pools: Vec<String> = s.pools.iter().map(|p| format!("{}={}", p.name, p.weight)).collect();
+            let pools: Vec<String> = s
+                .pools
+                .iter()
+                .map(|p| format!("{}={}", p.name, p.weight))
+                .collect();
             out += &format!(
                 "{name} {} {} {:?} {:?} {} {}\n",
                 c.vip,

@@ -11,7 +11,9 @@ pub struct ShowTable {
 impl ShowTable {
     pub fn parse(args: &[&str]) -> Result<Self, String> {
         match args {
-            [s] => Ok(ShowTable { service: s.to_string() }),
+            [s] => Ok(ShowTable {
+                service: s.to_string(),
+            }),
             _ => Err("usage: show table SERVICE".into()),
         }
     }
@@ -31,7 +33,12 @@ impl ShowTable {
         );
         for p in &svc.pools {
             for b in &p.backends {
-                out += &format!("{} {} {}\n", p.name, b.name, counts.get(&b.id).copied().unwrap_or(0));
+                out += &format!(
+                    "{} {} {}\n",
+                    p.name,
+                    b.name,
+                    counts.get(&b.id).copied().unwrap_or(0)
+                );
             }
         }
         let empty = counts.get(&lb_common::NO_BACKEND).copied().unwrap_or(0);

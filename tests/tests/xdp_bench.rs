@@ -1,0 +1,183 @@
+//! Per-packet cost of the XDP program via BPF_PROG_TEST_RUN, net of a bare XDP_PASS program
+//! measured in the same run. Run by `cargo xtask bench` (ignored in `cargo xtask test`);
+//! writes BENCHMARKS.md.
+
+use std::fmt::Write as _;
+
+use aya::programs::{TestRun, TestRunOptions};
+use lb_common::{TABLE_SIZE, backend::BackendInfo, flow::v4, service::ServiceKey};
+use lb_tests::{
+    netns::{Netns, unique_prefix},
+    packets::{ACK, SYN, check, tcp},
+    require_root,
+};
+use lb_userspace::dataplane::{Dataplane, LoadOptions, PASS_PROGRAM, PROGRAM, empty_table};
+
+const VIP: [u8; 4] = [10, 99, 0, 10];
+const SNAT: [u8; 4] = [10, 20, 0, 1];
+const CLIENT: [u8; 4] = [10, 99, 1, 2];
+const BACKEND: [u8; 4] = [10, 20, 0, 11];
+const REPEAT: u32 = 1_000_000;
+
+fn ns_per_packet(dp: &mut Dataplane, prog: &str, pkt: &[u8], repeat: u32) -> f64 {
+    let p = dp.program(prog).unwrap();
+    let mut out = vec![0u8; pkt.len() + 64];
+    let r = p
+        .test_run(TestRunOptions {
+            data_in: Some(pkt),
+            data_out: Some(&mut out),
+            repeat,
+            ..Default::default()
+        })
+        .unwrap();
+    r.duration.as_nanos() as f64
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+#[test]
+#[ignore = "benchmark: run by `cargo xtask bench`"]
+fn per_packet_cost() {
+    if !require_root("per_packet_cost") {
+        return;
+    }
+    let ns = Netns::new(&unique_prefix("bn")).unwrap();
+    ns.ip(&[
+        "link", "add", "veth0", "type", "veth", "peer", "name", "veth1",
+    ])
+    .unwrap();
+    ns.ip(&["addr", "add", "10.20.0.1/24", "dev", "veth0"])
+        .unwrap();
+    ns.ip(&["link", "set", "veth0", "up"]).unwrap();
+    ns.ip(&["link", "set", "veth1", "up"]).unwrap();
+    ns.ip(&[
+        "neigh",
+        "add",
+        "10.20.0.11",
+        "lladdr",
+        "02:00:00:00:02:01",
+        "dev",
+        "veth0",
+        "nud",
+        "permanent",
+    ])
+    .unwrap();
+    ns.sysctl("net.ipv4.ip_forward", "1").unwrap();
+    ns.enter().unwrap();
+    let mut opts = LoadOptions::default();
+    opts.tunables.cpus = aya::util::nr_cpus().unwrap() as u32;
+    let mut dp = Dataplane::load(&opts).unwrap();
+    dp.set_backend(
+        1,
+        Some(BackendInfo {
+            addr: v4(BACKEND),
+            port: 8080u16.to_be(),
+            family: 2,
+            flags: BackendInfo::VALID,
+            _pad: 0,
+        }),
+    )
+    .unwrap();
+    let mut t = empty_table();
+    t.buckets = [1; TABLE_SIZE as usize];
+    dp.publish_table(
+        &ServiceKey {
+            addr: v4(VIP),
+            port: 80u16.to_be(),
+            proto: 6,
+            family: 2,
+        },
+        0,
+        v4(SNAT),
+        &t,
+    )
+    .unwrap();
+
+    let non_vip = tcp((CLIENT, 40000), ([10, 99, 0, 99], 80), ACK);
+    let syn = tcp((CLIENT, 40000), (VIP, 80), SYN);
+    // Establish the flow, learn its SNAT port.
+    let p = dp.program(PROGRAM).unwrap();
+    let mut out = vec![0u8; syn.len() + 64];
+    let r = p
+        .test_run(TestRunOptions {
+            data_in: Some(&syn),
+            data_out: Some(&mut out),
+            ..Default::default()
+        })
+        .unwrap();
+    out.truncate(r.data_size_out as usize);
+    let snat_port = check(&out).src.1;
+    let hit = tcp((CLIENT, 40000), (VIP, 80), ACK);
+    let ret = tcp((BACKEND, 8080), (SNAT, snat_port), ACK);
+
+    let rounds = 5;
+    let mut rows: Vec<(&str, Vec<f64>, Vec<f64>)> = vec![
+        ("non-VIP pass", vec![], vec![]),
+        ("conntrack-hit forward", vec![], vec![]),
+        ("return path (reverse NAT)", vec![], vec![]),
+        ("new flow (SYN)", vec![], vec![]),
+    ];
+    for _ in 0..rounds {
+        // Interleaved, each against a baseline from the same round.
+        let base = ns_per_packet(&mut dp, PASS_PROGRAM, &hit, REPEAT);
+        for (i, pkt) in [&non_vip, &hit, &ret].iter().enumerate() {
+            let g = ns_per_packet(&mut dp, PROGRAM, pkt, REPEAT);
+            rows[i].1.push(g);
+            rows[i].2.push(g - base);
+        }
+        // New flows: each SYN needs a distinct tuple, so one run per packet (repeat = 1) and a
+        // baseline measured the same way.
+        let mut gross = Vec::new();
+        let mut bases = Vec::new();
+        for port in 0..2000u16 {
+            let s = tcp(
+                (CLIENT, 1024 + port + 2000 * rows[3].1.len() as u16),
+                (VIP, 80),
+                SYN,
+            );
+            bases.push(ns_per_packet(&mut dp, PASS_PROGRAM, &s, 1));
+            gross.push(ns_per_packet(&mut dp, PROGRAM, &s, 1));
+        }
+        let (g, b) = (median(gross), median(bases));
+        rows[3].1.push(g);
+        rows[3].2.push(g - b);
+    }
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        .unwrap_or_default();
+    let mut md = String::new();
+    writeln!(md, "# Benchmarks\n").unwrap();
+    writeln!(
+        md,
+        "Written by `cargo xtask bench`. Kernel {}, CPU {cpu}, {} CPUs, aya 0.14.",
+        kernel.trim(),
+        opts.tunables.cpus
+    )
+    .unwrap();
+    writeln!(md, "\n## Per packet (BPF_PROG_TEST_RUN)\n").unwrap();
+    writeln!(md, "Median of {rounds} interleaved rounds; `repeat` = {REPEAT} (new flows: median of 2000 single runs, each a distinct SYN). Net = gross − a bare XDP_PASS program measured in the same round. The redirect itself is not performed by test_run.\n").unwrap();
+    writeln!(md, "| path | gross ns/packet | net ns/packet (min–max) |").unwrap();
+    writeln!(md, "|---|---|---|").unwrap();
+    for (name, g, n) in &rows {
+        let lo = n.iter().cloned().fold(f64::MAX, f64::min);
+        let hi = n.iter().cloned().fold(f64::MIN, f64::max);
+        writeln!(
+            md,
+            "| {name} | {:.1} | {:.1} ({lo:.1}–{hi:.1}) |",
+            median(g.clone()),
+            median(n.clone())
+        )
+        .unwrap();
+    }
+    print!("{md}");
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../BENCHMARKS.md");
+    std::fs::write(&path, md).unwrap();
+    eprintln!("wrote {}", path.display());
+}
