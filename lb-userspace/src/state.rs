@@ -191,18 +191,21 @@ impl State {
             .ok_or_else(|| StateError::NoService(name.into()))
     }
 
+    fn pool_mut(&mut self, svc: &str, pool: &str) -> Result<&mut Pool, StateError> {
+        self.service_mut(svc)?
+            .pools
+            .iter_mut()
+            .find(|p| p.name == pool)
+            .ok_or_else(|| StateError::NoPool(svc.into(), pool.into()))
+    }
+
     fn backend_mut(
         &mut self,
         svc: &str,
         pool: &str,
         backend: &str,
     ) -> Result<&mut Backend, StateError> {
-        let s = self.service_mut(svc)?;
-        let p = s
-            .pools
-            .iter_mut()
-            .find(|p| p.name == pool)
-            .ok_or_else(|| StateError::NoPool(svc.into(), pool.into()))?;
+        let p = self.pool_mut(svc, pool)?;
         p.backends
             .iter_mut()
             .find(|b| b.name == backend)
@@ -211,12 +214,7 @@ impl State {
 
     /// `set weight SERVICE/POOL N`.
     pub fn set_pool_weight(&mut self, svc: &str, pool: &str, w: u32) -> Result<(), StateError> {
-        let s = self.service_mut(svc)?;
-        let p = s
-            .pools
-            .iter_mut()
-            .find(|p| p.name == pool)
-            .ok_or_else(|| StateError::NoPool(svc.into(), pool.into()))?;
+        let p = self.pool_mut(svc, pool)?;
         p.weight = w;
         Ok(())
     }

@@ -9,6 +9,7 @@ pub mod http;
 pub mod netns;
 pub mod packets;
 pub mod topology;
+pub mod xdp;
 
 /// Root is needed for namespaces, XDP and BPF. Outside CI a non-root run skips with a reason;
 /// in CI (where tests run as root) a non-root run is a failure, never a silent skip.

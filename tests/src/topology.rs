@@ -3,9 +3,7 @@
 //! removes the pins, unmounts, and deletes every namespace.
 
 use std::{
-    io::{BufRead, BufReader, Write},
     net::SocketAddr,
-    os::unix::net::UnixStream,
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
@@ -194,18 +192,7 @@ backends = [{{ addr = "10.20.0.21:8080", name = "k8s-1" }}, {{ addr = "10.20.0.2
 
     /// Sends one control command (the path lbctl uses) and returns the reply.
     pub fn control(&self, line: &str) -> Result<String> {
-        let mut s = UnixStream::connect(&self.socket)?;
-        s.set_read_timeout(Some(Duration::from_secs(10)))?;
-        s.write_all(format!("{line}\n").as_bytes())?;
-        let mut r = BufReader::new(s);
-        let mut reply = String::new();
-        loop {
-            let mut l = String::new();
-            if r.read_line(&mut l)? == 0 || l == "\n" {
-                break;
-            }
-            reply.push_str(&l);
-        }
+        let reply = lb_userspace::control::client::request(&self.socket, line)?;
         if let Some(e) = reply.strip_prefix("error: ") {
             bail!("{line}: {}", e.trim());
         }

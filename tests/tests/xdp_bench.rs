@@ -4,33 +4,20 @@
 
 use std::fmt::Write as _;
 
-use aya::programs::{TestRun, TestRunOptions};
-use lb_common::{TABLE_SIZE, backend::BackendInfo, flow::v4, service::ServiceKey};
 use lb_tests::{
-    netns::{Netns, unique_prefix},
     packets::{ACK, SYN, check, tcp},
     require_root,
+    xdp::{self, SNAT},
 };
-use lb_userspace::dataplane::{Dataplane, LoadOptions, PASS_PROGRAM, PROGRAM, empty_table};
+use lb_userspace::dataplane::{Dataplane, PASS_PROGRAM, PROGRAM};
 
 const VIP: [u8; 4] = [10, 99, 0, 10];
-const SNAT: [u8; 4] = [10, 20, 0, 1];
 const CLIENT: [u8; 4] = [10, 99, 1, 2];
 const BACKEND: [u8; 4] = [10, 20, 0, 11];
 const REPEAT: u32 = 1_000_000;
 
 fn ns_per_packet(dp: &mut Dataplane, prog: &str, pkt: &[u8], repeat: u32) -> f64 {
-    let p = dp.program(prog).unwrap();
-    let mut out = vec![0u8; pkt.len() + 64];
-    let r = p
-        .test_run(TestRunOptions {
-            data_in: Some(pkt),
-            data_out: Some(&mut out),
-            repeat,
-            ..Default::default()
-        })
-        .unwrap();
-    r.duration.as_nanos() as f64
+    xdp::run(dp, prog, pkt, repeat).2
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -44,71 +31,16 @@ fn per_packet_cost() {
     if !require_root("per_packet_cost") {
         return;
     }
-    let ns = Netns::new(&unique_prefix("bn")).unwrap();
-    ns.ip(&[
-        "link", "add", "veth0", "type", "veth", "peer", "name", "veth1",
-    ])
-    .unwrap();
-    ns.ip(&["addr", "add", "10.20.0.1/24", "dev", "veth0"])
-        .unwrap();
-    ns.ip(&["link", "set", "veth0", "up"]).unwrap();
-    ns.ip(&["link", "set", "veth1", "up"]).unwrap();
-    ns.ip(&[
-        "neigh",
-        "add",
-        "10.20.0.11",
-        "lladdr",
-        "02:00:00:00:02:01",
-        "dev",
-        "veth0",
-        "nud",
-        "permanent",
-    ])
-    .unwrap();
-    ns.sysctl("net.ipv4.ip_forward", "1").unwrap();
-    ns.enter().unwrap();
-    let mut opts = LoadOptions::default();
-    opts.tunables.cpus = aya::util::nr_cpus().unwrap() as u32;
-    let mut dp = Dataplane::load(&opts).unwrap();
-    dp.set_backend(
-        1,
-        Some(BackendInfo {
-            addr: v4(BACKEND),
-            port: 8080u16.to_be(),
-            family: 2,
-            flags: BackendInfo::VALID,
-            _pad: 0,
-        }),
-    )
-    .unwrap();
-    let mut t = empty_table();
-    t.buckets = [1; TABLE_SIZE as usize];
-    dp.publish_table(
-        &ServiceKey {
-            addr: v4(VIP),
-            port: 80u16.to_be(),
-            proto: 6,
-            family: 2,
-        },
-        0,
-        v4(SNAT),
-        &t,
-    )
-    .unwrap();
+    let _ns = xdp::private_netns("bn", &[(BACKEND, [0x02, 0, 0, 0, 0x02, 0x01])]);
+    let mut dp = xdp::load(|_| {});
+    let cpus = aya::util::nr_cpus().unwrap();
+    xdp::set_backend(&mut dp, 1, BACKEND);
+    xdp::single_backend_table(&mut dp, 0, VIP, 80, 6, 1);
 
     let non_vip = tcp((CLIENT, 40000), ([10, 99, 0, 99], 80), ACK);
     let syn = tcp((CLIENT, 40000), (VIP, 80), SYN);
     // Establish the flow, learn its SNAT port.
-    let p = dp.program(PROGRAM).unwrap();
-    let mut out = vec![0u8; syn.len() + 64];
-    let r = p
-        .test_run(TestRunOptions {
-            data_in: Some(&syn),
-            data_out: Some(&mut out),
-            ..Default::default()
-        })
-        .unwrap();
-    out.truncate(r.data_size_out as usize);
+    let (_, out, _) = xdp::run(&mut dp, PROGRAM, &syn, 1);
     let snat_port = check(&out).src.1;
     let hit = tcp((CLIENT, 40000), (VIP, 80), ACK);
     let ret = tcp((BACKEND, 8080), (SNAT, snat_port), ACK);
@@ -158,7 +90,7 @@ fn per_packet_cost() {
         md,
         "Written by `cargo xtask bench`. Kernel {}, CPU {cpu}, {} CPUs, aya 0.14.",
         kernel.trim(),
-        opts.tunables.cpus
+        cpus
     )
     .unwrap();
     writeln!(md, "\n## Per packet (BPF_PROG_TEST_RUN)\n").unwrap();

@@ -3,14 +3,14 @@
 //! Runs inside a private network namespace with a veth towards the "backends" and permanent
 //! neighbour entries for three of them, so fib lookups give known answers.
 
-use aya::programs::{TestRun, TestRunOptions};
-use lb_common::{TABLE_SIZE, backend::BackendInfo, flow::v4, service::ServiceKey, stats::Stat};
+use lb_common::stats::Stat;
 use lb_tests::{
-    netns::{Netns, unique_prefix},
+    netns::Netns,
     packets::{self, ACK, CLIENT_MAC, FIN, LB_MAC, SYN, Seen, check, tcp, tcp_with, udp},
     require_root,
+    xdp::{self, SNAT, VETH_MAC},
 };
-use lb_userspace::dataplane::{Dataplane, LoadOptions, PROGRAM, empty_table};
+use lb_userspace::dataplane::{Dataplane, PROGRAM};
 
 const XDP_PASS: u32 = 2;
 const XDP_TX: u32 = 3;
@@ -19,9 +19,7 @@ const XDP_DROP: u32 = 1;
 
 const VIP: [u8; 4] = [10, 99, 0, 10];
 const EMPTY_VIP: [u8; 4] = [10, 99, 0, 11];
-const SNAT: [u8; 4] = [10, 20, 0, 1];
 const CLIENT: [u8; 4] = [10, 99, 1, 2];
-const VETH_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x01, 0x00];
 /// Backends 1..=4; the first three have permanent neighbour entries, the fourth none.
 const BACKENDS: [[u8; 4]; 4] = [
     [10, 20, 0, 11],
@@ -41,61 +39,12 @@ struct Fixture {
 
 impl Fixture {
     fn new() -> Fixture {
-        let ns = Netns::new(&unique_prefix("fx")).unwrap();
-        ns.ip(&[
-            "link",
-            "add",
-            "veth0",
-            "address",
-            "02:00:00:00:01:00",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "veth1",
-        ])
-        .unwrap();
-        ns.ip(&["addr", "add", "10.20.0.1/24", "dev", "veth0"])
-            .unwrap();
-        ns.ip(&["link", "set", "veth0", "up"]).unwrap();
-        ns.ip(&["link", "set", "veth1", "up"]).unwrap();
-        for (i, b) in BACKENDS.iter().enumerate().take(3) {
-            let mac = backend_mac(i)
-                .iter()
-                .map(|x| format!("{x:02x}"))
-                .collect::<Vec<_>>()
-                .join(":");
-            let addr = format!("{}.{}.{}.{}", b[0], b[1], b[2], b[3]);
-            ns.ip(&[
-                "neigh",
-                "add",
-                &addr,
-                "lladdr",
-                &mac,
-                "dev",
-                "veth0",
-                "nud",
-                "permanent",
-            ])
-            .unwrap();
-        }
-        ns.sysctl("net.ipv4.ip_forward", "1").unwrap();
-        ns.enter().unwrap();
-        let mut opts = LoadOptions::default();
-        opts.tunables.cpus = aya::util::nr_cpus().unwrap() as u32;
-        let mut dp = Dataplane::load(&opts).unwrap();
+        let neighbours: Vec<([u8; 4], [u8; 6])> =
+            (0..3).map(|i| (BACKENDS[i], backend_mac(i))).collect();
+        let ns = xdp::private_netns("fx", &neighbours);
+        let mut dp = xdp::load(|_| {});
         for (i, b) in BACKENDS.iter().enumerate() {
-            dp.set_backend(
-                i as u32 + 1,
-                Some(BackendInfo {
-                    addr: v4(*b),
-                    port: 8080u16.to_be(),
-                    family: 2,
-                    flags: BackendInfo::VALID,
-                    _pad: 0,
-                }),
-            )
-            .unwrap();
+            xdp::set_backend(&mut dp, i as u32 + 1, *b);
         }
         let mut f = Fixture { _ns: ns, dp };
         f.table(VIP, 80, 6, 1);
@@ -106,34 +55,17 @@ impl Fixture {
 
     /// Points every bucket of a service at one backend id (0 = empty table).
     fn table(&mut self, vip: [u8; 4], port: u16, proto: u8, backend: u32) {
-        let key = ServiceKey {
-            addr: v4(vip),
-            port: port.to_be(),
-            proto,
-            family: 2,
-        };
         let id = match (vip, port, proto) {
             (VIP, 80, 6) => 0,
             (VIP, 53, 17) => 1,
             _ => 2,
         };
-        let mut t = empty_table();
-        t.buckets = [backend; TABLE_SIZE as usize];
-        self.dp.publish_table(&key, id, v4(SNAT), &t).unwrap();
+        xdp::single_backend_table(&mut self.dp, id, vip, port, proto, backend);
     }
 
     fn run(&mut self, pkt: &[u8]) -> (u32, Vec<u8>) {
-        let prog = self.dp.program(PROGRAM).unwrap();
-        let mut out = vec![0u8; pkt.len() + 64];
-        let r = prog
-            .test_run(TestRunOptions {
-                data_in: Some(pkt),
-                data_out: Some(&mut out),
-                ..Default::default()
-            })
-            .unwrap();
-        out.truncate(r.data_size_out as usize);
-        (r.return_value, out)
+        let (verdict, out, _) = xdp::run(&mut self.dp, PROGRAM, pkt, 1);
+        (verdict, out)
     }
 
     fn stat(&self, s: Stat) -> u64 {
@@ -369,56 +301,18 @@ fn a_flow_that_cannot_get_a_snat_port_is_dropped_and_counted() {
         return;
     }
     // A range of exactly one port per CPU: the first flow per CPU takes it, the next is refused.
-    let ns = Netns::new(&unique_prefix("fs")).unwrap();
-    ns.ip(&[
-        "link", "add", "veth0", "type", "veth", "peer", "name", "veth1",
-    ])
-    .unwrap();
-    ns.enter().unwrap();
-    let mut opts = LoadOptions::default();
-    opts.tunables.cpus = aya::util::nr_cpus().unwrap() as u32;
-    opts.tunables.snat_port_min = 61000;
-    opts.tunables.snat_port_max = 61000 + opts.tunables.cpus as u16 - 1;
-    let mut dp = Dataplane::load(&opts).unwrap();
-    dp.set_backend(
-        1,
-        Some(BackendInfo {
-            addr: v4(BACKENDS[0]),
-            port: 8080u16.to_be(),
-            family: 2,
-            flags: BackendInfo::VALID,
-            _pad: 0,
-        }),
-    )
-    .unwrap();
-    let mut t = empty_table();
-    t.buckets = [1; TABLE_SIZE as usize];
-    dp.publish_table(
-        &ServiceKey {
-            addr: v4(VIP),
-            port: 80u16.to_be(),
-            proto: 6,
-            family: 2,
-        },
-        0,
-        v4(SNAT),
-        &t,
-    )
-    .unwrap();
+    let _ns = xdp::private_netns("fs", &[(BACKENDS[0], backend_mac(0))]);
+    let mut dp = xdp::load(|t| {
+        t.snat_port_min = 61000;
+        t.snat_port_max = 61000 + t.cpus as u16 - 1;
+    });
+    xdp::set_backend(&mut dp, 1, BACKENDS[0]);
+    xdp::single_backend_table(&mut dp, 0, VIP, 80, 6, 1);
     let mut verdicts = Vec::new();
     for port in 0..2 {
         let pkt = tcp((CLIENT, 40000 + port), (VIP, 80), SYN);
-        let prog = dp.program(PROGRAM).unwrap();
-        let mut out = vec![0u8; pkt.len() + 64];
         // test_run runs on one CPU, so both flows compete for that CPU's single port.
-        let r = prog
-            .test_run(TestRunOptions {
-                data_in: Some(&pkt),
-                data_out: Some(&mut out),
-                ..Default::default()
-            })
-            .unwrap();
-        verdicts.push(r.return_value);
+        verdicts.push(xdp::run(&mut dp, PROGRAM, &pkt, 1).0);
     }
     assert_ne!(verdicts[0], XDP_DROP, "the first flow gets the port");
     assert_eq!(verdicts[1], XDP_DROP, "the second flow must not share it");

@@ -2,13 +2,7 @@
 //! Exit 0 on success, 1 when the reply is an error, 2 when the socket cannot be reached or
 //! usage is wrong.
 
-use std::{
-    io::{BufRead, BufReader, Write},
-    os::unix::net::UnixStream,
-    path::PathBuf,
-    process::ExitCode,
-    time::Duration,
-};
+use std::{path::PathBuf, process::ExitCode};
 
 use clap::Parser;
 
@@ -44,7 +38,7 @@ fn main() -> ExitCode {
     if cli.json && line.starts_with("show stat") && !line.ends_with(" json") {
         line.push_str(" json");
     }
-    match send(&cli.socket, &line) {
+    match lb_userspace::control::client::request(&cli.socket, &line) {
         Ok(reply) => {
             print!("{reply}");
             if reply.starts_with("error: ") {
@@ -57,21 +51,5 @@ fn main() -> ExitCode {
             eprintln!("lbctl: {}: {e}", cli.socket.display());
             ExitCode::from(2)
         }
-    }
-}
-
-/// Sends one line and reads the reply up to (not including) its closing empty line.
-fn send(socket: &PathBuf, line: &str) -> std::io::Result<String> {
-    let mut s = UnixStream::connect(socket)?;
-    s.set_read_timeout(Some(Duration::from_secs(30)))?;
-    s.write_all(format!("{line}\n").as_bytes())?;
-    let mut r = BufReader::new(s);
-    let mut reply = String::new();
-    loop {
-        let mut l = String::new();
-        if r.read_line(&mut l)? == 0 || l == "\n" {
-            return Ok(reply);
-        }
-        reply.push_str(&l);
     }
 }

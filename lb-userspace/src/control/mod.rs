@@ -3,6 +3,7 @@
 //! One command per line; the reply ends with an empty line; a failed command's reply starts
 //! with `error: ` and changes nothing.
 
+pub mod client;
 pub mod cmd;
 pub mod server;
 

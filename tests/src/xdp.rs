@@ -1,0 +1,113 @@
+//! A loaded data plane in a private namespace, for BPF_PROG_TEST_RUN fixtures and benchmarks.
+//!
+//! test_run runs the program on the namespace's loopback, so fib lookups see this namespace's
+//! routes: a veth `veth0` (MAC [`VETH_MAC`], 10.20.0.1/24) with permanent neighbour entries
+//! for the given backends gives them known, resolved next hops.
+
+use aya::programs::{TestRun, TestRunOptions};
+use lb_common::{TABLE_SIZE, Tunables, backend::BackendInfo, flow::v4, service::ServiceKey};
+use lb_userspace::dataplane::{Dataplane, LoadOptions, empty_table};
+
+use crate::netns::{Netns, unique_prefix};
+
+/// MAC of the namespace's `veth0` (the egress towards backends).
+pub const VETH_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x01, 0x00];
+/// The SNAT address every fixture service uses (`veth0`'s address).
+pub const SNAT: [u8; 4] = [10, 20, 0, 1];
+
+/// Creates a namespace with `veth0` and a permanent neighbour entry per `(address, MAC)`,
+/// enables forwarding, and moves the calling thread into it. Deleted when dropped.
+pub fn private_netns(tag: &str, neighbours: &[([u8; 4], [u8; 6])]) -> Netns {
+    let ns = Netns::new(&unique_prefix(tag)).unwrap();
+    let mac = |m: &[u8; 6]| {
+        m.iter()
+            .map(|x| format!("{x:02x}"))
+            .collect::<Vec<_>>()
+            .join(":")
+    };
+    let veth_mac = mac(&VETH_MAC);
+    ns.ip(&[
+        "link", "add", "veth0", "address", &veth_mac, "type", "veth", "peer", "name", "veth1",
+    ])
+    .unwrap();
+    ns.ip(&["addr", "add", "10.20.0.1/24", "dev", "veth0"])
+        .unwrap();
+    ns.ip(&["link", "set", "veth0", "up"]).unwrap();
+    ns.ip(&["link", "set", "veth1", "up"]).unwrap();
+    for (addr, m) in neighbours {
+        let a = format!("{}.{}.{}.{}", addr[0], addr[1], addr[2], addr[3]);
+        ns.ip(&[
+            "neigh",
+            "add",
+            &a,
+            "lladdr",
+            &mac(m),
+            "dev",
+            "veth0",
+            "nud",
+            "permanent",
+        ])
+        .unwrap();
+    }
+    ns.sysctl("net.ipv4.ip_forward", "1").unwrap();
+    ns.enter().unwrap();
+    ns
+}
+
+/// Loads the program (no pins) with the real CPU count and `tweak` applied to the tunables.
+pub fn load(tweak: impl FnOnce(&mut Tunables)) -> Dataplane {
+    let mut opts = LoadOptions::default();
+    opts.tunables.cpus = aya::util::nr_cpus().unwrap() as u32;
+    tweak(&mut opts.tunables);
+    Dataplane::load(&opts).unwrap()
+}
+
+/// Writes backend `id` at `addr:8080`.
+pub fn set_backend(dp: &mut Dataplane, id: u32, addr: [u8; 4]) {
+    let info = BackendInfo {
+        addr: v4(addr),
+        port: 8080u16.to_be(),
+        family: lb_common::FAMILY_V4,
+        flags: BackendInfo::VALID,
+        _pad: 0,
+    };
+    dp.set_backend(id, Some(info)).unwrap();
+}
+
+/// Publishes a table for service slot `svc_id` (`vip:port`, `proto`) whose every bucket is
+/// `backend` (0 = an empty table).
+pub fn single_backend_table(
+    dp: &mut Dataplane,
+    svc_id: u32,
+    vip: [u8; 4],
+    port: u16,
+    proto: u8,
+    backend: u32,
+) {
+    let key = ServiceKey {
+        addr: v4(vip),
+        port: port.to_be(),
+        proto,
+        family: lb_common::FAMILY_V4,
+    };
+    let mut t = empty_table();
+    t.buckets = [backend; TABLE_SIZE as usize];
+    dp.publish_table(&key, svc_id, v4(SNAT), &t).unwrap();
+}
+
+/// One BPF_PROG_TEST_RUN of program `prog`: verdict, output frame, and the kernel's
+/// per-run duration in ns.
+pub fn run(dp: &mut Dataplane, prog: &str, pkt: &[u8], repeat: u32) -> (u32, Vec<u8>, f64) {
+    let p = dp.program(prog).unwrap();
+    let mut out = vec![0u8; pkt.len() + 64];
+    let r = p
+        .test_run(TestRunOptions {
+            data_in: Some(pkt),
+            data_out: Some(&mut out),
+            repeat,
+            ..Default::default()
+        })
+        .unwrap();
+    out.truncate(r.data_size_out as usize);
+    (r.return_value, out, r.duration.as_nanos() as f64)
+}
