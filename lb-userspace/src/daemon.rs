@@ -1,5 +1,5 @@
 //! The owner of the desired state and the only writer of the data plane. Control commands,
-//! (later) health transitions and reloads all come through here, one at a time.
+//! health transitions and reloads all come through here, one at a time.
 
 use std::collections::HashMap;
 
@@ -7,9 +7,9 @@ use anyhow::{Context as _, Result};
 use lb_common::{FAMILY_V4, FAMILY_V6, backend::BackendInfo, flow::IpBytes, service::ServiceKey};
 
 use crate::{
-    config::Mode,
+    config::{Config, Mode},
     dataplane::Dataplane,
-    state::{Service, State, StateError},
+    state::{Keep, Service, State, StateError},
 };
 
 /// Wire bytes of an address in the data plane's layout.
@@ -31,12 +31,39 @@ pub fn service_key(s: &Service) -> ServiceKey {
     }
 }
 
+/// What a restarted daemon must keep from the pinned data plane: the ids its backends were
+/// written under and the table slots of its services.
+pub fn keep_from_dataplane(dp: &Dataplane) -> Result<Keep> {
+    let mut keep = Keep::default();
+    let mut seen = HashMap::new();
+    for (id, addr) in dp.backends()? {
+        // An address used by two services is ambiguous: let both get fresh ids.
+        *seen.entry(addr).or_insert(0) += 1;
+        keep.backend_ids_by_addr.insert(addr, id);
+    }
+    keep.backend_ids_by_addr.retain(|a, _| seen[a] == 1);
+    for (k, v) in dp.services() {
+        let ip = match k.family {
+            FAMILY_V4 => std::net::IpAddr::from([k.addr[0], k.addr[1], k.addr[2], k.addr[3]]),
+            _ => std::net::IpAddr::from(k.addr),
+        };
+        let proto = match k.proto {
+            lb_common::PROTO_UDP => crate::config::Protocol::Udp,
+            _ => crate::config::Protocol::Tcp,
+        };
+        keep.slots_by_listener
+            .insert((ip, u16::from_be(k.port), proto), v.id);
+    }
+    Ok(keep)
+}
+
 /// The daemon's single owner of state.
 pub struct Daemon {
     pub state: State,
     /// `None` in tests of the control grammar that run without a kernel.
     pub dataplane: Option<Dataplane>,
-    generations: HashMap<String, u32>,
+    /// Per service: the generation and buckets last published (what the kernel uses now).
+    published: HashMap<String, (u32, Vec<u32>)>,
 }
 
 impl Daemon {
@@ -44,13 +71,22 @@ impl Daemon {
         Daemon {
             state,
             dataplane,
-            generations: HashMap::new(),
+            published: HashMap::new(),
         }
     }
 
     /// The table generation last published for a service (0 = none yet).
     pub fn generation(&self, service: &str) -> u32 {
-        self.generations.get(service).copied().unwrap_or(0)
+        self.published.get(service).map_or(0, |(g, _)| *g)
+    }
+
+    /// The table the kernel uses for a service (the one last published), or the one the
+    /// state gives when there is no data plane.
+    pub fn live_table(&self, service: &str) -> Result<std::borrow::Cow<'_, [u32]>, StateError> {
+        match self.published.get(service) {
+            Some((_, t)) => Ok(std::borrow::Cow::Borrowed(t)),
+            None => Ok(std::borrow::Cow::Owned(self.state.table(service)?)),
+        }
     }
 
     /// Applies a change to one service: on a copy first, so a refused change leaves the state
@@ -71,8 +107,23 @@ impl Daemon {
         Ok(())
     }
 
+    /// Replaces the whole configuration (SIGHUP): backend ids, slots, admin states and health
+    /// of what is still configured are kept, so established flows and counters are untouched.
+    /// On any error the previous state is restored and stays in force.
+    pub fn reload(&mut self, cfg: &Config) -> Result<()> {
+        let next = State::from_config_keeping(cfg, &self.state.keep())
+            .context("building the new state")?;
+        let previous = std::mem::replace(&mut self.state, next);
+        if let Err(e) = self.sync_all() {
+            self.state = previous;
+            let _ = self.sync_all();
+            return Err(e.context("applying the new config (the old one stays in force)"));
+        }
+        Ok(())
+    }
+
     /// Writes every backend and every connection-mode table; removes services that are in the
-    /// map but no longer configured.
+    /// map but no longer configured, then clears backend slots nothing refers to any more.
     pub fn sync_all(&mut self) -> Result<()> {
         let names: Vec<String> = self.state.services.keys().cloned().collect();
         if let Some(dp) = self.dataplane.as_mut() {
@@ -109,6 +160,19 @@ impl Daemon {
         for n in names {
             self.sync_service(&n)?;
         }
+        let services = &self.state.services;
+        self.published.retain(|n, _| services.contains_key(n));
+        // Only now that no table names them: established flows carry their backend's address,
+        // so clearing its slot breaks none of them.
+        let live: std::collections::HashSet<u32> =
+            self.state.backends().map(|(_, _, b)| b.id).collect();
+        if let Some(dp) = self.dataplane.as_mut() {
+            for (id, _) in dp.backends()? {
+                if !live.contains(&id) {
+                    dp.set_backend(id, None)?;
+                }
+            }
+        }
         Ok(())
     }
 
@@ -135,7 +199,7 @@ impl Daemon {
             took_us = started.elapsed().as_micros() as u64,
             "table published"
         );
-        self.generations.insert(name.to_string(), generation);
+        self.published.insert(name.to_string(), (generation, built));
         Ok(())
     }
 }

@@ -2,7 +2,11 @@
 //! owns it; commands, health transitions and reloads are applied to it and every change is
 //! all-or-nothing — a rejected change leaves it exactly as it was.
 
-use std::{collections::BTreeMap, fmt, net::SocketAddr};
+use std::{
+    collections::{BTreeMap, HashMap},
+    fmt,
+    net::{IpAddr, SocketAddr},
+};
 
 use crate::{
     config::{self, MAX_WEIGHT, Mode},
@@ -124,6 +128,22 @@ pub struct Share {
     pub share: f64,
 }
 
+/// What a new state must keep from a previous one (a reload) or from the pinned data plane (a
+/// restart). Items not found here get fresh ids and slots and start `ready` and healthy.
+#[derive(Clone, Debug, Default)]
+pub struct Keep {
+    /// Backend id by (service, backend name).
+    pub backend_ids: HashMap<(String, String), u32>,
+    /// Backend id by address: ids found in the pinned backend map after a restart.
+    pub backend_ids_by_addr: HashMap<SocketAddr, u32>,
+    /// Table slot by service name.
+    pub slots: HashMap<String, u32>,
+    /// Table slot by listener: slots found in the pinned service map after a restart.
+    pub slots_by_listener: HashMap<(IpAddr, u16, config::Protocol), u32>,
+    /// Admin state and health by (service, backend name).
+    pub runtime: HashMap<(String, String), (AdminState, bool)>,
+}
+
 /// All services.
 #[derive(Clone, Debug, Default)]
 pub struct State {
@@ -133,26 +153,90 @@ pub struct State {
 impl State {
     /// Builds the state from a config, giving backends ids 1, 2, … in config order.
     pub fn from_config(cfg: &config::Config) -> Result<State, StateError> {
-        let mut services = BTreeMap::new();
-        let mut next_id = 1u32;
-        let mut next_slot = 0u32;
+        State::from_config_keeping(cfg, &Keep::default())
+    }
+
+    /// Builds the state from a config, keeping what `keep` says must not change: backend ids
+    /// and service slots (a flow's counters and its service's table stay where they are), and
+    /// the runtime admin state and health of backends that are still configured.
+    pub fn from_config_keeping(cfg: &config::Config, keep: &Keep) -> Result<State, StateError> {
+        // Which kept ids/slots each configured item claims, first come first served.
+        let mut used_ids = std::collections::HashSet::new();
+        let mut used_slots = std::collections::HashSet::new();
+        let mut wanted_id = |svc: &config::Service, b: &config::Backend| -> Option<u32> {
+            let id = keep
+                .backend_ids
+                .get(&(svc.name.clone(), b.name.clone()))
+                .or_else(|| keep.backend_ids_by_addr.get(&b.addr))
+                .copied()?;
+            (id != 0 && id < lb_common::MAX_BACKENDS && used_ids.insert(id)).then_some(id)
+        };
+        let mut ids: Vec<Vec<Vec<Option<u32>>>> = Vec::new();
         for s in &cfg.services {
+            ids.push(
+                s.pools
+                    .iter()
+                    .map(|p| p.backends.iter().map(|b| wanted_id(s, b)).collect())
+                    .collect(),
+            );
+        }
+        let slots: Vec<Option<u32>> = cfg
+            .services
+            .iter()
+            .map(|s| {
+                let slot = keep
+                    .slots
+                    .get(&s.name)
+                    .or_else(|| keep.slots_by_listener.get(&(s.vip, s.port, s.protocol)))
+                    .copied()?;
+                (s.mode == Mode::Connection
+                    && slot < lb_common::MAX_SERVICES
+                    && used_slots.insert(slot))
+                .then_some(slot)
+            })
+            .collect();
+        // Fresh ids start above every id in use before, so a removed backend's id is not
+        // handed to a new one while flows to the old one may still count against it; only
+        // when the id space runs out are freed ids reused.
+        let highest = keep
+            .backend_ids
+            .values()
+            .chain(keep.backend_ids_by_addr.values())
+            .copied()
+            .max()
+            .unwrap_or(0);
+        let mut candidates = (highest + 1..lb_common::MAX_BACKENDS).chain(1..=highest);
+        let mut fresh_id = || -> Result<u32, StateError> {
+            let id = candidates
+                .find(|id| !used_ids.contains(id))
+                .ok_or(StateError::NoIds)?;
+            used_ids.insert(id);
+            Ok(id)
+        };
+        let mut next_slot = 0u32;
+        let mut services = BTreeMap::new();
+        for (si, s) in cfg.services.iter().enumerate() {
             let mut pools = Vec::new();
-            for p in &s.pools {
+            for (pi, p) in s.pools.iter().enumerate() {
                 let mut backends = Vec::new();
-                for b in &p.backends {
-                    if next_id >= lb_common::MAX_BACKENDS {
-                        return Err(StateError::NoIds);
-                    }
+                for (bi, b) in p.backends.iter().enumerate() {
+                    let id = match ids[si][pi][bi] {
+                        Some(id) => id,
+                        None => fresh_id()?,
+                    };
+                    let (state, healthy) = keep
+                        .runtime
+                        .get(&(s.name.clone(), b.name.clone()))
+                        .copied()
+                        .unwrap_or((AdminState::Ready, true));
                     backends.push(Backend {
                         name: b.name.clone(),
                         addr: b.addr,
                         weight: b.weight.0,
-                        state: AdminState::Ready,
-                        healthy: true,
-                        id: next_id,
+                        state,
+                        healthy,
+                        id,
                     });
-                    next_id += 1;
                 }
                 pools.push(Pool {
                     name: p.name.clone(),
@@ -160,11 +244,16 @@ impl State {
                     backends,
                 });
             }
-            let slot = if s.mode == Mode::Connection {
-                next_slot += 1;
-                next_slot - 1
-            } else {
-                u32::MAX
+            let slot = match (s.mode, slots[si]) {
+                (Mode::Request, _) => u32::MAX,
+                (Mode::Connection, Some(slot)) => slot,
+                (Mode::Connection, None) => {
+                    while used_slots.contains(&next_slot) {
+                        next_slot += 1;
+                    }
+                    used_slots.insert(next_slot);
+                    next_slot
+                }
             };
             services.insert(
                 s.name.clone(),
@@ -176,6 +265,33 @@ impl State {
             );
         }
         Ok(State { services })
+    }
+
+    /// What a reload must keep from this state: ids, slots, admin states and health.
+    pub fn keep(&self) -> Keep {
+        let mut k = Keep::default();
+        for (name, s) in &self.services {
+            if s.config.mode == Mode::Connection {
+                k.slots.insert(name.clone(), s.slot);
+            }
+            for p in &s.pools {
+                for b in &p.backends {
+                    k.backend_ids.insert((name.clone(), b.name.clone()), b.id);
+                    k.runtime
+                        .insert((name.clone(), b.name.clone()), (b.state, b.healthy));
+                }
+            }
+        }
+        k
+    }
+
+    /// Every backend, with its service and pool names.
+    pub fn backends(&self) -> impl Iterator<Item = (&Service, &Pool, &Backend)> {
+        self.services.values().flat_map(|s| {
+            s.pools
+                .iter()
+                .flat_map(move |p| p.backends.iter().map(move |b| (s, p, b)))
+        })
     }
 
     /// The service named `name`.
@@ -228,6 +344,18 @@ impl State {
         w: u32,
     ) -> Result<(), StateError> {
         self.backend_mut(svc, pool, backend)?.weight = w;
+        Ok(())
+    }
+
+    /// A health-check verdict for a backend.
+    pub fn set_backend_health(
+        &mut self,
+        svc: &str,
+        pool: &str,
+        backend: &str,
+        healthy: bool,
+    ) -> Result<(), StateError> {
+        self.backend_mut(svc, pool, backend)?.healthy = healthy;
         Ok(())
     }
 
@@ -396,6 +524,62 @@ backends = ["10.20.0.21:8080", { addr = "10.20.0.22:8080", weight = 3 }]
         st.set_split("web", &[("legacy".into(), 50), ("k8s".into(), 50)])
             .unwrap();
         assert!((share(&st, "10.20.0.11:8080") - 0.25).abs() < 1e-9);
+    }
+
+    #[test]
+    fn a_reload_keeps_ids_slots_and_runtime_state_of_what_stays() {
+        let mut st = state();
+        st.set_backend_state("web", "k8s", "10.20.0.21:8080", AdminState::Drain)
+            .unwrap();
+        st.set_backend_health("web", "legacy", "10.20.0.11:8080", false)
+            .unwrap();
+        let id = |st: &State, b: &str| {
+            st.backends()
+                .find(|(_, _, x)| x.name == b)
+                .map(|(_, _, x)| (x.id, x.state, x.healthy))
+        };
+        let cfg = config::Config::parse(
+            r#"
+[[service]]
+name = "api"
+vip = "10.99.0.11"
+port = 80
+snat = "10.20.0.1"
+[[service.pool]]
+name = "p"
+backends = ["10.20.0.31:8080"]
+[[service]]
+name = "web"
+vip = "10.99.0.10"
+port = 80
+snat = "10.20.0.1"
+[[service.pool]]
+name = "k8s"
+weight = 50
+backends = ["10.20.0.21:8080", "10.20.0.23:8080"]
+[[service.pool]]
+name = "legacy"
+weight = 50
+backends = ["10.20.0.11:8080"]
+"#,
+            Path::new("t.toml"),
+        )
+        .unwrap();
+        let next = State::from_config_keeping(&cfg, &st.keep()).unwrap();
+        // Kept: id, drain, health — even though pools were reordered and a service added.
+        assert_eq!(id(&next, "10.20.0.21:8080"), id(&st, "10.20.0.21:8080"));
+        assert_eq!(id(&next, "10.20.0.11:8080"), id(&st, "10.20.0.11:8080"));
+        assert_eq!(next.services["web"].slot, st.services["web"].slot);
+        assert_ne!(next.services["api"].slot, st.services["web"].slot);
+        // New backends get ids never used before (the removed ones' ids are not reused).
+        let old_ids: Vec<u32> = st.backends().map(|(_, _, b)| b.id).collect();
+        for b in ["10.20.0.23:8080", "10.20.0.31:8080"] {
+            let (new_id, state, healthy) = id(&next, b).unwrap();
+            assert!(!old_ids.contains(&new_id), "{b} got a used id {new_id}");
+            assert_eq!((state, healthy), (AdminState::Ready, true));
+        }
+        // Weights come from the new file.
+        assert_eq!(next.services["web"].pools[0].weight, 50);
     }
 
     #[test]

@@ -134,6 +134,25 @@ impl Client {
         })
     }
 
+    /// Connects from a chosen local address and port (for `explain`).
+    pub fn connect_from(local: SocketAddr, addr: SocketAddr) -> Result<Client> {
+        let s = socket2::Socket::new(
+            socket2::Domain::for_address(addr),
+            socket2::Type::STREAM,
+            Some(socket2::Protocol::TCP),
+        )?;
+        s.set_reuse_address(true)?;
+        s.bind(&local.into())?;
+        s.connect_timeout(&addr.into(), Duration::from_secs(3))
+            .with_context(|| format!("connect {local} -> {addr}"))?;
+        let c: TcpStream = s.into();
+        c.set_read_timeout(Some(Duration::from_secs(3)))?;
+        Ok(Client {
+            w: c.try_clone()?,
+            r: BufReader::new(c),
+        })
+    }
+
     /// One request; returns the body (the backend's name).
     pub fn get(&mut self, close: bool) -> Result<String> {
         let req = format!(

@@ -3,6 +3,7 @@
 //! removes the pins, unmounts, and deletes every namespace.
 
 use std::{
+    collections::HashMap,
     net::SocketAddr,
     path::{Path, PathBuf},
     time::{Duration, Instant},
@@ -11,7 +12,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 
 use crate::{
-    http::Backend,
+    http::{Backend, get_once},
     netns::{ChildGuard, Netns, run, tx_csum_off, unique_prefix, veth},
 };
 
@@ -19,6 +20,11 @@ use crate::{
 pub const VIP: &str = "10.99.0.10";
 /// The balancer's address towards the backends (also the SNAT address).
 pub const LB_BACKEND_SIDE: &str = "10.20.0.1";
+
+/// Health-check interval, rise and fall written into the topology's config.
+pub const HEALTH_INTERVAL_MS: u64 = 200;
+pub const HEALTH_RISE: u32 = 2;
+pub const HEALTH_FALL: u32 = 2;
 
 /// Name and address of each backend, in pool order.
 pub const BACKENDS: [(&str, &str, &str); 4] = [
@@ -32,7 +38,8 @@ pub const BACKENDS: [(&str, &str, &str); 4] = [
 /// first, then pins and the bpffs, then the namespaces.
 pub struct Topology {
     lbd: Option<ChildGuard>,
-    backends: Vec<Backend>,
+    /// The HTTP backends, in [`BACKENDS`] order (`None` while stopped).
+    backends: Vec<Option<Backend>>,
     pub dir: PathBuf,
     pub config: PathBuf,
     pub socket: PathBuf,
@@ -126,9 +133,9 @@ impl Topology {
         // Native XDP_REDIRECT into a veth needs NAPI on its peer: GRO on enables it.
         client.exec(&["ethtool", "-K", "eth0", "gro", "on"])?;
         bridge.exec(&["ethtool", "-K", "p0", "gro", "on"])?;
-        for (i, (_, name, addr)) in BACKENDS.iter().enumerate() {
-            let ns = &self._backend_ns[i];
-            self.backends.push(Backend::start(ns, addr.parse()?, name)?);
+        for i in 0..BACKENDS.len() {
+            self.backends.push(None);
+            self.start_backend(i)?;
         }
         let cfg = format!(
             r#"[daemon]
@@ -145,6 +152,14 @@ port = 80
 protocol = "tcp"
 mode = "connection"
 snat = "{LB_BACKEND_SIDE}"
+
+[service.health]
+check = "http"
+path = "/healthz"
+interval = "{HEALTH_INTERVAL_MS}ms"
+timeout = "150ms"
+rise = {HEALTH_RISE}
+fall = {HEALTH_FALL}
 
 [[service.pool]]
 name = "legacy"
@@ -166,6 +181,13 @@ backends = [{{ addr = "10.20.0.21:8080", name = "k8s-1" }}, {{ addr = "10.20.0.2
     /// Starts lbd in the balancer namespace and waits for its control socket.
     pub fn start_lbd(&mut self) -> Result<()> {
         let log = self.dir.join("lbd.log");
+        // Keep earlier runs' logs (a restart test reads both).
+        if log.exists() {
+            let old = std::fs::read_to_string(&log).unwrap_or_default();
+            let mut all = std::fs::read_to_string(self.dir.join("lbd.old.log")).unwrap_or_default();
+            all.push_str(&old);
+            std::fs::write(self.dir.join("lbd.old.log"), all)?;
+        }
         let cfg = self.config.to_str().context("path")?.to_string();
         let bin = self.lbd_bin.to_str().context("path")?.to_string();
         self.lbd = Some(self.lb.spawn(&[&bin, "run", "--config", &cfg], &log)?);
@@ -185,6 +207,73 @@ backends = [{{ addr = "10.20.0.21:8080", name = "k8s-1" }}, {{ addr = "10.20.0.2
         )
     }
 
+    /// Stops backend `i` (its port then refuses connections; its open connections close).
+    pub fn stop_backend(&mut self, i: usize) {
+        self.backends[i] = None;
+    }
+
+    /// Starts (again) backend `i`.
+    pub fn start_backend(&mut self, i: usize) -> Result<()> {
+        let (_, name, addr) = BACKENDS[i];
+        self.backends[i] = Some(Backend::start(&self._backend_ns[i], addr.parse()?, name)?);
+        Ok(())
+    }
+
+    /// Kills lbd with SIGKILL (no clean-up of any kind runs) and reaps it.
+    pub fn kill_lbd(&mut self) {
+        drop(self.lbd.take());
+    }
+
+    /// Stops lbd with SIGTERM and waits for it.
+    pub fn stop_lbd(&mut self) {
+        if let Some(mut c) = self.lbd.take() {
+            c.terminate();
+        }
+    }
+
+    /// Sends SIGHUP to lbd (reload its config file).
+    pub fn reload_lbd(&self) -> Result<()> {
+        let pid = self
+            .lbd
+            .as_ref()
+            .and_then(|c| c.0.as_ref())
+            .map(|c| c.id())
+            .context("lbd is not running")?;
+        // SAFETY: signalling our own child.
+        if unsafe { libc::kill(pid as i32, libc::SIGHUP) } != 0 {
+            bail!("SIGHUP: {}", std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// The config file's text.
+    pub fn config_text(&self) -> String {
+        std::fs::read_to_string(&self.config).unwrap_or_default()
+    }
+
+    /// Polls `show backends web` until `pred` holds on it (or `timeout` passes); returns how
+    /// long that took.
+    pub fn wait_backends(
+        &self,
+        timeout: Duration,
+        pred: impl Fn(&str) -> bool,
+    ) -> Result<Duration> {
+        let started = Instant::now();
+        loop {
+            let now = self.control("show backends web")?;
+            if pred(&now) {
+                return Ok(started.elapsed());
+            }
+            if started.elapsed() > timeout {
+                bail!(
+                    "condition not met within {timeout:?}; last:\n{now}\nlbd log:\n{}",
+                    self.lbd_log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// lbd's log so far.
     pub fn lbd_log(&self) -> String {
         std::fs::read_to_string(self.dir.join("lbd.log")).unwrap_or_default()
@@ -202,6 +291,24 @@ backends = [{{ addr = "10.20.0.21:8080", name = "k8s-1" }}, {{ addr = "10.20.0.2
     /// The VIP address clients connect to.
     pub fn vip(&self) -> SocketAddr {
         format!("{VIP}:80").parse().expect("literal")
+    }
+
+    /// Makes `n` new connections from the client (one request each); returns the answers
+    /// per backend name and the number of failures.
+    pub fn new_connections(&self, n: usize) -> (HashMap<String, usize>, usize) {
+        let vip = self.vip();
+        self.in_client(move || {
+            let mut by = HashMap::new();
+            let mut failed = 0;
+            for _ in 0..n {
+                match get_once(vip) {
+                    Ok(name) => *by.entry(name).or_insert(0) += 1,
+                    Err(_) => failed += 1,
+                }
+            }
+            (by, failed)
+        })
+        .expect("client thread")
     }
 
     /// Runs `f` on a thread inside the client namespace.

@@ -3,28 +3,7 @@
 
 use std::collections::HashMap;
 
-use lb_tests::{
-    http::{Client, get_once},
-    require_root,
-    topology::Topology,
-};
-
-/// Makes `n` new connections (one request each); returns answers per backend and failures.
-fn new_connections(t: &Topology, n: usize) -> (HashMap<String, usize>, usize) {
-    let vip = t.vip();
-    t.in_client(move || {
-        let mut by = HashMap::new();
-        let mut failed = 0;
-        for _ in 0..n {
-            match get_once(vip) {
-                Ok(name) => *by.entry(name).or_insert(0) += 1,
-                Err(_) => failed += 1,
-            }
-        }
-        (by, failed)
-    })
-    .unwrap()
-}
+use lb_tests::{http::Client, require_root, topology::Topology};
 
 fn legacy_share(by: &HashMap<String, usize>) -> f64 {
     let legacy: usize = by
@@ -40,7 +19,7 @@ fn split_follows_weights_and_keepalive_flows_keep_their_backend(mode: &str) {
     let mut t = Topology::new("e", mode).unwrap();
     t.start_lbd().unwrap();
 
-    let (by, failed) = new_connections(&t, 1000);
+    let (by, failed) = t.new_connections(1000);
     eprintln!("[{mode}] 90/10: {by:?}, failed {failed}");
     assert_eq!(
         failed,
@@ -73,7 +52,7 @@ fn split_follows_weights_and_keepalive_flows_keep_their_backend(mode: &str) {
     let backends = t.control("show backends web").unwrap();
     assert!(backends.contains("legacy legacy-1 1 25.00%"), "{backends}");
 
-    let (by, failed) = new_connections(&t, 1000);
+    let (by, failed) = t.new_connections(1000);
     eprintln!("[{mode}] 50/50: {by:?}, failed {failed}");
     assert_eq!(failed, 0);
     let share = legacy_share(&by);

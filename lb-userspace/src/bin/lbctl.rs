@@ -34,8 +34,9 @@ fn main() -> ExitCode {
         }
     };
     let mut line = cli.words.join(" ");
-    // Only `show stat` has a JSON form so far; other commands answer in text.
-    if cli.json && line.starts_with("show stat") && !line.ends_with(" json") {
+    // The commands with a JSON form take a trailing `json` word; others answer in text.
+    let has_json = line.starts_with("show stat") || line.starts_with("explain ");
+    if cli.json && has_json && !line.ends_with(" json") {
         line.push_str(" json");
     }
     match lb_userspace::control::client::request(&cli.socket, &line) {

@@ -1,15 +1,18 @@
 //! lbd — the balancer daemon: `run`, `check`, `down` (see INTERFACE.md).
 
-use std::{path::PathBuf, process::ExitCode};
+use std::{
+    path::{Path, PathBuf},
+    process::ExitCode,
+};
 
 use anyhow::{Context as _, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use lb_userspace::{
     config::Config,
     control::{self, server},
-    daemon::Daemon,
+    daemon::{self, Daemon},
     dataplane::{self, Dataplane, LoadOptions},
-    host,
+    health, host,
     state::State,
 };
 use tokio::{
@@ -122,7 +125,7 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match rt.block_on(run(c)) {
+            match rt.block_on(run(c, config)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!("{e:#}");
@@ -133,7 +136,7 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(cfg: Config) -> Result<()> {
+async fn run(cfg: Config, path: PathBuf) -> Result<()> {
     let d = &cfg.daemon;
     host::reserve_snat_ports(d.snat_ports)?;
     let mut opts = LoadOptions {
@@ -144,12 +147,10 @@ async fn run(cfg: Config) -> Result<()> {
     opts.tunables.snat_port_min = d.snat_ports.0;
     opts.tunables.snat_port_max = d.snat_ports.1;
     let mut dp = Dataplane::load(&opts)?;
-    let state = State::from_config(&cfg)?;
-    for s in state.services.values() {
-        if s.config.mode == lb_userspace::config::Mode::Request {
-            tracing::warn!(service = %s.config.name, "request mode is not served yet by this build; service ignored");
-        }
-    }
+    // A restart: keep the backend ids and table slots the pinned maps already use.
+    let keep = daemon::keep_from_dataplane(&dp)?;
+    let state = State::from_config_keeping(&cfg, &keep)?;
+    warn_request_mode(&state);
     // Tables first, then attach: the first packet already finds a complete configuration.
     let mut daemon = Daemon::new(state, None);
     daemon.dataplane = Some(dp);
@@ -161,18 +162,32 @@ async fn run(cfg: Config) -> Result<()> {
     }
     daemon.dataplane = Some(dp);
 
+    let (health_tx, mut health_rx) = mpsc::channel::<health::Event>(1024);
+    let mut checker = health::Checker::new(health_tx);
+    checker.reconcile(&daemon.state);
+    tracing::info!(backends = checker.len(), "health checks started");
+
     let (tx, mut rx) = mpsc::channel::<server::Request>(64);
     let socket = d.control_socket.clone();
     let mut server = tokio::spawn(async move { server::serve(&socket, tx).await });
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
     tracing::info!("lbd running");
+    let mut running = cfg.clone();
     let result = loop {
         tokio::select! {
             Some(req) = rx.recv() => {
                 let (reply, command, ok) = control::handle_line(&mut daemon, &req.line);
                 tracing::info!(command, ok, line = %req.line, "control command");
                 let _ = req.reply.send(reply);
+                // `set state … maint` stops a backend's checks; `ready` restarts them.
+                checker.reconcile(&daemon.state);
+            }
+            Some(ev) = health_rx.recv() => apply_health(&mut daemon, &checker, ev),
+            _ = hup.recv() => {
+                reload(&mut daemon, &mut running, &path);
+                checker.reconcile(&daemon.state);
             }
             _ = term.recv() => { tracing::info!("SIGTERM: exiting, data plane stays attached"); break Ok(()) }
             _ = int.recv() => { tracing::info!("SIGINT: exiting, data plane stays attached"); break Ok(()) }
@@ -181,4 +196,75 @@ async fn run(cfg: Config) -> Result<()> {
     };
     let _ = std::fs::remove_file(&d.control_socket);
     result
+}
+
+fn warn_request_mode(state: &State) {
+    for s in state.services.values() {
+        if s.config.mode == lb_userspace::config::Mode::Request {
+            tracing::warn!(service = %s.config.name, "request mode is not served yet by this build; service ignored");
+        }
+    }
+}
+
+/// Applies a health transition (unless it comes from a check task that was since replaced).
+fn apply_health(daemon: &mut Daemon, checker: &health::Checker, ev: health::Event) {
+    let health::Event::Transition {
+        key,
+        task,
+        healthy,
+        reason,
+    } = ev
+    else {
+        return;
+    };
+    if !checker.is_current(&key, task) {
+        return;
+    }
+    let result = daemon.change(&key.service, |st| {
+        st.set_backend_health(&key.service, &key.pool, &key.backend, healthy)
+    });
+    let health = if healthy { "up" } else { "down" };
+    match result {
+        Ok(()) => tracing::warn!(
+            service = %key.service, pool = %key.pool, backend = %key.backend,
+            health, reason, "backend health changed"
+        ),
+        Err(e) => tracing::error!(
+            service = %key.service, pool = %key.pool, backend = %key.backend,
+            health, reason, error = %e, "could not apply a health change"
+        ),
+    }
+}
+
+/// SIGHUP: re-read the config file; apply it whole or keep the running one.
+fn reload(daemon: &mut Daemon, running: &mut Config, path: &Path) {
+    let cfg = match Config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "reload refused: invalid config; the running config stays in force");
+            return;
+        }
+    };
+    let (old, new) = (&running.daemon, &cfg.daemon);
+    if old.interfaces != new.interfaces
+        || old.pin_dir != new.pin_dir
+        || old.control_socket != new.control_socket
+        || old.metrics != new.metrics
+        || old.snat_ports != new.snat_ports
+        || old.conntrack_max != new.conntrack_max
+        || old.xdp_mode != new.xdp_mode
+    {
+        tracing::warn!("reload: [daemon] settings changed; they take effect on the next restart");
+    }
+    match daemon.reload(&cfg) {
+        Ok(()) => {
+            warn_request_mode(&daemon.state);
+            tracing::info!(config = %path.display(), services = daemon.state.services.len(), "reloaded");
+            *running = cfg;
+        }
+        Err(e) => tracing::error!(
+            error = format!("{e:#}"),
+            "reload failed; the running config stays in force"
+        ),
+    }
 }

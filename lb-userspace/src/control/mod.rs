@@ -16,6 +16,8 @@ pub enum Command {
     ShowServices(cmd::show_services::ShowServices),
     ShowBackends(cmd::show_backends::ShowBackends),
     ShowTable(cmd::show_table::ShowTable),
+    ShowStat(cmd::show_stat::ShowStat),
+    Explain(cmd::explain::Explain),
     SetWeight(cmd::set_weight::SetWeight),
     SetSplit(cmd::set_split::SetSplit),
     SetState(cmd::set_state::SetState),
@@ -36,6 +38,10 @@ impl Command {
             ["show", "table", rest @ ..] => {
                 Command::ShowTable(cmd::show_table::ShowTable::parse(rest)?)
             }
+            ["show", "stat", rest @ ..] => {
+                Command::ShowStat(cmd::show_stat::ShowStat::parse(rest)?)
+            }
+            ["explain", rest @ ..] => Command::Explain(cmd::explain::Explain::parse(rest)?),
             ["set", "weight", rest @ ..] => {
                 Command::SetWeight(cmd::set_weight::SetWeight::parse(rest)?)
             }
@@ -56,6 +62,8 @@ impl Command {
             Command::ShowServices(_) => "show services",
             Command::ShowBackends(_) => "show backends",
             Command::ShowTable(_) => "show table",
+            Command::ShowStat(_) => "show stat",
+            Command::Explain(_) => "explain",
             Command::SetWeight(_) => "set weight",
             Command::SetSplit(_) => "set split",
             Command::SetState(_) => "set state",
@@ -70,6 +78,8 @@ impl Command {
             Command::ShowServices(c) => Ok(c.execute(d)),
             Command::ShowBackends(c) => c.execute(d),
             Command::ShowTable(c) => c.execute(d),
+            Command::ShowStat(c) => c.execute(d),
+            Command::Explain(c) => c.execute(d),
             Command::SetWeight(c) => c.execute(d),
             Command::SetSplit(c) => c.execute(d),
             Command::SetState(c) => c.execute(d),

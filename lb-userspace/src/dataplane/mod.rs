@@ -13,7 +13,7 @@ use std::{
 use anyhow::{Context as _, Result, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, MapData, PerCpuArray, PerCpuValues},
+    maps::{Array, HashMap, MapData, MapInfo, MapType, PerCpuArray, PerCpuValues},
     programs::{
         Xdp, XdpMode,
         links::{FdLink, PinnedLink},
@@ -112,6 +112,107 @@ pub fn ensure_bpffs(dir: &Path) -> Result<()> {
     )
 }
 
+/// What each pinned map must look like for this build to use it: type, key size, value size,
+/// and the entry count (`None` where the config sets it: conntrack and reverse NAT).
+fn expected_maps() -> [(&'static str, MapType, usize, usize, Option<u32>); 8] {
+    use lb_common::{
+        conntrack::{CtValue, RnatValue},
+        flow::FlowKey,
+    };
+    use std::mem::size_of;
+    [
+        (
+            map_names::SERVICES,
+            MapType::Hash,
+            size_of::<ServiceKey>(),
+            size_of::<ServiceValue>(),
+            Some(lb_common::MAX_SERVICES),
+        ),
+        (
+            map_names::TABLES,
+            MapType::Array,
+            4,
+            size_of::<MaglevTable>(),
+            Some(lb_common::MAX_SERVICES * 2),
+        ),
+        (
+            map_names::BACKENDS,
+            MapType::Array,
+            4,
+            size_of::<BackendInfo>(),
+            Some(MAX_BACKENDS),
+        ),
+        (
+            map_names::CONNTRACK,
+            MapType::LruHash,
+            size_of::<FlowKey>(),
+            size_of::<CtValue>(),
+            None,
+        ),
+        (
+            map_names::REVERSE_NAT,
+            MapType::LruHash,
+            size_of::<FlowKey>(),
+            size_of::<RnatValue>(),
+            None,
+        ),
+        (
+            map_names::NEXT_HOPS,
+            MapType::PerCpuArray,
+            4,
+            size_of::<NextHop>(),
+            Some(MAX_BACKENDS),
+        ),
+        (
+            map_names::BACKEND_STATS,
+            MapType::PerCpuArray,
+            4,
+            size_of::<BackendStats>(),
+            Some(MAX_BACKENDS),
+        ),
+        (
+            map_names::XDP_STATS,
+            MapType::PerCpuArray,
+            4,
+            size_of::<u64>(),
+            Some(STAT_COUNT),
+        ),
+    ]
+}
+
+/// Refuses pinned maps this build would misread: a layout change without a version bump, or
+/// pins left by something else. Maps that are not pinned yet are fine (they get created).
+pub fn check_pinned_layout(pin_dir: &Path) -> Result<()> {
+    let dir = maps_dir(pin_dir);
+    for (name, ty, key, value, entries) in expected_maps() {
+        let path = dir.join(name);
+        if !path.exists() {
+            continue;
+        }
+        let info = MapInfo::from_pin(&path)
+            .with_context(|| format!("reading pinned map {}", path.display()))?;
+        let found_ty = info.map_type().ok();
+        let mismatch = found_ty != Some(ty)
+            || info.key_size() as usize != key
+            || info.value_size() as usize != value
+            || entries.is_some_and(|n| n != info.max_entries());
+        if mismatch {
+            bail!(
+                "pinned map {} does not match this build (found {:?} key {} value {} entries {}, want {:?} key {key} value {value} entries {}): \
+                 refusing to misread it. Run `lbd down` to remove the old data plane (established flows through it are lost), then start again",
+                path.display(),
+                found_ty,
+                info.key_size(),
+                info.value_size(),
+                info.max_entries(),
+                ty,
+                entries.map_or("any".to_string(), |n| n.to_string()),
+            );
+        }
+    }
+    Ok(())
+}
+
 /// A loaded balancer: the program plus typed handles to its maps.
 pub struct Dataplane {
     ebpf: Ebpf,
@@ -139,6 +240,8 @@ impl Dataplane {
         let pin_paths: Vec<(&str, PathBuf)> = match &opts.pin_dir {
             Some(dir) => {
                 ensure_bpffs(dir)?;
+                check_pinned_layout(dir)?;
+                warn_other_layouts(dir);
                 let maps = maps_dir(dir);
                 std::fs::create_dir_all(&maps)
                     .with_context(|| format!("creating {}", maps.display()))?;
@@ -316,6 +419,30 @@ impl Dataplane {
         self.services.keys().filter_map(|k| k.ok()).collect()
     }
 
+    /// Every service entry in the map.
+    pub fn services(&self) -> Vec<(ServiceKey, ServiceValue)> {
+        self.services.iter().filter_map(|e| e.ok()).collect()
+    }
+
+    /// Every backend slot in use: id and address.
+    pub fn backends(&self) -> Result<Vec<(u32, std::net::SocketAddr)>> {
+        let mut out = Vec::new();
+        for id in 1..MAX_BACKENDS {
+            let b = self.backends.get(&id, 0)?;
+            if b.flags & BackendInfo::VALID == 0 {
+                continue;
+            }
+            let ip = match b.family {
+                lb_common::FAMILY_V4 => {
+                    std::net::IpAddr::from([b.addr[0], b.addr[1], b.addr[2], b.addr[3]])
+                }
+                _ => std::net::IpAddr::from(b.addr),
+            };
+            out.push((id, std::net::SocketAddr::new(ip, u16::from_be(b.port))));
+        }
+        Ok(out)
+    }
+
     /// Counters of one backend, summed over CPUs.
     pub fn backend_stats(&self, id: u32) -> Result<BackendStats> {
         let per_cpu = self.backend_stats.get(&id, 0)?;
@@ -349,6 +476,23 @@ pub fn empty_table() -> Box<MaglevTable> {
             std::alloc::handle_alloc_error(layout);
         }
         Box::from_raw(p)
+    }
+}
+
+/// Pins of another layout version are not ours to read or remove; say they are there.
+fn warn_other_layouts(pin_dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(pin_dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name != PIN_LAYOUT && name.starts_with('v') {
+            tracing::warn!(
+                found = %e.path().display(),
+                ours = PIN_LAYOUT,
+                "pins of another layout version exist; this build ignores them (remove them with the lbd that made them)"
+            );
+        }
     }
 }
 

@@ -8,7 +8,9 @@ impl Help {
   help
   show services
   show backends [SERVICE]
+  show stat [json]                     (CSV with a '# ' header, or JSON)
   show table SERVICE
+  explain SERVICE CLIENT_IP:PORT [json]  (the backend a new flow from there gets, and why)
   set weight SERVICE/POOL N            (0-1000)
   set weight SERVICE/POOL/BACKEND N    (0-1000)
   set split SERVICE POOL=N [POOL=N ...]  (every pool, atomically)

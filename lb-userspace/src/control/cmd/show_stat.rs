@@ -1,0 +1,77 @@
+use lb_common::stats::BackendStats;
+
+use crate::daemon::Daemon;
+
+/// `show stat [json]`: one row per backend with its weights, state, health and the data
+/// plane's counters (summed over CPUs). CSV with a `# ` header line, like HAProxy's.
+#[derive(Debug, PartialEq)]
+pub struct ShowStat {
+    pub json: bool,
+}
+
+const COLUMNS: &str = "service,pool,backend,addr,pool_weight,weight,share,state,health,\
+connections,packets_to_backend,bytes_to_backend,packets_to_client,bytes_to_client";
+
+impl ShowStat {
+    pub fn parse(args: &[&str]) -> Result<Self, String> {
+        match args {
+            [] => Ok(ShowStat { json: false }),
+            ["json"] => Ok(ShowStat { json: true }),
+            _ => Err("usage: show stat [json]".into()),
+        }
+    }
+
+    pub fn execute(self, d: &mut Daemon) -> Result<String, String> {
+        let mut rows = Vec::new();
+        for (s, p, b) in d.state.backends() {
+            let share = d
+                .state
+                .shares(&s.config.name)
+                .map_err(|e| e.to_string())?
+                .iter()
+                .find(|x| x.id == b.id)
+                .map_or(0.0, |x| x.share);
+            let st = match &d.dataplane {
+                Some(dp) if s.config.mode == crate::config::Mode::Connection => dp
+                    .backend_stats(b.id)
+                    .map_err(|e| format!("reading counters: {e}"))?,
+                _ => BackendStats::default(),
+            };
+            rows.push(serde_json::json!({
+                "service": s.config.name,
+                "pool": p.name,
+                "backend": b.name,
+                "addr": b.addr.to_string(),
+                "pool_weight": p.weight,
+                "weight": b.weight,
+                "share": share,
+                "state": b.state.to_string(),
+                "health": if b.healthy { "up" } else { "down" },
+                "connections": st.new_flows,
+                "packets_to_backend": st.packets_to_backend,
+                "bytes_to_backend": st.bytes_to_backend,
+                "packets_to_client": st.packets_to_client,
+                "bytes_to_client": st.bytes_to_client,
+            }));
+        }
+        if self.json {
+            return Ok(serde_json::Value::Array(rows).to_string());
+        }
+        let mut out = format!("# {COLUMNS}\n");
+        for r in rows {
+            let cells: Vec<String> = COLUMNS
+                .split(',')
+                .map(|c| match &r[c] {
+                    serde_json::Value::String(s) => s.clone(),
+                    serde_json::Value::Number(n) if c == "share" => {
+                        format!("{:.4}", n.as_f64().unwrap_or(0.0))
+                    }
+                    v => v.to_string(),
+                })
+                .collect();
+            out += &cells.join(",");
+            out.push('\n');
+        }
+        Ok(out)
+    }
+}
