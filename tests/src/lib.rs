@@ -9,6 +9,7 @@ pub mod http;
 pub mod netns;
 pub mod packets;
 pub mod topology;
+pub mod traffic;
 pub mod xdp;
 
 /// Root is needed for namespaces, XDP and BPF. Outside CI a non-root run skips with a reason;

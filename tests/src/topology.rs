@@ -51,21 +51,24 @@ pub struct Topology {
     _backend_ns: Vec<Netns>,
 }
 
-fn lbd_binary() -> Result<PathBuf> {
-    if let Some(p) = std::env::var_os("LBD_BIN") {
+/// Path of one of lb-userspace's binaries (`lbd`, `lbctl`): `LBD_BIN`/`LBCTL_BIN` when set,
+/// else the workspace's target directory.
+pub fn binary(name: &str) -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os(format!("{}_BIN", name.to_uppercase())) {
         return Ok(p.into());
     }
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
     for profile in ["debug", "release"] {
-        let p = target.join(profile).join("lbd");
+        let p = target.join(profile).join(name);
         if p.exists() {
             return Ok(p);
         }
     }
     bail!(
-        "lbd binary not found: run `cargo build -p lb-userspace` (cargo xtask test does) or set LBD_BIN"
+        "{name} binary not found: run `cargo build -p lb-userspace` (cargo xtask test does) or set {}_BIN",
+        name.to_uppercase()
     )
 }
 
@@ -90,7 +93,7 @@ impl Topology {
             backends: Vec::new(),
             config: dir.join("lb.toml"),
             socket: dir.join("lb.sock"),
-            lbd_bin: lbd_binary()?,
+            lbd_bin: binary("lbd")?,
             dir,
             bpffs,
             client,
