@@ -88,6 +88,30 @@ fn split_change_under_traffic_resets_nothing_and_applies_at_once() {
         r.new_flows.len()
     );
     assert_nothing_broke(&r, "90/10 -> 10/90");
+
+    // Drain under load: k8s-1's established connections carry on, it gets no new flow.
+    let traffic = Traffic::start(&t, 20).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    t.control("set state web/k8s/k8s-1 drain").unwrap();
+    let drained = Instant::now();
+    std::thread::sleep(Duration::from_millis(500));
+    let r = traffic.stop().unwrap();
+    assert_nothing_broke(&r, "drain");
+    let late: Vec<_> = r
+        .new_flows
+        .iter()
+        .filter(|(s, b)| *s >= drained && b == "k8s-1")
+        .collect();
+    assert!(
+        late.is_empty(),
+        "{} new flows reached a drained backend",
+        late.len()
+    );
+    assert!(
+        r.new_flows
+            .iter()
+            .any(|(s, b)| *s >= drained && b == "k8s-2")
+    );
 }
 
 #[test]
