@@ -9,6 +9,7 @@ use lb_common::{FAMILY_V4, FAMILY_V6, backend::BackendInfo, flow::IpBytes, servi
 use crate::{
     config::{Config, Mode},
     dataplane::Dataplane,
+    metrics::{Labels, Metrics, Sampled, Value, backend_labels},
     state::{Keep, Service, State, StateError},
 };
 
@@ -64,6 +65,7 @@ pub struct Daemon {
     pub dataplane: Option<Dataplane>,
     /// Per service: the generation and buckets last published (what the kernel uses now).
     published: HashMap<String, (u32, Vec<u32>)>,
+    pub metrics: Metrics,
 }
 
 impl Daemon {
@@ -72,6 +74,7 @@ impl Daemon {
             state,
             dataplane,
             published: HashMap::new(),
+            metrics: Metrics::new(),
         }
     }
 
@@ -182,6 +185,7 @@ impl Daemon {
         if svc.config.mode != Mode::Connection {
             return Ok(());
         }
+        let started = std::time::Instant::now();
         let key = service_key(svc);
         let slot = svc.slot;
         let (snat, _) = ip_bytes(svc.config.snat.context("connection service without snat")?);
@@ -191,8 +195,10 @@ impl Daemon {
         };
         let mut table = crate::dataplane::empty_table();
         table.buckets.copy_from_slice(&built);
-        let started = std::time::Instant::now();
         let generation = dp.publish_table(&key, slot, snat, &table)?;
+        self.metrics
+            .table_build
+            .observe(started.elapsed().as_secs_f64());
         tracing::info!(
             service = name,
             generation,
@@ -201,5 +207,181 @@ impl Daemon {
         );
         self.published.insert(name.to_string(), (generation, built));
         Ok(())
+    }
+}
+
+impl Daemon {
+    /// The metrics text for one scrape: the data plane's per-CPU counters summed now, plus the
+    /// state's weights, health and table generations.
+    pub fn scrape(&self) -> String {
+        use lb_common::stats::Stat;
+        let fam = |name, help| Sampled {
+            name,
+            help,
+            samples: Vec::new(),
+        };
+        let mut conns = fam(
+            "lb_backend_connections",
+            "New flows to the backend (connection mode).",
+        );
+        let mut packets = fam("lb_backend_packets", "Packets forwarded, by direction.");
+        let mut bytes = fam(
+            "lb_backend_bytes",
+            "Bytes forwarded (IP packets), by direction.",
+        );
+        let mut up = fam("lb_backend_up", "1 when health checks pass, 0 when not.");
+        let mut weight = fam(
+            "lb_backend_weight",
+            "Backend weight within its pool (0-1000).",
+        );
+        let mut share = fam(
+            "lb_backend_share",
+            "Configured share of new flows (0-1): pool share times backend share among eligible backends.",
+        );
+        let mut ready = fam(
+            "lb_backend_ready",
+            "1 when the admin state is ready (not drain or maint).",
+        );
+        let mut pool_weight = fam(
+            "lb_pool_weight",
+            "Pool weight in the service's split (0-1000).",
+        );
+        let mut generation = fam(
+            "lb_table_generation",
+            "Generation of the service's live table.",
+        );
+        for (name, s) in &self.state.services {
+            let shares = self.state.shares(name).unwrap_or_default();
+            for p in &s.pools {
+                pool_weight.samples.push((
+                    vec![("service", name.clone()), ("pool", p.name.clone())],
+                    Value::Gauge(p.weight as f64),
+                ));
+                for b in &p.backends {
+                    let l = backend_labels(name, &p.name, &b.name);
+                    up.samples
+                        .push((l.clone(), Value::Gauge(if b.healthy { 1.0 } else { 0.0 })));
+                    ready.samples.push((
+                        l.clone(),
+                        Value::Gauge(if b.state == crate::state::AdminState::Ready {
+                            1.0
+                        } else {
+                            0.0
+                        }),
+                    ));
+                    weight
+                        .samples
+                        .push((l.clone(), Value::Gauge(b.weight as f64)));
+                    let sh = shares
+                        .iter()
+                        .find(|x| x.id == b.id)
+                        .map_or(0.0, |x| x.share);
+                    share.samples.push((l.clone(), Value::Gauge(sh)));
+                    let st = match (&self.dataplane, s.config.mode) {
+                        (Some(dp), Mode::Connection) => dp.backend_stats(b.id).unwrap_or_default(),
+                        _ => continue,
+                    };
+                    conns
+                        .samples
+                        .push((l.clone(), Value::Counter(st.new_flows)));
+                    let dir = |d: &str| {
+                        let mut l: Labels = l.clone();
+                        l.push(("direction", d.to_string()));
+                        l
+                    };
+                    packets
+                        .samples
+                        .push((dir("to_backend"), Value::Counter(st.packets_to_backend)));
+                    packets
+                        .samples
+                        .push((dir("to_client"), Value::Counter(st.packets_to_client)));
+                    bytes
+                        .samples
+                        .push((dir("to_backend"), Value::Counter(st.bytes_to_backend)));
+                    bytes
+                        .samples
+                        .push((dir("to_client"), Value::Counter(st.bytes_to_client)));
+                }
+            }
+            if s.config.mode == Mode::Connection {
+                generation.samples.push((
+                    vec![("service", name.clone())],
+                    Value::Gauge(self.generation(name) as f64),
+                ));
+            }
+        }
+        let mut out = vec![
+            conns,
+            packets,
+            bytes,
+            up,
+            ready,
+            weight,
+            share,
+            pool_weight,
+            generation,
+        ];
+        if let Some(dp) = &self.dataplane {
+            if let Ok(stats) = dp.xdp_stats() {
+                let mut actions = fam(
+                    "lb_xdp_packets",
+                    "Packets seen by the XDP program, by verdict.",
+                );
+                for (a, st) in [
+                    ("aborted", Stat::Aborted),
+                    ("drop", Stat::Drop),
+                    ("pass", Stat::Pass),
+                    ("tx", Stat::Tx),
+                    ("redirect", Stat::Redirect),
+                ] {
+                    actions.samples.push((
+                        vec![("action", a.to_string())],
+                        Value::Counter(stats[st as usize]),
+                    ));
+                }
+                let mut reasons = fam(
+                    "lb_xdp_events",
+                    "Why the XDP program did what it did (a packet can count once here besides its verdict).",
+                );
+                for (r, st) in [
+                    ("not_ours", Stat::NotOurs),
+                    ("malformed", Stat::Malformed),
+                    ("fragment", Stat::Fragment),
+                    ("non_syn_without_flow", Stat::NonSynMiss),
+                    ("no_backend", Stat::NoBackend),
+                    ("next_hop_unresolved", Stat::FibPass),
+                    ("flow_not_created", Stat::FlowNotCreated),
+                    ("ttl_exceeded", Stat::TtlExceeded),
+                    ("new_flow", Stat::NewFlow),
+                ] {
+                    reasons.samples.push((
+                        vec![("reason", r.to_string())],
+                        Value::Counter(stats[st as usize]),
+                    ));
+                }
+                out.push(actions);
+                out.push(reasons);
+            }
+            let (entries, capacity) = dp.conntrack_fill();
+            out.push(Sampled {
+                name: "lb_conntrack_entries",
+                help: "Flows in the connection-tracking table (live or not yet evicted).",
+                samples: vec![(Vec::new(), Value::Gauge(entries as f64))],
+            });
+            out.push(Sampled {
+                name: "lb_conntrack_capacity",
+                help: "Flows the connection-tracking table holds before evicting the least recent.",
+                samples: vec![(Vec::new(), Value::Gauge(capacity as f64))],
+            });
+        }
+        out.push(Sampled {
+            name: "lb_build_info",
+            help: "Always 1; the version of lbd.",
+            samples: vec![(
+                vec![("version", env!("CARGO_PKG_VERSION").to_string())],
+                Value::Gauge(1.0),
+            )],
+        });
+        self.metrics.encode(out)
     }
 }

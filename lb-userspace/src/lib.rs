@@ -1,4 +1,5 @@
 //! lb's userspace: configuration, the Maglev table builder, the data-plane loader and writer.
+pub mod admin;
 pub mod config;
 pub mod control;
 pub mod daemon;
@@ -6,4 +7,5 @@ pub mod dataplane;
 pub mod health;
 pub mod host;
 pub mod maglev;
+pub mod metrics;
 pub mod state;

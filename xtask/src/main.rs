@@ -40,6 +40,10 @@ const PACKAGES: &[&str] = &[
     "ethtool",
     "procps",
     "socat",
+    // promtool checks the deploy/ files; the metrics test scrapes lbd with a real Prometheus.
+    "prometheus",
+    // systemd-analyze verifies deploy/lbd.service.
+    "systemd",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 

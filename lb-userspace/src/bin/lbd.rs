@@ -3,16 +3,21 @@
 use std::{
     path::{Path, PathBuf},
     process::ExitCode,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
 };
 
 use anyhow::{Context as _, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use lb_userspace::{
+    admin,
     config::Config,
     control::{self, server},
     daemon::{self, Daemon},
     dataplane::{self, Dataplane, LoadOptions},
-    health, host,
+    health, host, metrics,
     state::State,
 };
 use tokio::{
@@ -166,6 +171,20 @@ async fn run(cfg: Config, path: PathBuf) -> Result<()> {
     let mut checker = health::Checker::new(health_tx);
     checker.reconcile(&daemon.state);
     tracing::info!(backends = checker.len(), "health checks started");
+    // Ready once every checked backend has been checked once (the data plane is attached).
+    let mut unchecked: std::collections::HashSet<health::BackendKey> = daemon
+        .state
+        .backends()
+        .filter(|(_, _, b)| b.state != lb_userspace::state::AdminState::Maint)
+        .map(|(s, p, b)| health::BackendKey {
+            service: s.config.name.clone(),
+            pool: p.name.clone(),
+            backend: b.name.clone(),
+        })
+        .collect();
+    let ready = Arc::new(AtomicBool::new(unchecked.is_empty()));
+    let (scrape_tx, mut scrape_rx) = mpsc::channel::<admin::Scrape>(16);
+    let mut admin_server = tokio::spawn(admin::serve(d.metrics, scrape_tx, ready.clone()));
 
     let (tx, mut rx) = mpsc::channel::<server::Request>(64);
     let socket = d.control_socket.clone();
@@ -184,7 +203,21 @@ async fn run(cfg: Config, path: PathBuf) -> Result<()> {
                 // `set state … maint` stops a backend's checks; `ready` restarts them.
                 checker.reconcile(&daemon.state);
             }
-            Some(ev) = health_rx.recv() => apply_health(&mut daemon, &checker, ev),
+            Some(ev) = health_rx.recv() => {
+                if let health::Event::Checked { key, took, ok } = &ev {
+                    daemon.metrics.health_check(
+                        metrics::backend_labels(&key.service, &key.pool, &key.backend),
+                        *took,
+                        *ok,
+                    );
+                    if unchecked.remove(key) && unchecked.is_empty() {
+                        ready.store(true, Ordering::Relaxed);
+                        tracing::info!("ready: every backend checked once");
+                    }
+                }
+                apply_health(&mut daemon, &checker, ev);
+            }
+            Some(s) = scrape_rx.recv() => { let _ = s.reply.send(daemon.scrape()); }
             _ = hup.recv() => {
                 reload(&mut daemon, &mut running, &path);
                 checker.reconcile(&daemon.state);
@@ -192,6 +225,7 @@ async fn run(cfg: Config, path: PathBuf) -> Result<()> {
             _ = term.recv() => { tracing::info!("SIGTERM: exiting, data plane stays attached"); break Ok(()) }
             _ = int.recv() => { tracing::info!("SIGINT: exiting, data plane stays attached"); break Ok(()) }
             r = &mut server => break r.context("control server").and_then(|r| r),
+            r = &mut admin_server => break r.context("metrics endpoint").and_then(|r| r),
         }
     };
     let _ = std::fs::remove_file(&d.control_socket);
@@ -242,6 +276,11 @@ fn reload(daemon: &mut Daemon, running: &mut Config, path: &Path) {
         Ok(c) => c,
         Err(e) => {
             tracing::error!(error = %e, "reload refused: invalid config; the running config stays in force");
+            daemon
+                .metrics
+                .reloads
+                .get_or_create(&vec![("result", "error".to_string())])
+                .inc();
             return;
         }
     };
@@ -261,6 +300,11 @@ fn reload(daemon: &mut Daemon, running: &mut Config, path: &Path) {
             warn_request_mode(&daemon.state);
             tracing::info!(config = %path.display(), services = daemon.state.services.len(), "reloaded");
             *running = cfg;
+            daemon
+                .metrics
+                .reloads
+                .get_or_create(&vec![("result", "ok".to_string())])
+                .inc();
         }
         Err(e) => tracing::error!(
             error = format!("{e:#}"),

@@ -99,6 +99,7 @@ pub fn handle_line(d: &mut Daemon, line: &str) -> (String, &'static str, bool) {
         // A known command with bad arguments.
         Err(e) => ("invalid", Err(e)),
     };
+    d.metrics.command(name, result.is_ok());
     match result {
         Ok(mut text) => {
             if !text.is_empty() && !text.ends_with('\n') {

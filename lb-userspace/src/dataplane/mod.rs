@@ -223,6 +223,9 @@ pub struct Dataplane {
     next_hops: PerCpuArray<MapData, NextHop>,
     backend_stats: PerCpuArray<MapData, BackendStats>,
     xdp_stats: PerCpuArray<MapData, u64>,
+    /// Read only, to count live flows for metrics.
+    conntrack: HashMap<MapData, lb_common::flow::FlowKey, lb_common::conntrack::CtValue>,
+    conntrack_capacity: u32,
     /// When each service's slot last stopped being live.
     retired: StdHashMap<u32, Instant>,
     /// Pinned links (kept so that dropping the Dataplane never detaches them).
@@ -274,6 +277,13 @@ impl Dataplane {
         let next_hops = PerCpuArray::try_from(take(map_names::NEXT_HOPS)?)?;
         let backend_stats = PerCpuArray::try_from(take(map_names::BACKEND_STATS)?)?;
         let xdp_stats = PerCpuArray::try_from(take(map_names::XDP_STATS)?)?;
+        let ct = take(map_names::CONNTRACK)?;
+        // An adopted map keeps the size it was created with, whatever the config says now.
+        let conntrack_capacity = match &ct {
+            aya::maps::Map::LruHashMap(d) | aya::maps::Map::HashMap(d) => d.info()?.max_entries(),
+            _ => bail!("map {} is not a hash map", map_names::CONNTRACK),
+        };
+        let conntrack = HashMap::try_from(ct)?;
         Ok(Dataplane {
             ebpf,
             pin_dir: opts.pin_dir.clone(),
@@ -283,6 +293,8 @@ impl Dataplane {
             next_hops,
             backend_stats,
             xdp_stats,
+            conntrack,
+            conntrack_capacity,
             retired: StdHashMap::new(),
             links: Vec::new(),
         })
@@ -463,6 +475,17 @@ impl Dataplane {
             *o = self.xdp_stats.get(&(i as u32), 0)?.iter().sum();
         }
         Ok(out)
+    }
+}
+
+impl Dataplane {
+    /// Live flows in the conntrack map, and its capacity. Counting walks the keys (one
+    /// syscall each, about a microsecond): fine at scrape intervals, not per packet.
+    pub fn conntrack_fill(&self) -> (u64, u32) {
+        (
+            self.conntrack.keys().count() as u64,
+            self.conntrack_capacity,
+        )
     }
 }
 

@@ -1,0 +1,232 @@
+//! Prometheus metrics. Two kinds:
+//! - counters the daemon itself increments (control commands, health checks, table builds),
+//!   kept in a prometheus-client registry;
+//! - everything read from the data plane and the state (per-backend flows, packets and bytes,
+//!   XDP verdicts, up, weights, table generations, conntrack fill), taken at scrape time: the
+//!   per-CPU eBPF counters are summed when Prometheus asks, by a collector — no polling loop,
+//!   no lost increments.
+//!
+//! Names follow INTERFACE.md; no client address is ever a label.
+
+use std::{
+    fmt::Write as _,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeMetric as _},
+    metrics::{
+        MetricType,
+        counter::{ConstCounter, Counter},
+        family::Family,
+        gauge::ConstGauge,
+        histogram::Histogram,
+    },
+    registry::Registry,
+};
+
+/// A label set: (name, value) pairs in a fixed order.
+pub type Labels = Vec<(&'static str, String)>;
+
+/// Labels naming a backend.
+pub fn backend_labels(service: &str, pool: &str, backend: &str) -> Labels {
+    vec![
+        ("service", service.to_string()),
+        ("pool", pool.to_string()),
+        ("backend", backend.to_string()),
+    ]
+}
+
+/// One sample's value.
+#[derive(Clone, Debug)]
+pub enum Value {
+    Counter(u64),
+    Gauge(f64),
+}
+
+/// A metric family read at scrape time.
+#[derive(Clone, Debug)]
+pub struct Sampled {
+    /// Name without the `_total` suffix (the encoder adds it to counters).
+    pub name: &'static str,
+    pub help: &'static str,
+    pub samples: Vec<(Labels, Value)>,
+}
+
+/// What the collector encodes on the next scrape; the daemon fills it just before.
+#[derive(Debug, Default)]
+struct Snapshot(Mutex<Vec<Sampled>>);
+
+impl Collector for Snapshot {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let families = self.0.lock().map_err(|_| std::fmt::Error)?;
+        for f in families.iter() {
+            let Some((_, first)) = f.samples.first() else {
+                continue;
+            };
+            let ty = match first {
+                Value::Counter(_) => MetricType::Counter,
+                Value::Gauge(_) => MetricType::Gauge,
+            };
+            let mut m = encoder.encode_descriptor(f.name, f.help, None, ty)?;
+            for (labels, v) in &f.samples {
+                let e = m.encode_family(labels)?;
+                match v {
+                    Value::Counter(c) => ConstCounter::new(*c).encode(e)?,
+                    Value::Gauge(g) => ConstGauge::new(*g).encode(e)?,
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Buckets for durations from 100 µs to ~3 s.
+fn duration_buckets() -> impl Iterator<Item = f64> {
+    prometheus_client::metrics::histogram::exponential_buckets(0.0001, 2.0, 16)
+}
+
+/// The daemon's metrics.
+pub struct Metrics {
+    registry: Registry,
+    snapshot: Arc<Snapshot>,
+    /// `lb_health_check_duration_seconds{service,pool,backend}`.
+    pub health_check_duration: Family<Labels, Histogram>,
+    /// `lb_health_checks_total{service,pool,backend,result}`.
+    pub health_checks: Family<Labels, Counter>,
+    /// `lb_table_build_duration_seconds`: weights to a published table.
+    pub table_build: Histogram,
+    /// `lb_control_commands_total{command,result}`.
+    pub control_commands: Family<Labels, Counter>,
+    /// `lb_config_reloads_total{result}`.
+    pub reloads: Family<Labels, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::default();
+        let health_check_duration =
+            Family::<Labels, Histogram>::new_with_constructor(
+                || Histogram::new(duration_buckets()),
+            );
+        registry.register(
+            "lb_health_check_duration_seconds",
+            "Time a health check took (to success, failure or timeout).",
+            health_check_duration.clone(),
+        );
+        let health_checks = Family::<Labels, Counter>::default();
+        registry.register(
+            "lb_health_checks",
+            "Health checks run, by result (ok or fail).",
+            health_checks.clone(),
+        );
+        let table_build = Histogram::new(duration_buckets());
+        registry.register(
+            "lb_table_build_duration_seconds",
+            "Time from a change to its table being published (build and swap).",
+            table_build.clone(),
+        );
+        let control_commands = Family::<Labels, Counter>::default();
+        registry.register(
+            "lb_control_commands",
+            "Control socket commands, by command and result (ok or error).",
+            control_commands.clone(),
+        );
+        let reloads = Family::<Labels, Counter>::default();
+        registry.register(
+            "lb_config_reloads",
+            "SIGHUP reloads, by result (ok or error).",
+            reloads.clone(),
+        );
+        let snapshot = Arc::new(Snapshot::default());
+        registry.register_collector(Box::new(snapshot.clone()));
+        Metrics {
+            registry,
+            snapshot,
+            health_check_duration,
+            health_checks,
+            table_build,
+            control_commands,
+            reloads,
+        }
+    }
+
+    /// Counts one control command.
+    pub fn command(&self, command: &str, ok: bool) {
+        self.control_commands
+            .get_or_create(&vec![
+                ("command", command.to_string()),
+                ("result", if ok { "ok" } else { "error" }.to_string()),
+            ])
+            .inc();
+    }
+
+    /// Records one health check.
+    pub fn health_check(&self, labels: Labels, took: Duration, ok: bool) {
+        self.health_check_duration
+            .get_or_create(&labels)
+            .observe(took.as_secs_f64());
+        let mut l = labels;
+        l.push(("result", if ok { "ok" } else { "fail" }.to_string()));
+        self.health_checks.get_or_create(&l).inc();
+    }
+
+    /// Encodes everything in the Prometheus/OpenMetrics text format, with `sampled` as the
+    /// scrape-time families.
+    pub fn encode(&self, sampled: Vec<Sampled>) -> String {
+        if let Ok(mut s) = self.snapshot.0.lock() {
+            *s = sampled;
+        }
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+            let _ = writeln!(out, "# encoding failed");
+        }
+        out
+    }
+}
+
+/// The content type of [`Metrics::encode`]'s output.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sampled_counters_get_total_and_labels_in_order() {
+        let m = Metrics::new();
+        m.command("set split", true);
+        let text = m.encode(vec![Sampled {
+            name: "lb_backend_connections",
+            help: "New flows.",
+            samples: vec![(
+                backend_labels("web", "k8s", "10.20.0.21:8080"),
+                Value::Counter(42),
+            )],
+        }]);
+        assert!(
+            text.contains(
+                "lb_backend_connections_total{service=\"web\",pool=\"k8s\",backend=\"10.20.0.21:8080\"} 42"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("lb_control_commands_total{command=\"set split\",result=\"ok\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("# TYPE lb_backend_connections counter"),
+            "{text}"
+        );
+        assert!(text.ends_with("# EOF\n"), "{text}");
+    }
+}

@@ -1,0 +1,88 @@
+//! Every file in `deploy/` is checked by the tool its users would run on it.
+
+use std::{path::PathBuf, process::Command};
+
+use lb_tests::topology::binary;
+
+fn deploy(file: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../deploy")
+        .join(file)
+}
+
+/// Runs a command; fails the test with its output unless it succeeds.
+fn ok(cmd: &mut Command) -> String {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd:?}: {e} (cargo xtask setup installs it)"));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{cmd:?} failed:\n{text}");
+    text
+}
+
+#[test]
+fn prometheus_config_and_alert_rules_pass_promtool() {
+    ok(Command::new("promtool")
+        .args(["check", "config"])
+        .arg(deploy("prometheus.yml")));
+    ok(Command::new("promtool")
+        .args(["check", "rules"])
+        .arg(deploy("alerts.yml")));
+    // Runs in deploy/ because the test file names its rule file relatively.
+    let out = ok(Command::new("promtool")
+        .args(["test", "rules", "alerts_test.yml"])
+        .current_dir(deploy("")));
+    assert!(out.contains("SUCCESS"), "{out}");
+}
+
+#[test]
+fn systemd_unit_passes_systemd_analyze_verify() {
+    // The unit names the installed path; verify it against the binary this build made.
+    let lbd = binary("lbd").unwrap();
+    let unit = std::fs::read_to_string(deploy("lbd.service"))
+        .unwrap()
+        .replace("/usr/local/sbin/lbd", lbd.to_str().unwrap());
+    let dir = std::env::temp_dir().join(format!("lb-unit-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("lbd.service");
+    std::fs::write(&path, unit).unwrap();
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&path)
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && !stderr.contains("lbd.service:"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn example_config_passes_lbd_check() {
+    let out = ok(Command::new(binary("lbd").unwrap())
+        .args(["check", "--config"])
+        .arg(deploy("lb.toml")));
+    assert!(out.contains(": ok"), "{out}");
+}
+
+#[test]
+fn dashboard_is_grafana_json_with_a_query_in_every_panel() {
+    let d: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(deploy("grafana/lb-migration.json")).unwrap(),
+    )
+    .unwrap();
+    let panels = d["panels"].as_array().unwrap();
+    let mut queries = 0;
+    for p in panels.iter().filter(|p| p["type"] != "row") {
+        let targets = p["targets"].as_array().unwrap();
+        assert!(!targets.is_empty(), "panel {} has no query", p["title"]);
+        queries += targets.len();
+    }
+    assert!(queries >= 10, "{queries}");
+}
