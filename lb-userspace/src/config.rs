@@ -263,6 +263,35 @@ struct RawService {
     health: Health,
     #[serde(default, rename = "pool")]
     pools: Vec<RawPool>,
+    #[serde(default, rename = "route")]
+    routes: Vec<Spanned<RawRoute>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRoute {
+    header: Option<String>,
+    cookie: Option<String>,
+    value: String,
+    pool: String,
+}
+
+/// What a canary route matches on.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Match {
+    /// A request header (name compared case-insensitively) with exactly this value.
+    Header(String),
+    /// A cookie with exactly this value.
+    Cookie(String),
+}
+
+/// `[[service.route]]` (request mode): requests that match go to `pool`, before the weighted
+/// pick — the Ingress-canary pattern (`x-canary: always` → k8s).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Route {
+    pub matches: Match,
+    pub value: String,
+    pub pool: String,
 }
 
 /// `[[service]]`.
@@ -278,6 +307,8 @@ pub struct Service {
     pub snat: Option<IpAddr>,
     pub health: Health,
     pub pools: Vec<Pool>,
+    /// Canary routes (request mode), tried in order.
+    pub routes: Vec<Route>,
 }
 
 #[derive(Deserialize)]
@@ -481,6 +512,42 @@ impl Config {
                     backends,
                 });
             }
+            let mut routes = Vec::new();
+            for r in s.routes {
+                let span = r.span();
+                let r = r.into_inner();
+                if mode != Mode::Request {
+                    return Err(at(
+                        span,
+                        format!(
+                            "service {name:?}: routes need mode = \"request\" (a connection-mode service never sees headers)"
+                        ),
+                    ));
+                }
+                let matches = match (r.header, r.cookie) {
+                    (Some(h), None) if !h.is_empty() => Match::Header(h.to_ascii_lowercase()),
+                    (None, Some(c)) if !c.is_empty() => Match::Cookie(c),
+                    _ => {
+                        return Err(at(
+                            span,
+                            format!(
+                                "service {name:?}: a route needs exactly one of `header` or `cookie`"
+                            ),
+                        ));
+                    }
+                };
+                if !pools.iter().any(|p: &Pool| p.name == r.pool) {
+                    return Err(at(
+                        span,
+                        format!("service {name:?}: route to unknown pool {:?}", r.pool),
+                    ));
+                }
+                routes.push(Route {
+                    matches,
+                    value: r.value,
+                    pool: r.pool,
+                });
+            }
             services.push(Service {
                 name,
                 vip,
@@ -491,6 +558,7 @@ impl Config {
                 snat: s.snat.map(|a| *a.get_ref()),
                 health: s.health,
                 pools,
+                routes,
             });
         }
         if connection_services > lb_common::MAX_SERVICES as usize {

@@ -66,6 +66,8 @@ pub struct Daemon {
     /// Per service: the generation and buckets last published (what the kernel uses now).
     published: HashMap<String, (u32, Vec<u32>)>,
     pub metrics: Metrics,
+    /// Request-mode services: where their proxies get each change.
+    views: HashMap<String, tokio::sync::watch::Sender<std::sync::Arc<crate::proxy::View>>>,
 }
 
 impl Daemon {
@@ -75,6 +77,7 @@ impl Daemon {
             dataplane,
             published: HashMap::new(),
             metrics: Metrics::new(),
+            views: HashMap::new(),
         }
     }
 
@@ -165,6 +168,11 @@ impl Daemon {
         }
         let services = &self.state.services;
         self.published.retain(|n, _| services.contains_key(n));
+        self.views.retain(|n, _| {
+            services
+                .get(n)
+                .is_some_and(|s| s.config.mode == Mode::Request)
+        });
         // Only now that no table names them: established flows carry their backend's address,
         // so clearing its slot breaks none of them.
         let live: std::collections::HashSet<u32> =
@@ -182,7 +190,17 @@ impl Daemon {
     /// Rebuilds and publishes one service's table (connection mode).
     pub fn sync_service(&mut self, name: &str) -> Result<()> {
         let svc = self.state.service(name)?;
-        if svc.config.mode != Mode::Connection {
+        if svc.config.mode == Mode::Request {
+            let view = std::sync::Arc::new(self.request_view(name)?);
+            match self.views.get(name) {
+                Some(tx) => {
+                    tx.send_replace(view);
+                }
+                None => {
+                    self.views
+                        .insert(name.to_string(), tokio::sync::watch::Sender::new(view));
+                }
+            }
             return Ok(());
         }
         let started = std::time::Instant::now();
@@ -211,6 +229,54 @@ impl Daemon {
 }
 
 impl Daemon {
+    /// What a request-mode service's proxy balances over now.
+    fn request_view(&self, name: &str) -> Result<crate::proxy::View, StateError> {
+        use crate::proxy::{Upstream, View};
+        let svc = self.state.service(name)?;
+        let shares = self.state.shares(name)?;
+        let mut upstreams = Vec::new();
+        let mut routable = Vec::new();
+        for p in &svc.pools {
+            let pool_total: u64 = p
+                .backends
+                .iter()
+                .filter(|b| b.eligible())
+                .map(|b| b.weight as u64)
+                .sum();
+            for b in p.backends.iter().filter(|b| b.eligible()) {
+                let up = |share| Upstream {
+                    id: b.id,
+                    name: b.name.clone(),
+                    pool: p.name.clone(),
+                    addr: b.addr,
+                    share,
+                };
+                routable.push(up(b.weight as f64 / pool_total as f64));
+                let share = shares
+                    .iter()
+                    .find(|s| s.id == b.id)
+                    .map_or(0.0, |s| s.share);
+                if share > 0.0 {
+                    upstreams.push(up(share));
+                }
+            }
+        }
+        Ok(View {
+            service: name.to_string(),
+            upstreams,
+            routable,
+            routes: svc.config.routes.clone(),
+        })
+    }
+
+    /// A receiver of a request-mode service's views (`None` for other services).
+    pub fn subscribe(
+        &self,
+        name: &str,
+    ) -> Option<tokio::sync::watch::Receiver<std::sync::Arc<crate::proxy::View>>> {
+        self.views.get(name).map(|tx| tx.subscribe())
+    }
+
     /// The metrics text for one scrape: the data plane's per-CPU counters summed now, plus the
     /// state's weights, health and table generations.
     pub fn scrape(&self) -> String {

@@ -8,4 +8,6 @@ pub mod health;
 pub mod host;
 pub mod maglev;
 pub mod metrics;
+pub mod proxy;
 pub mod state;
+pub mod swrr;

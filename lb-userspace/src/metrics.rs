@@ -102,6 +102,8 @@ pub struct Metrics {
     pub control_commands: Family<Labels, Counter>,
     /// `lb_config_reloads_total{result}`.
     pub reloads: Family<Labels, Counter>,
+    /// Request mode: `lb_backend_requests_total` and `lb_backend_request_duration_seconds`.
+    pub requests: crate::proxy::RequestMetrics,
 }
 
 impl Default for Metrics {
@@ -146,6 +148,20 @@ impl Metrics {
             "SIGHUP reloads, by result (ok or error).",
             reloads.clone(),
         );
+        let requests = crate::proxy::RequestMetrics {
+            requests: Family::default(),
+            duration: Family::new_with_constructor(|| Histogram::new(duration_buckets())),
+        };
+        registry.register(
+            "lb_backend_requests",
+            "Requests proxied (request mode), by backend and response code.",
+            requests.requests.clone(),
+        );
+        registry.register(
+            "lb_backend_request_duration_seconds",
+            "Time to the backend's response headers (request mode).",
+            requests.duration.clone(),
+        );
         let snapshot = Arc::new(Snapshot::default());
         registry.register_collector(Box::new(snapshot.clone()));
         Metrics {
@@ -156,6 +172,7 @@ impl Metrics {
             table_build,
             control_commands,
             reloads,
+            requests,
         }
     }
 

@@ -87,14 +87,23 @@ fn serve(c: TcpStream, name: &str, stop: &AtomicBool) {
     loop {
         let mut close = false;
         let mut got = false;
+        let mut xff_wanted = false;
+        let mut xff = String::new();
         loop {
             let mut line = String::new();
             match r.read_line(&mut line) {
                 Ok(0) => return,
                 Ok(_) => {
+                    if !got && line.starts_with("GET /xff ") {
+                        xff_wanted = true;
+                    }
                     got = true;
-                    if line.to_ascii_lowercase().starts_with("connection: close") {
+                    let lower = line.to_ascii_lowercase();
+                    if lower.starts_with("connection: close") {
                         close = true;
+                    }
+                    if let Some(v) = lower.strip_prefix("x-forwarded-for:") {
+                        xff = v.trim().to_string();
                     }
                     if line == "\r\n" {
                         break;
@@ -105,9 +114,12 @@ fn serve(c: TcpStream, name: &str, stop: &AtomicBool) {
                 Err(_) => return,
             }
         }
+        // `/xff` answers with the X-Forwarded-For it got (request-mode tests); anything
+        // else with the backend's name.
+        let body = if xff_wanted { xff.as_str() } else { name };
         let resp = format!(
-            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n{}\r\n{name}",
-            name.len(),
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n{}\r\n{body}",
+            body.len(),
             if close { "Connection: close\r\n" } else { "" }
         );
         if w.write_all(resp.as_bytes()).is_err() || close {
@@ -155,10 +167,20 @@ impl Client {
 
     /// One request; returns the body (the backend's name).
     pub fn get(&mut self, close: bool) -> Result<String> {
-        let req = format!(
-            "GET / HTTP/1.1\r\nHost: lb\r\n{}\r\n",
-            if close { "Connection: close\r\n" } else { "" }
-        );
+        self.request("/", &[], close)
+    }
+
+    /// One request for `path` with extra header lines (`"x-canary: always"`); returns the body.
+    pub fn request(&mut self, path: &str, headers: &[&str], close: bool) -> Result<String> {
+        let mut req = format!("GET {path} HTTP/1.1\r\nHost: lb\r\n");
+        for h in headers {
+            req.push_str(h);
+            req.push_str("\r\n");
+        }
+        if close {
+            req.push_str("Connection: close\r\n");
+        }
+        req.push_str("\r\n");
         self.w.write_all(req.as_bytes())?;
         let mut status = String::new();
         self.r.read_line(&mut status)?;
@@ -187,4 +209,34 @@ impl Client {
 /// One request on a new connection (`Connection: close`); returns the body.
 pub fn get_once(addr: SocketAddr) -> Result<String> {
     Client::connect(addr)?.get(true)
+}
+
+/// A plain `GET` (HTTP/1.0) to `127.0.0.1:port` inside namespace `ns`; returns the status
+/// line and the body. For endpoints only reachable there (lbd's metrics, a test Prometheus).
+pub fn get_in(ns: &str, port: u16, path_and_query: &str) -> (String, String) {
+    let ns = ns.to_string();
+    let req = format!("GET {path_and_query} HTTP/1.0\r\nHost: localhost\r\n\r\n");
+    std::thread::spawn(move || {
+        if let Err(e) = (Netns { name: ns }).enter_no_drop() {
+            return (format!("setns: {e}"), String::new());
+        }
+        let mut s = match TcpStream::connect(("127.0.0.1", port)) {
+            Ok(s) => s,
+            Err(e) => return (format!("connect: {e}"), String::new()),
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+        if let Err(e) = s.write_all(req.as_bytes()) {
+            return (format!("write: {e}"), String::new());
+        }
+        let mut buf = Vec::new();
+        let _ = s.read_to_end(&mut buf);
+        let text = String::from_utf8_lossy(&buf).into_owned();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+        (
+            head.lines().next().unwrap_or("").to_string(),
+            body.to_string(),
+        )
+    })
+    .join()
+    .unwrap_or_else(|_| ("thread panicked".into(), String::new()))
 }

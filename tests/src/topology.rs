@@ -18,6 +18,8 @@ use crate::{
 
 /// The VIP of the connection-mode service.
 pub const VIP: &str = "10.99.0.10";
+/// The VIP of the request-mode service (same pools, same split).
+pub const REQ_VIP: &str = "10.99.0.11";
 /// The balancer's address towards the backends (also the SNAT address).
 pub const LB_BACKEND_SIDE: &str = "10.20.0.1";
 
@@ -112,6 +114,7 @@ impl Topology {
         client.ip(&["route", "add", "default", "via", "10.99.1.1"])?;
         lb.ip(&["addr", "add", "10.99.1.1/24", "dev", "eth0"])?;
         lb.ip(&["addr", "add", &format!("{VIP}/32"), "dev", "lo"])?;
+        lb.ip(&["addr", "add", &format!("{REQ_VIP}/32"), "dev", "lo"])?;
         bridge.ip(&["link", "add", "br0", "type", "bridge"])?;
         bridge.ip(&["link", "set", "br0", "up"])?;
         veth(lb, "eth1", bridge, "p0")?;
@@ -173,6 +176,37 @@ backends = [{{ addr = "10.20.0.11:8080", name = "legacy-1" }}, {{ addr = "10.20.
 name = "k8s"
 weight = 10
 backends = [{{ addr = "10.20.0.21:8080", name = "k8s-1" }}, {{ addr = "10.20.0.22:8080", name = "k8s-2" }}]
+
+# The same pools and split, balanced per request by the userspace proxy.
+[[service]]
+name = "web-req"
+vip = "{REQ_VIP}"
+port = 80
+mode = "request"
+
+[service.health]
+check = "http"
+path = "/healthz"
+interval = "{HEALTH_INTERVAL_MS}ms"
+timeout = "150ms"
+rise = {HEALTH_RISE}
+fall = {HEALTH_FALL}
+
+[[service.pool]]
+name = "legacy"
+weight = 90
+backends = [{{ addr = "10.20.0.11:8080", name = "legacy-1" }}, {{ addr = "10.20.0.12:8080", name = "legacy-2" }}]
+
+[[service.pool]]
+name = "k8s"
+weight = 10
+backends = [{{ addr = "10.20.0.21:8080", name = "k8s-1" }}, {{ addr = "10.20.0.22:8080", name = "k8s-2" }}]
+
+# Ingress-style canary: this header always goes to k8s.
+[[service.route]]
+header = "x-canary"
+value = "always"
+pool = "k8s"
 "#,
             sock = self.socket.display(),
             pins = self.bpffs.join("lb").display(),
@@ -294,6 +328,11 @@ backends = [{{ addr = "10.20.0.21:8080", name = "k8s-1" }}, {{ addr = "10.20.0.2
     /// The VIP address clients connect to.
     pub fn vip(&self) -> SocketAddr {
         format!("{VIP}:80").parse().expect("literal")
+    }
+
+    /// The request-mode service's address.
+    pub fn req_vip(&self) -> SocketAddr {
+        format!("{REQ_VIP}:80").parse().expect("literal")
     }
 
     /// Makes `n` new connections from the client (one request each); returns the answers

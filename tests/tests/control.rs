@@ -83,10 +83,11 @@ fn every_command_works_and_every_bad_input_changes_nothing() {
             .unwrap()
             .starts_with("# service,pool,backend,addr,")
     );
-    assert_eq!(lines.count(), 4, "{stat}");
+    // Both services (connection and request mode) share the four backends.
+    assert_eq!(lines.count(), 8, "{stat}");
     let json: serde_json::Value = serde_json::from_str(&t.control("show stat json").unwrap())
         .expect("show stat json is JSON");
-    assert_eq!(json.as_array().map(|a| a.len()), Some(4), "{json}");
+    assert_eq!(json.as_array().map(|a| a.len()), Some(8), "{json}");
     assert_eq!(json[3]["backend"], "k8s-2");
     assert_eq!(json[3]["weight"], 3);
     let e = t.control("explain web 10.99.1.2:40000").unwrap();

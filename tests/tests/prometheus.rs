@@ -3,38 +3,11 @@
 //! dashboard query runs, and the alert rules load.
 
 use std::{
-    io::{Read, Write},
-    net::TcpStream,
     path::PathBuf,
     time::{Duration, Instant},
 };
 
-use lb_tests::{netns::Netns, require_root, topology::Topology, traffic::Traffic};
-
-/// A GET inside the namespace; returns (status line, body).
-fn get(ns: &str, port: u16, path_and_query: &str) -> (String, String) {
-    let ns = ns.to_string();
-    let req = format!("GET {path_and_query} HTTP/1.0\r\nHost: localhost\r\n\r\n");
-    std::thread::spawn(move || {
-        Netns { name: ns }.enter_no_drop().unwrap();
-        let mut s = match TcpStream::connect(("127.0.0.1", port)) {
-            Ok(s) => s,
-            Err(e) => return (format!("connect: {e}"), String::new()),
-        };
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        s.write_all(req.as_bytes()).unwrap();
-        let mut buf = Vec::new();
-        let _ = s.read_to_end(&mut buf);
-        let text = String::from_utf8_lossy(&buf).into_owned();
-        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-        (
-            head.lines().next().unwrap_or("").to_string(),
-            body.to_string(),
-        )
-    })
-    .join()
-    .unwrap()
-}
+use lb_tests::{http::get_in, require_root, topology::Topology, traffic::Traffic};
 
 fn encode(q: &str) -> String {
     q.bytes()
@@ -49,7 +22,7 @@ fn encode(q: &str) -> String {
 
 /// An instant query; panics unless Prometheus says `success`.
 fn query(ns: &str, q: &str) -> Vec<serde_json::Value> {
-    let (status, body) = get(ns, 9090, &format!("/api/v1/query?query={}", encode(q)));
+    let (status, body) = get_in(ns, 9090, &format!("/api/v1/query?query={}", encode(q)));
     let v: serde_json::Value =
         serde_json::from_str(&body).unwrap_or_else(|e| panic!("{q}: {status}: {e}: {body}"));
     assert_eq!(v["status"], "success", "{q}: {body}");
@@ -92,7 +65,7 @@ fn prometheus_sees_the_split_and_a_dead_backend() {
         )
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
-    while !get(&ns, 9090, "/-/ready").0.contains("200") {
+    while !get_in(&ns, 9090, "/-/ready").0.contains("200") {
         assert!(
             Instant::now() < deadline,
             "prometheus did not start:\n{}",
@@ -100,8 +73,8 @@ fn prometheus_sees_the_split_and_a_dead_backend() {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
-    assert!(get(&ns, 9091, "/live").0.contains("200"));
-    assert!(get(&ns, 9091, "/ready").0.contains("200"));
+    assert!(get_in(&ns, 9091, "/live").0.contains("200"));
+    assert!(get_in(&ns, 9091, "/ready").0.contains("200"));
 
     t.control("set split web legacy=80 k8s=20").unwrap();
     let traffic = Traffic::start(&t, 0).unwrap();
@@ -130,7 +103,7 @@ fn prometheus_sees_the_split_and_a_dead_backend() {
         "k8s share {k8s_share:.1} %"
     );
 
-    let (_, scrape) = get(&ns, 9091, "/metrics");
+    let (_, scrape) = get_in(&ns, 9091, "/metrics");
     let excerpt: Vec<&str> = scrape
         .lines()
         .filter(|l| {
@@ -146,14 +119,14 @@ fn prometheus_sees_the_split_and_a_dead_backend() {
     t.stop_backend(2);
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
-        let up = query(&ns, "lb_backend_up{backend=\"k8s-1\"}");
+        let up = query(&ns, "lb_backend_up{service=\"web\",backend=\"k8s-1\"}");
         if up.first().map(value) == Some(0.0) {
             break;
         }
         assert!(Instant::now() < deadline, "lb_backend_up stayed {up:?}");
         std::thread::sleep(Duration::from_millis(250));
     }
-    let others = query(&ns, "lb_backend_up{backend!=\"k8s-1\"}");
+    let others = query(&ns, "lb_backend_up{service=\"web\",backend!=\"k8s-1\"}");
     assert_eq!(others.len(), 3);
     assert!(others.iter().all(|s| value(s) == 1.0), "{others:?}");
 
@@ -176,6 +149,6 @@ fn prometheus_sees_the_split_and_a_dead_backend() {
     }
     assert!(ran >= 10);
     // The alert rules loaded into the real Prometheus.
-    let (_, rules) = get(&ns, 9090, "/api/v1/rules");
+    let (_, rules) = get_in(&ns, 9090, "/api/v1/rules");
     assert!(rules.contains("LbPoolNoHealthyBackend"), "{rules}");
 }

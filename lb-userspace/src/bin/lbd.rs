@@ -17,7 +17,7 @@ use lb_userspace::{
     control::{self, server},
     daemon::{self, Daemon},
     dataplane::{self, Dataplane, LoadOptions},
-    health, host, metrics,
+    health, host, metrics, proxy,
     state::State,
 };
 use tokio::{
@@ -155,7 +155,6 @@ async fn run(cfg: Config, path: PathBuf) -> Result<()> {
     // A restart: keep the backend ids and table slots the pinned maps already use.
     let keep = daemon::keep_from_dataplane(&dp)?;
     let state = State::from_config_keeping(&cfg, &keep)?;
-    warn_request_mode(&state);
     // Tables first, then attach: the first packet already finds a complete configuration.
     let mut daemon = Daemon::new(state, None);
     daemon.dataplane = Some(dp);
@@ -166,6 +165,11 @@ async fn run(cfg: Config, path: PathBuf) -> Result<()> {
         dp.attach(iface, d.xdp_mode)?;
     }
     daemon.dataplane = Some(dp);
+
+    let mut proxies = proxy::Proxies::default();
+    if let Some(e) = proxies.reconcile(&daemon).into_iter().next() {
+        return Err(e);
+    }
 
     let (health_tx, mut health_rx) = mpsc::channel::<health::Event>(1024);
     let mut checker = health::Checker::new(health_tx);
@@ -221,6 +225,9 @@ async fn run(cfg: Config, path: PathBuf) -> Result<()> {
             _ = hup.recv() => {
                 reload(&mut daemon, &mut running, &path);
                 checker.reconcile(&daemon.state);
+                for e in proxies.reconcile(&daemon) {
+                    tracing::error!(error = format!("{e:#}"), "reload: a request-mode service cannot be served");
+                }
             }
             _ = term.recv() => { tracing::info!("SIGTERM: exiting, data plane stays attached"); break Ok(()) }
             _ = int.recv() => { tracing::info!("SIGINT: exiting, data plane stays attached"); break Ok(()) }
@@ -230,14 +237,6 @@ async fn run(cfg: Config, path: PathBuf) -> Result<()> {
     };
     let _ = std::fs::remove_file(&d.control_socket);
     result
-}
-
-fn warn_request_mode(state: &State) {
-    for s in state.services.values() {
-        if s.config.mode == lb_userspace::config::Mode::Request {
-            tracing::warn!(service = %s.config.name, "request mode is not served yet by this build; service ignored");
-        }
-    }
 }
 
 /// Applies a health transition (unless it comes from a check task that was since replaced).
@@ -297,7 +296,6 @@ fn reload(daemon: &mut Daemon, running: &mut Config, path: &Path) {
     }
     match daemon.reload(&cfg) {
         Ok(()) => {
-            warn_request_mode(&daemon.state);
             tracing::info!(config = %path.display(), services = daemon.state.services.len(), "reloaded");
             *running = cfg;
             daemon

@@ -1,0 +1,475 @@
+//! Request mode: an HTTP/1.1 reverse proxy on `vip:port` that picks a backend per request —
+//! canary routes first, then smooth weighted round robin (nginx's algorithm) over the healthy
+//! `ready` backends of all pools, weighted pool × backend. Upstream connections are kept alive
+//! and reused. The daemon publishes every change (weights, states, health, reload) as a new
+//! [`View`]; the next request uses it.
+
+use std::{
+    collections::HashMap,
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result};
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Full, combinators::BoxBody};
+use hyper::{
+    Request, Response, StatusCode,
+    body::Incoming,
+    header::{self, HeaderMap, HeaderValue},
+    service::service_fn,
+};
+use hyper_util::{
+    client::legacy::{Client, connect::HttpConnector},
+    rt::{TokioExecutor, TokioIo, TokioTimer},
+};
+use prometheus_client::metrics::{counter::Counter, family::Family, histogram::Histogram};
+use tokio::sync::watch;
+
+use crate::{
+    config::{Match, Route},
+    metrics::{Labels, backend_labels},
+    swrr::{Swrr, integer_weights},
+};
+
+/// How long an upstream may take to answer with headers.
+const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a client may take to send a request's headers.
+const CLIENT_HEADER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A backend that can take requests, with its share of them.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Upstream {
+    pub id: u32,
+    pub name: String,
+    pub pool: String,
+    pub addr: SocketAddr,
+    /// Fraction of requests (0–1) the weighted pick gives it.
+    pub share: f64,
+}
+
+/// What the proxy of one service balances over, as of the last change.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct View {
+    pub service: String,
+    /// Eligible backends only (healthy, ready, weight > 0, in a pool with weight).
+    pub upstreams: Vec<Upstream>,
+    /// Backends eligible within their pool, whatever the pool's weight: canary routes
+    /// send to a pool even when its weight is 0.
+    pub routable: Vec<Upstream>,
+    pub routes: Vec<Route>,
+}
+
+/// Request metrics, shared with the daemon's registry.
+#[derive(Clone)]
+pub struct RequestMetrics {
+    /// `lb_backend_requests_total{service,pool,backend,code}`.
+    pub requests: Family<Labels, Counter>,
+    /// `lb_backend_request_duration_seconds{service,pool,backend}` (to response headers).
+    pub duration: Family<Labels, Histogram>,
+}
+
+/// The pickers, rebuilt (keeping their rotation) when the view changes.
+struct Pickers {
+    all: Swrr,
+    per_pool: HashMap<String, Swrr>,
+    view: Arc<View>,
+}
+
+impl Pickers {
+    fn new(view: Arc<View>) -> Pickers {
+        let mut p = Pickers {
+            all: Swrr::default(),
+            per_pool: HashMap::new(),
+            view: Arc::new(View::default()),
+        };
+        p.update(view);
+        p
+    }
+
+    fn update(&mut self, view: Arc<View>) {
+        let shares: Vec<(u32, f64)> = view.upstreams.iter().map(|u| (u.id, u.share)).collect();
+        self.all.set_weights(&integer_weights(&shares));
+        let mut pools: HashMap<String, Vec<(u32, f64)>> = HashMap::new();
+        for u in &view.routable {
+            pools
+                .entry(u.pool.clone())
+                .or_default()
+                .push((u.id, u.share));
+        }
+        self.per_pool.retain(|p, _| pools.contains_key(p));
+        for (pool, shares) in pools {
+            self.per_pool
+                .entry(pool)
+                .or_default()
+                .set_weights(&integer_weights(&shares));
+        }
+        self.view = view;
+    }
+
+    /// Canary routes first (the first that matches and whose pool can answer), then the
+    /// weighted pick over every pool.
+    fn pick(&mut self, headers: &HeaderMap) -> Option<Upstream> {
+        let routed = self
+            .view
+            .routes
+            .iter()
+            .find(|r| matches(r, headers) && self.per_pool.contains_key(&r.pool))
+            .map(|r| r.pool.clone());
+        let id = match routed {
+            Some(pool) => self.per_pool.get_mut(&pool)?.pick()?,
+            None => self.all.pick()?,
+        };
+        self.view
+            .routable
+            .iter()
+            .chain(&self.view.upstreams)
+            .find(|u| u.id == id)
+            .cloned()
+    }
+}
+
+fn matches(route: &Route, headers: &HeaderMap) -> bool {
+    match &route.matches {
+        Match::Header(name) => headers
+            .get_all(name.as_str())
+            .iter()
+            .any(|v| v.as_bytes() == route.value.as_bytes()),
+        Match::Cookie(name) => headers
+            .get_all(header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(';'))
+            .filter_map(|kv| kv.trim().split_once('='))
+            .any(|(k, v)| k == name && v == route.value),
+    }
+}
+
+type Body = BoxBody<Bytes, hyper::Error>;
+
+fn full(status: StatusCode, text: String) -> Response<Body> {
+    let mut r = Response::new(
+        Full::new(Bytes::from(text))
+            .map_err(|never: Infallible| match never {})
+            .boxed(),
+    );
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+struct Shared {
+    views: Mutex<watch::Receiver<Arc<View>>>,
+    pickers: Mutex<Pickers>,
+    client: Client<HttpConnector, Incoming>,
+    metrics: RequestMetrics,
+}
+
+impl Shared {
+    fn pick(&self, headers: &HeaderMap) -> Option<Upstream> {
+        let mut pickers = self.pickers.lock().ok()?;
+        if let Ok(mut rx) = self.views.lock() {
+            if rx.has_changed().unwrap_or(false) {
+                let v = rx.borrow_and_update().clone();
+                pickers.update(v);
+            }
+        }
+        pickers.pick(headers)
+    }
+
+    fn service(&self) -> String {
+        self.pickers
+            .lock()
+            .map(|p| p.view.service.clone())
+            .unwrap_or_default()
+    }
+}
+
+/// Serves one request-mode service on `listener` until the task is dropped.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    views: watch::Receiver<Arc<View>>,
+    metrics: RequestMetrics,
+) -> Result<()> {
+    let mut connector = HttpConnector::new();
+    connector.set_connect_timeout(Some(Duration::from_secs(2)));
+    connector.set_nodelay(true);
+    let client = Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(60))
+        .pool_max_idle_per_host(64)
+        .build(connector);
+    let first = views.borrow().clone();
+    let shared = Arc::new(Shared {
+        views: Mutex::new(views),
+        pickers: Mutex::new(Pickers::new(first)),
+        client,
+        metrics,
+    });
+    loop {
+        let (stream, peer) = listener.accept().await.context("accepting")?;
+        let _ = stream.set_nodelay(true);
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| {
+                let shared = shared.clone();
+                async move { Ok::<_, Infallible>(handle(&shared, req, peer).await) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(CLIENT_HEADER_TIMEOUT)
+                .serve_connection(TokioIo::new(stream), svc);
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, %peer, "proxy connection ended");
+            }
+        });
+    }
+}
+
+/// Headers that describe one hop, not the message (RFC 9110 §7.6.1).
+const HOP_BY_HOP: [&str; 7] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "upgrade",
+    "proxy-authorization",
+];
+
+fn strip_hop_by_hop(h: &mut HeaderMap) {
+    // Headers named in Connection are hop-by-hop too.
+    let named: Vec<String> = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|s| s.trim().to_ascii_lowercase())
+        .filter(|s| !s.is_empty())
+        .collect();
+    for n in HOP_BY_HOP.iter().map(|s| s.to_string()).chain(named) {
+        h.remove(n.as_str());
+    }
+}
+
+async fn handle(shared: &Shared, mut req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+    let Some(up) = shared.pick(req.headers()) else {
+        return full(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "503: service {:?} has no healthy ready backend\n",
+                shared.service()
+            ),
+        );
+    };
+    let started = Instant::now();
+    let pq = req
+        .uri()
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_string();
+    let uri = match format!("http://{}{pq}", up.addr).parse() {
+        Ok(u) => u,
+        Err(e) => {
+            return full(
+                StatusCode::BAD_REQUEST,
+                format!("400: bad request target: {e}\n"),
+            );
+        }
+    };
+    *req.uri_mut() = uri;
+    let h = req.headers_mut();
+    strip_hop_by_hop(h);
+    let xff = match h.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        Some(prev) => format!("{prev}, {}", peer.ip()),
+        None => peer.ip().to_string(),
+    };
+    if let Ok(v) = HeaderValue::from_str(&xff) {
+        h.insert("x-forwarded-for", v);
+    }
+    let service = shared.service();
+    let labels = backend_labels(&service, &up.pool, &up.name);
+    let result = tokio::time::timeout(UPSTREAM_TIMEOUT, shared.client.request(req)).await;
+    let resp = match result {
+        Ok(Ok(mut resp)) => {
+            strip_hop_by_hop(resp.headers_mut());
+            resp.map(|b| b.boxed())
+        }
+        Ok(Err(e)) => full(
+            StatusCode::BAD_GATEWAY,
+            format!("502: backend {} ({}) failed: {e}\n", up.name, up.addr),
+        ),
+        Err(_) => full(
+            StatusCode::GATEWAY_TIMEOUT,
+            format!(
+                "504: backend {} ({}) did not answer within {UPSTREAM_TIMEOUT:?}\n",
+                up.name, up.addr
+            ),
+        ),
+    };
+    shared
+        .metrics
+        .duration
+        .get_or_create(&labels)
+        .observe(started.elapsed().as_secs_f64());
+    let mut l = labels;
+    l.push(("code", resp.status().as_u16().to_string()));
+    shared.metrics.requests.get_or_create(&l).inc();
+    resp
+}
+
+/// The running proxies, one per request-mode service. Dropping it stops them.
+#[derive(Default)]
+pub struct Proxies {
+    running: HashMap<String, (SocketAddr, tokio::task::AbortHandle)>,
+}
+
+impl Drop for Proxies {
+    fn drop(&mut self) {
+        for (_, h) in self.running.values() {
+            h.abort();
+        }
+    }
+}
+
+impl Proxies {
+    /// Starts a proxy for every request-mode service that has none (or moved to another
+    /// address) and stops those of services that are gone. Returns what could not start.
+    pub fn reconcile(&mut self, d: &crate::daemon::Daemon) -> Vec<anyhow::Error> {
+        let wanted: HashMap<String, SocketAddr> = d
+            .state
+            .services
+            .iter()
+            .filter(|(_, s)| s.config.mode == crate::config::Mode::Request)
+            .map(|(n, s)| (n.clone(), SocketAddr::new(s.config.vip, s.config.port)))
+            .collect();
+        self.running.retain(|name, (addr, h)| {
+            let keep = wanted.get(name) == Some(addr);
+            if !keep {
+                h.abort();
+            }
+            keep
+        });
+        let mut errors = Vec::new();
+        for (name, addr) in wanted {
+            if self.running.contains_key(&name) {
+                continue;
+            }
+            let Some(views) = d.subscribe(&name) else {
+                continue;
+            };
+            match bind(addr) {
+                Ok(listener) => {
+                    let metrics = d.metrics.requests.clone();
+                    let svc = name.clone();
+                    let h = tokio::spawn(async move {
+                        if let Err(e) = serve(listener, views, metrics).await {
+                            tracing::error!(
+                                service = svc,
+                                error = format!("{e:#}"),
+                                "request-mode proxy stopped"
+                            );
+                        }
+                    })
+                    .abort_handle();
+                    tracing::info!(service = name, %addr, "request-mode proxy listening");
+                    self.running.insert(name, (addr, h));
+                }
+                Err(e) => errors.push(e.context(format!("service {name:?}"))),
+            }
+        }
+        errors
+    }
+}
+
+/// Binds a request-mode listener (the VIP must be a local address).
+pub fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener> {
+    let l = std::net::TcpListener::bind(addr).with_context(|| {
+        format!("request mode: listening on {addr} (is the VIP a local address?)")
+    })?;
+    l.set_nonblocking(true)?;
+    Ok(tokio::net::TcpListener::from_std(l)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn up(id: u32, pool: &str, share: f64) -> Upstream {
+        Upstream {
+            id,
+            name: format!("b{id}"),
+            pool: pool.into(),
+            addr: "127.0.0.1:1".parse().unwrap(),
+            share,
+        }
+    }
+
+    fn view() -> Arc<View> {
+        Arc::new(View {
+            service: "web".into(),
+            upstreams: vec![up(1, "legacy", 1.0)],
+            routable: vec![up(1, "legacy", 1.0), up(2, "k8s", 1.0)],
+            routes: vec![
+                Route {
+                    matches: Match::Header("x-canary".into()),
+                    value: "always".into(),
+                    pool: "k8s".into(),
+                },
+                Route {
+                    matches: Match::Cookie("canary".into()),
+                    value: "1".into(),
+                    pool: "k8s".into(),
+                },
+            ],
+        })
+    }
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                header::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        h
+    }
+
+    #[test]
+    fn canary_header_or_cookie_goes_to_its_pool_even_at_weight_0() {
+        let mut p = Pickers::new(view());
+        let id = |p: &mut Pickers, h: &[(&str, &str)]| p.pick(&headers(h)).unwrap().id;
+        assert_eq!(id(&mut p, &[]), 1);
+        assert_eq!(id(&mut p, &[("x-canary", "always")]), 2);
+        assert_eq!(id(&mut p, &[("X-Canary", "never")]), 1);
+        assert_eq!(id(&mut p, &[("cookie", "a=b; canary=1")]), 2);
+        assert_eq!(id(&mut p, &[("cookie", "canary=10")]), 1);
+    }
+
+    #[test]
+    fn a_route_to_a_pool_without_backends_falls_back_to_the_weighted_pick() {
+        let mut v = (*view()).clone();
+        v.routable.retain(|u| u.pool != "k8s");
+        let mut p = Pickers::new(Arc::new(v));
+        assert_eq!(p.pick(&headers(&[("x-canary", "always")])).unwrap().id, 1);
+    }
+
+    #[test]
+    fn hop_by_hop_headers_are_not_forwarded() {
+        let mut h = headers(&[
+            ("connection", "close, x-secret"),
+            ("x-secret", "1"),
+            ("keep-alive", "5"),
+            ("x-kept", "1"),
+        ]);
+        strip_hop_by_hop(&mut h);
+        assert!(h.get("x-secret").is_none() && h.get("connection").is_none());
+        assert!(h.get("keep-alive").is_none());
+        assert_eq!(h.get("x-kept").unwrap(), "1");
+    }
+}
