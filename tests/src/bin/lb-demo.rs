@@ -106,6 +106,9 @@ struct Row {
     req_keepalive: f64,
 }
 
+/// A plotted line: its legend, colour, and which measurement of a stage it shows.
+type Series = (&'static str, RGBColor, fn(&Row) -> f64);
+
 fn plot(rows: &[Row], path: &PathBuf) -> Result<()> {
     let root = SVGBackend::new(path, (760, 480)).into_drawing_area();
     root.fill(&WHITE)?;
@@ -130,7 +133,7 @@ fn plot(rows: &[Row], path: &PathBuf) -> Result<()> {
         ))?
         .label("ideal")
         .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], BLACK.mix(0.3)));
-    let series: [(&str, RGBColor, fn(&Row) -> f64); 2] = [
+    let series: [Series; 2] = [
         ("connection mode (XDP, per connection)", RED, |r| {
             r.conn_keepalive
         }),
