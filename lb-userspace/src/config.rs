@@ -703,6 +703,37 @@ backends = [{ addr = "10.20.0.21:8080", name = "k8s-a" }]
     }
 
     #[test]
+    fn routes_need_request_mode_one_match_and_a_known_pool() {
+        let req = GOOD.replace("snat = \"10.20.0.1\"", "mode = \"request\"");
+        let route = |r: &str| format!("{req}\n[[service.route]]\n{r}\n");
+        let c = Config::parse(
+            &route("header = \"X-Canary\"\nvalue = \"always\"\npool = \"k8s\""),
+            Path::new("lb.toml"),
+        )
+        .unwrap();
+        assert_eq!(
+            c.services[0].routes,
+            vec![Route {
+                matches: Match::Header("x-canary".into()),
+                value: "always".into(),
+                pool: "k8s".into()
+            }]
+        );
+        let e = err(&route("cookie = \"c\"\nvalue = \"1\"\npool = \"nope\""));
+        assert!(
+            e.contains("unknown pool") && e.starts_with("lb.toml:"),
+            "{e}"
+        );
+        let e = err(&route(
+            "header = \"h\"\ncookie = \"c\"\nvalue = \"1\"\npool = \"k8s\"",
+        ));
+        assert!(e.contains("exactly one of"), "{e}");
+        let conn =
+            format!("{GOOD}\n[[service.route]]\nheader = \"h\"\nvalue = \"1\"\npool = \"k8s\"\n");
+        assert!(err(&conn).contains("routes need mode = \"request\""));
+    }
+
+    #[test]
     fn semantic_errors_point_at_the_key() {
         let e = err(&GOOD.replace("name = \"k8s\"", "name = \"legacy\""));
         assert!(
