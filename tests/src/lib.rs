@@ -5,6 +5,7 @@
 //! Every name a test creates starts with a prefix unique to that test and process, and
 //! every address lives inside namespaces the test made.
 
+pub mod bench;
 pub mod http;
 pub mod netns;
 pub mod packets;

@@ -268,14 +268,19 @@ pool = "k8s"
         }
     }
 
+    /// lbd's process id, while it runs.
+    pub fn lbd_pid(&self) -> Option<u32> {
+        self.lbd.as_ref().and_then(|c| c.0.as_ref()).map(|c| c.id())
+    }
+
+    /// Where lbd pins its maps.
+    pub fn maps_dir(&self) -> PathBuf {
+        lb_userspace::dataplane::maps_dir(&self.bpffs.join("lb"))
+    }
+
     /// Sends SIGHUP to lbd (reload its config file).
     pub fn reload_lbd(&self) -> Result<()> {
-        let pid = self
-            .lbd
-            .as_ref()
-            .and_then(|c| c.0.as_ref())
-            .map(|c| c.id())
-            .context("lbd is not running")?;
+        let pid = self.lbd_pid().context("lbd is not running")?;
         // SAFETY: signalling our own child.
         if unsafe { libc::kill(pid as i32, libc::SIGHUP) } != 0 {
             bail!("SIGHUP: {}", std::io::Error::last_os_error());

@@ -1,6 +1,6 @@
 //! Per-packet cost of the XDP program via BPF_PROG_TEST_RUN, net of a bare XDP_PASS program
 //! measured in the same run. Run by `cargo xtask bench` (ignored in `cargo xtask test`);
-//! writes BENCHMARKS.md.
+//! writes its section of BENCHMARKS.md.
 
 use std::fmt::Write as _;
 
@@ -85,15 +85,8 @@ fn per_packet_cost() {
         .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
         .unwrap_or_default();
     let mut md = String::new();
-    writeln!(md, "# Benchmarks\n").unwrap();
-    writeln!(
-        md,
-        "Written by `cargo xtask bench`. Kernel {}, CPU {cpu}, {} CPUs, aya 0.14.",
-        kernel.trim(),
-        cpus
-    )
-    .unwrap();
-    writeln!(md, "\n## Per packet (BPF_PROG_TEST_RUN)\n").unwrap();
+    writeln!(md, "## Per packet (BPF_PROG_TEST_RUN)\n").unwrap();
+    writeln!(md, "Kernel {}, CPU {cpu}, {cpus} CPUs.", kernel.trim()).unwrap();
     writeln!(md, "Median of {rounds} interleaved rounds; `repeat` = {REPEAT} (new flows: median of 2000 single runs, each a distinct SYN). Net = gross − a bare XDP_PASS program measured in the same round. The redirect itself is not performed by test_run.\n").unwrap();
     writeln!(md, "| path | gross ns/packet | net ns/packet (min–max) |").unwrap();
     writeln!(md, "|---|---|---|").unwrap();
@@ -109,7 +102,5 @@ fn per_packet_cost() {
         .unwrap();
     }
     print!("{md}");
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../BENCHMARKS.md");
-    std::fs::write(&path, md).unwrap();
-    eprintln!("wrote {}", path.display());
+    lb_tests::bench::write_section("1-per-packet", &md);
 }

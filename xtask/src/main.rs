@@ -3,6 +3,7 @@
 //! xtask depends on nothing of the project's, so it compiles on a fresh machine before the
 //! eBPF toolchain exists; `setup` then installs that toolchain (idempotent, quick when done).
 
+use std::path::PathBuf;
 use std::process::{Command, ExitCode};
 
 use anyhow::{Context as _, Result, bail};
@@ -134,6 +135,71 @@ fn build(release: bool) -> Result<()> {
     sh(&mut cargo(&args))
 }
 
+/// Runs every benchmark (each writes a section into target/bench/) and assembles
+/// BENCHMARKS.md from them.
+fn bench() -> Result<()> {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"));
+    let sections = target.join("bench");
+    let _ = std::fs::remove_dir_all(&sections);
+    sh(cargo(&[
+        "test",
+        "--release",
+        "-p",
+        "lb-tests",
+        "--test",
+        "xdp_bench",
+        "--test",
+        "control_bench",
+        "--",
+        "--ignored",
+        "--nocapture",
+        "--test-threads=1",
+    ])
+    .env("LBD_BIN", target.join("release/lbd")))?;
+    sh(&mut cargo(&[
+        "bench",
+        "-p",
+        "lb-userspace",
+        "--bench",
+        "table_build",
+        "--",
+        "--noplot",
+    ]))?;
+    let mut md = String::from(
+        "## Table build (criterion)\n\nWeights → a 65537-bucket table (what lbd does on every change), alternating weights 90/10, release build.\n\n| backends | median | 95 % interval of the mean |\n|---|---|---|\n",
+    );
+    for n in [10, 100, 1000] {
+        let est = target.join(format!("criterion/table_build/{n}/new/estimates.json"));
+        let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&est)?)?;
+        let ms = |x: &serde_json::Value| x.as_f64().unwrap_or(f64::NAN) / 1e6;
+        md += &format!(
+            "| {n} | {:.2} ms | {:.2}–{:.2} ms |\n",
+            ms(&v["median"]["point_estimate"]),
+            ms(&v["mean"]["confidence_interval"]["lower_bound"]),
+            ms(&v["mean"]["confidence_interval"]["upper_bound"]),
+        );
+    }
+    std::fs::write(sections.join("4-table-build.md"), md)?;
+    let mut names: Vec<PathBuf> = std::fs::read_dir(&sections)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "md"))
+        .collect();
+    names.sort();
+    let mut out = String::from(
+        "# Benchmarks\n\nWritten by `cargo xtask bench` on one machine: every figure below comes from the same run.\n\n",
+    );
+    for p in names {
+        out += &std::fs::read_to_string(&p)?;
+        out += "\n";
+    }
+    std::fs::write(root.join("BENCHMARKS.md"), out)?;
+    eprintln!("wrote BENCHMARKS.md");
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let r = match cli.cmd {
@@ -157,19 +223,7 @@ fn main() -> ExitCode {
                 "run", "--quiet", "-p", "lb-tests", "--bin", "lb-demo",
             ]))
         }),
-        Cmd::Bench => setup().and_then(|_| build(true)).and_then(|_| {
-            sh(&mut cargo(&[
-                "test",
-                "--release",
-                "-p",
-                "lb-tests",
-                "--test",
-                "xdp_bench",
-                "--",
-                "--ignored",
-                "--nocapture",
-            ]))
-        }),
+        Cmd::Bench => setup().and_then(|_| build(true)).and_then(|_| bench()),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

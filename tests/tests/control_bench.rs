@@ -1,0 +1,124 @@
+//! Control-plane figures for BENCHMARKS.md (run by `cargo xtask bench`, ignored otherwise):
+//! time from `lbctl set split` to the kernel using the new table, and lbd's memory at rest and
+//! under load.
+
+use std::{
+    fmt::Write as _,
+    io::{BufRead, BufReader, Write},
+    os::unix::net::UnixStream,
+    time::{Duration, Instant},
+};
+
+use aya::maps::{HashMap, MapData};
+use lb_common::{
+    map_names,
+    service::{ServiceKey, ServiceValue},
+};
+use lb_tests::{require_root, topology::Topology, traffic::Traffic};
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+fn percentile(v: &mut [f64], p: f64) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[((v.len() - 1) as f64 * p).round() as usize]
+}
+
+#[test]
+#[ignore = "benchmark: run by `cargo xtask bench`"]
+fn control_plane() {
+    if !require_root("control_plane") {
+        return;
+    }
+    let mut t = Topology::new("cb", "skb").unwrap();
+    t.start_lbd().unwrap();
+    let pid = t.lbd_pid().unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    let rss_rest = rss_kib(pid);
+
+    // set split → the service entry in the kernel points at the new table.
+    let services: HashMap<MapData, ServiceKey, ServiceValue> = HashMap::try_from(
+        aya::maps::Map::HashMap(MapData::from_pin(t.maps_dir().join(map_names::SERVICES)).unwrap()),
+    )
+    .unwrap();
+    let generation = |m: &HashMap<MapData, ServiceKey, ServiceValue>| {
+        m.iter()
+            .filter_map(|e| e.ok())
+            .map(|(_, v)| v.generation)
+            .max()
+            .unwrap_or(0)
+    };
+    let mut to_kernel = Vec::new();
+    let mut to_reply = Vec::new();
+    let mut s = UnixStream::connect(&t.socket).unwrap();
+    let mut r = BufReader::new(s.try_clone().unwrap());
+    for i in 0..40 {
+        let before = generation(&services);
+        let line = if i % 2 == 0 {
+            "set split web legacy=10 k8s=90\n"
+        } else {
+            "set split web legacy=90 k8s=10\n"
+        };
+        let sent = Instant::now();
+        s.write_all(line.as_bytes()).unwrap();
+        // Spin on the kernel map (one syscall per look) until the new generation is live.
+        while generation(&services) == before {
+            assert!(
+                sent.elapsed() < Duration::from_secs(5),
+                "table never changed"
+            );
+        }
+        to_kernel.push(sent.elapsed().as_secs_f64() * 1e3);
+        let mut reply = String::new();
+        while reply != "\n" {
+            reply.clear();
+            r.read_line(&mut reply).unwrap();
+        }
+        to_reply.push(sent.elapsed().as_secs_f64() * 1e3);
+    }
+
+    let traffic = Traffic::start(&t, 32).unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    let rss_load = rss_kib(pid);
+    let report = traffic.stop().unwrap();
+
+    let mut md = String::new();
+    writeln!(md, "## Control plane\n").unwrap();
+    writeln!(md, "`lbd` release build in the namespace topology; 40 `set split` changes alternating 90/10 and 10/90 on one control connection.\n").unwrap();
+    writeln!(md, "| measure | median | p99 |").unwrap();
+    writeln!(md, "|---|---|---|").unwrap();
+    writeln!(
+        md,
+        "| `set split` sent → new table live in the kernel | {:.2} ms | {:.2} ms |",
+        percentile(&mut to_kernel, 0.5),
+        percentile(&mut to_kernel, 0.99)
+    )
+    .unwrap();
+    writeln!(
+        md,
+        "| `set split` sent → reply received | {:.2} ms | {:.2} ms |",
+        percentile(&mut to_reply, 0.5),
+        percentile(&mut to_reply, 0.99)
+    )
+    .unwrap();
+    writeln!(md, "\n| lbd memory (VmRSS) | KiB |\n|---|---|").unwrap();
+    writeln!(
+        md,
+        "| at rest (2 services, 8 backends, checks every 200 ms) | {rss_rest} |"
+    )
+    .unwrap();
+    writeln!(
+        md,
+        "| under load (32 keep-alive clients + new connections, {} requests in 3 s) | {rss_load} |",
+        report.keepalive_requests + report.new_flows.len()
+    )
+    .unwrap();
+    print!("{md}");
+    lb_tests::bench::write_section("3-control-plane", &md);
+}
