@@ -113,34 +113,98 @@ pub fn build(entries: &[Entry], m: u32) -> Vec<u32> {
         .collect();
     let mut table = vec![NO_BACKEND; m as usize];
     let mut left: Vec<u64> = counts.iter().map(|&c| c as u64).collect();
-    let mut heap: BinaryHeap<Due> = counts
-        .iter()
-        .enumerate()
-        .filter(|(_, n)| **n > 0)
-        .map(|(idx, &n)| Due {
-            k: 0,
-            n: n as u64,
-            idx,
-        })
-        .collect();
-    while let Some(Due { k, n, idx }) = heap.pop() {
-        let (offset, skip) = perms[idx];
-        let at = |k: u64| ((offset + k * skip) % m64) as usize;
-        let s = at(k);
-        if table[s] == NO_BACKEND {
-            table[s] = owned[idx].id;
+    let n_of: Vec<u64> = counts.iter().map(|&c| c as u64).collect();
+    // Takes position `k` of backend `idx` if that bucket is still free; returns the backend's
+    // next position that is free now, while it still needs buckets. A taken bucket stays
+    // taken, so positions taken now can be passed without waiting for their turn; a free one
+    // may still be taken before its turn (checked when it comes). Free buckets remain while
+    // claims do (Σ counts = m) and every permutation visits every bucket, so the walk ends.
+    // The bucket at each backend's pending position, advanced by adding `skip` (no division
+    // in the walk, which visits ~m·ln m positions in all).
+    let mut cur: Vec<u64> = perms.iter().map(|&(offset, _)| offset).collect();
+    // Which buckets are taken, as bits: 8 KiB that stay in L1 while the walk probes them at
+    // random (the table itself is 256 KiB).
+    let mut taken = vec![0u64; (m as usize).div_ceil(64)];
+    let is_taken = |taken: &[u64], s: u64| taken[(s >> 6) as usize] & (1 << (s & 63)) != 0;
+    let mut step = |idx: usize, k: u64, table: &mut Vec<u32>| -> Option<u64> {
+        let skip = perms[idx].1;
+        let mut s = cur[idx];
+        if !is_taken(&taken, s) {
+            taken[(s >> 6) as usize] |= 1 << (s & 63);
+            table[s as usize] = owned[idx].id;
             left[idx] -= 1;
         }
-        if left[idx] > 0 {
-            // A taken bucket stays taken, so positions already taken now can be passed
-            // without waiting for their turn; a free one may still be taken before its turn
-            // (checked when it comes). Free buckets remain while claims do (Σ counts = m),
-            // and every permutation visits every bucket, so this ends within m steps.
-            let mut next = k + 1;
-            while table[at(next)] != NO_BACKEND {
-                next += 1;
+        if left[idx] == 0 {
+            return None;
+        }
+        let mut next = k;
+        loop {
+            next += 1;
+            s += skip;
+            if s >= m64 {
+                s -= m64;
             }
-            heap.push(Due { k: next, n, idx });
+            if !is_taken(&taken, s) {
+                break;
+            }
+        }
+        cur[idx] = s;
+        Some(next)
+    };
+    // Turns are processed in order with a calendar of `m` bins over [0, 1) — bin
+    // ⌊(2k+1)·m / 2n⌋, exact in integers — and a heap for turns at or after 1 (backends that
+    // walked past their count's worth of positions). A backend's next turn is at least 1/n ≥
+    // 1/m later, so it always lands in a later bin: bins never need revisiting. Within a bin,
+    // turns are ordered exactly (time, then index), so the order is the heap's order.
+    const NONE: u32 = u32::MAX;
+    let bin = |k: u64, n: u64| ((2 * k + 1) * m64 / (2 * n)) as usize;
+    let mut head = vec![NONE; m as usize];
+    let mut link = vec![NONE; owned.len()];
+    let mut pos = vec![0u64; owned.len()];
+    let mut late: BinaryHeap<Due> = BinaryHeap::new();
+    let schedule = |idx: usize,
+                    k: u64,
+                    head: &mut Vec<u32>,
+                    link: &mut Vec<u32>,
+                    pos: &mut Vec<u64>,
+                    late: &mut BinaryHeap<Due>| {
+        let n = n_of[idx];
+        let b = bin(k, n);
+        if b < head.len() {
+            pos[idx] = k;
+            link[idx] = head[b];
+            head[b] = idx as u32;
+        } else {
+            late.push(Due { k, n, idx });
+        }
+    };
+    for idx in (0..owned.len()).filter(|&i| n_of[i] > 0) {
+        schedule(idx, 0, &mut head, &mut link, &mut pos, &mut late);
+    }
+    let mut due: Vec<usize> = Vec::new();
+    for b in 0..m as usize {
+        due.clear();
+        let mut i = head[b];
+        while i != NONE {
+            due.push(i as usize);
+            i = link[i as usize];
+        }
+        if due.len() > 1 {
+            due.sort_by(|&a, &c| {
+                let ta = (2 * pos[a] as u128 + 1) * n_of[c] as u128;
+                let tc = (2 * pos[c] as u128 + 1) * n_of[a] as u128;
+                ta.cmp(&tc).then(a.cmp(&c))
+            });
+        }
+        for &idx in &due {
+            if let Some(next) = step(idx, pos[idx], &mut table) {
+                schedule(idx, next, &mut head, &mut link, &mut pos, &mut late);
+            }
+        }
+    }
+    while let Some(Due { k, n, idx }) = late.pop() {
+        if let Some(next) = step(idx, k, &mut table) {
+            late.push(Due { k: next, n, idx });
         }
     }
     table
