@@ -33,6 +33,16 @@ pub fn alive(last_seen: u64, st: u8, proto: u8, now: u64, t: &Tunables) -> bool 
     now.saturating_sub(last_seen) <= timeout
 }
 
+/// Whether a flow's SNAT port may go to a new flow: the flow is dead, or closed and idle long
+/// enough that nothing but strays can still come.
+#[inline(always)]
+pub fn port_reusable(last_seen: u64, st: u8, proto: u8, now: u64, t: &Tunables) -> bool {
+    !alive(last_seen, st, proto, now, t)
+        || (proto == PROTO_TCP
+            && st == state::CLOSING
+            && now.saturating_sub(last_seen) > t.tcp_closed_reuse_ns)
+}
+
 /// Applies one packet to an entry's state and timestamp; returns whether anything changed
 /// (and so must be copied to the flow's other entry).
 #[inline(always)]

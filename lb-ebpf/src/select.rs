@@ -86,7 +86,7 @@ fn alloc_snat_port(
             }
             Some(old) => {
                 if reclaim == 0
-                    && !conntrack::alive(old.last_seen_ns, old.state, rkey.proto, now, t)
+                    && conntrack::port_reusable(old.last_seen_ns, old.state, rkey.proto, now, t)
                 {
                     reclaim = port;
                 }

@@ -256,6 +256,11 @@ pool = "k8s"
         Ok(())
     }
 
+    /// The namespace of backend `i`.
+    pub fn backend_ns(&self, i: usize) -> &Netns {
+        &self._backend_ns[i]
+    }
+
     /// Kills lbd with SIGKILL (no clean-up of any kind runs) and reaps it.
     pub fn kill_lbd(&mut self) {
         drop(self.lbd.take());

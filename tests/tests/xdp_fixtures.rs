@@ -162,7 +162,8 @@ fn packets_that_are_not_ours_pass_untouched() {
 fn snat_port(seen: &Seen) -> u16 {
     let p = seen.src.1;
     assert!(
-        (61000..=65535).contains(&p),
+        (lb_common::Tunables::DEFAULT.snat_port_min..=lb_common::Tunables::DEFAULT.snat_port_max)
+            .contains(&p),
         "SNAT port {p} outside the configured range"
     );
     p

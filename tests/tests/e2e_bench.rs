@@ -1,0 +1,246 @@
+//! End to end through one namespace topology (client → balancer namespace → bridge → 4
+//! backend namespaces running nginx), with wrk: direct (kernel forwarding, no balancer), lb in
+//! connection mode (XDP, skb mode: faster than native on veth) and request mode, nginx stream
+//! and HAProxy tcp (L4), nginx http and HAProxy http (L7). Every path sees the same interface
+//! settings, backends and 90/10 weights. Rounds are interleaved; medians and min–max are
+//! reported. Run by `cargo xtask bench` (ignored otherwise).
+
+use std::{collections::BTreeMap, fmt::Write as _, path::Path, time::Duration};
+
+use lb_tests::{
+    netns::ChildGuard,
+    require_root,
+    topology::{BACKENDS, Topology},
+};
+
+/// Local addresses of the peers in the balancer namespace.
+const NGINX_STREAM: &str = "10.99.0.12";
+const HAPROXY_TCP: &str = "10.99.0.13";
+const NGINX_HTTP: &str = "10.99.0.14";
+const HAPROXY_HTTP: &str = "10.99.0.15";
+
+const SECONDS: u32 = 4;
+const ROUNDS: usize = 3;
+
+fn weight(i: usize) -> u32 {
+    if BACKENDS[i].0 == "legacy" { 45 } else { 5 }
+}
+
+fn backend_nginx(dir: &Path, i: usize) -> String {
+    let (_, name, addr) = BACKENDS[i];
+    format!(
+        "worker_processes 2;\ndaemon off;\npid {d}/nginx-b{i}.pid;\nerror_log stderr error;\n\
+         events {{ worker_connections 8192; }}\n\
+         http {{ access_log off; keepalive_requests 10000000;\n\
+           client_body_temp_path {d}/b{i}-body; proxy_temp_path {d}/b{i}-proxy;\n\
+           fastcgi_temp_path {d}/b{i}-fcgi; uwsgi_temp_path {d}/b{i}-uwsgi; scgi_temp_path {d}/b{i}-scgi;\n\
+           server {{ listen {addr} backlog=4096; location / {{ return 200 \"{name}\"; }} }} }}\n",
+        d = dir.display()
+    )
+}
+
+fn lb_nginx(dir: &Path) -> String {
+    let servers: String = (0..BACKENDS.len())
+        .map(|i| format!("server {} weight={};\n", BACKENDS[i].2, weight(i)))
+        .collect();
+    format!(
+        "load_module /usr/lib/nginx/modules/ngx_stream_module.so;\n\
+         worker_processes 2;\ndaemon off;\npid {d}/nginx-lb.pid;\nerror_log stderr error;\n\
+         events {{ worker_connections 16384; }}\n\
+         stream {{ upstream st {{ {servers} }}\n server {{ listen {NGINX_STREAM}:80 backlog=4096; proxy_pass st; }} }}\n\
+         http {{ access_log off; keepalive_requests 10000000;\n\
+           client_body_temp_path {d}/lb-body; proxy_temp_path {d}/lb-proxy;\n\
+           fastcgi_temp_path {d}/lb-fcgi; uwsgi_temp_path {d}/lb-uwsgi; scgi_temp_path {d}/lb-scgi;\n\
+           upstream ht {{ {servers} keepalive 64; }}\n\
+           server {{ listen {NGINX_HTTP}:80 backlog=4096; location / {{ proxy_pass http://ht; proxy_http_version 1.1; proxy_set_header Connection \"\"; }} }} }}\n",
+        d = dir.display()
+    )
+}
+
+fn lb_haproxy() -> String {
+    let servers: String = (0..BACKENDS.len())
+        .map(|i| format!("  server b{i} {} weight {}\n", BACKENDS[i].2, weight(i)))
+        .collect();
+    format!(
+        "global\n  nbthread 2\n  maxconn 8000\ndefaults\n  timeout connect 2s\n  timeout client 30s\n  timeout server 30s\n\
+         frontend ft_tcp\n  mode tcp\n  bind {HAPROXY_TCP}:80\n  default_backend bk_tcp\n\
+         backend bk_tcp\n  mode tcp\n  balance roundrobin\n{servers}\
+         frontend ft_http\n  mode http\n  bind {HAPROXY_HTTP}:80\n  default_backend bk_http\n\
+         backend bk_http\n  mode http\n  balance roundrobin\n  http-reuse always\n{servers}"
+    )
+}
+
+/// One wrk run's figures.
+#[derive(Clone, Copy, Debug, Default)]
+struct Run {
+    rps: f64,
+    p50_us: f64,
+    p99_us: f64,
+}
+
+fn parse_latency(v: &str) -> f64 {
+    let v = v.trim();
+    let (num, mul) = if let Some(n) = v.strip_suffix("us") {
+        (n, 1.0)
+    } else if let Some(n) = v.strip_suffix("ms") {
+        (n, 1e3)
+    } else if let Some(n) = v.strip_suffix('s') {
+        (n, 1e6)
+    } else {
+        (v, 1.0)
+    };
+    num.trim().parse::<f64>().unwrap_or(f64::NAN) * mul
+}
+
+fn wrk(t: &Topology, url: &str, conns: u32, close: bool) -> Run {
+    let threads = if conns >= 2 { "2" } else { "1" };
+    let c = conns.to_string();
+    let d = format!("{SECONDS}s");
+    let mut args = vec!["wrk", "-t", threads, "-c", &c, "-d", &d, "--latency"];
+    if close {
+        args.extend(["-H", "Connection: close"]);
+    }
+    args.push(url);
+    let out = t
+        .client
+        .exec(&args)
+        .unwrap_or_else(|e| panic!("wrk {url}: {e}"));
+    let mut r = Run::default();
+    for l in out.lines() {
+        let l = l.trim();
+        if let Some(v) = l.strip_prefix("Requests/sec:") {
+            r.rps = v.trim().parse().unwrap_or(0.0);
+        } else if let Some(v) = l.strip_prefix("50%") {
+            r.p50_us = parse_latency(v);
+        } else if let Some(v) = l.strip_prefix("99%") {
+            r.p99_us = parse_latency(v);
+        }
+    }
+    if out.contains("Socket errors") {
+        eprintln!(
+            "wrk {url} ({conns} conns, close={close}): {}",
+            out.lines()
+                .find(|l| l.contains("Socket errors"))
+                .unwrap_or("")
+        );
+    }
+    r
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+#[test]
+#[ignore = "benchmark: run by `cargo xtask bench`"]
+fn end_to_end() {
+    if !require_root("end_to_end") {
+        return;
+    }
+    let mut t = Topology::new("eb", "skb").unwrap();
+    for a in [NGINX_STREAM, HAPROXY_TCP, NGINX_HTTP, HAPROXY_HTTP] {
+        t.lb.ip(&["addr", "add", &format!("{a}/32"), "dev", "lo"])
+            .unwrap();
+    }
+    // nginx backends instead of the test's threaded ones: the backends must not be the limit.
+    let mut guards: Vec<ChildGuard> = Vec::new();
+    for i in 0..BACKENDS.len() {
+        t.stop_backend(i);
+        let conf = t.dir.join(format!("backend{i}.conf"));
+        std::fs::write(&conf, backend_nginx(&t.dir, i)).unwrap();
+        let ns = t.backend_ns(i);
+        guards.push(
+            ns.spawn(
+                &["nginx", "-c", conf.to_str().unwrap()],
+                &t.dir.join(format!("b{i}.log")),
+            )
+            .unwrap(),
+        );
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    t.start_lbd().unwrap();
+    t.control("set split web legacy=90 k8s=10").unwrap();
+    t.control("set split web-req legacy=90 k8s=10").unwrap();
+    let conf = t.dir.join("lb-nginx.conf");
+    std::fs::write(&conf, lb_nginx(&t.dir)).unwrap();
+    guards.push(
+        t.lb.spawn(
+            &["nginx", "-c", conf.to_str().unwrap()],
+            &t.dir.join("lb-nginx.log"),
+        )
+        .unwrap(),
+    );
+    let hconf = t.dir.join("haproxy.cfg");
+    std::fs::write(&hconf, lb_haproxy()).unwrap();
+    guards.push(
+        t.lb.spawn(
+            &["haproxy", "-db", "-f", hconf.to_str().unwrap()],
+            &t.dir.join("haproxy.log"),
+        )
+        .unwrap(),
+    );
+    std::thread::sleep(Duration::from_secs(1));
+
+    let paths: Vec<(&str, String)> = vec![
+        (
+            "direct (kernel forwarding, no balancer)",
+            format!("http://{}/", BACKENDS[0].2),
+        ),
+        ("lb connection mode (XDP, skb)", "http://10.99.0.10/".into()),
+        ("nginx stream (L4)", format!("http://{NGINX_STREAM}/")),
+        ("HAProxy mode tcp (L4)", format!("http://{HAPROXY_TCP}/")),
+        ("lb request mode (L7)", "http://10.99.0.11/".into()),
+        (
+            "nginx http (L7, upstream keep-alive)",
+            format!("http://{NGINX_HTTP}/"),
+        ),
+        ("HAProxy mode http (L7)", format!("http://{HAPROXY_HTTP}/")),
+    ];
+    // Per path: keep-alive rps (32 conns), close rps (32 conns), 1-conn p50/p99, 32-conn p99.
+    let mut res: BTreeMap<usize, Vec<[f64; 5]>> = BTreeMap::new();
+    for round in 0..ROUNDS {
+        for (i, (name, url)) in paths.iter().enumerate() {
+            eprintln!("round {}/{ROUNDS}: {name}", round + 1);
+            let ka = wrk(&t, url, 32, false);
+            let cl = wrk(&t, url, 32, true);
+            let one = wrk(&t, url, 1, false);
+            res.entry(i)
+                .or_default()
+                .push([ka.rps, cl.rps, one.p50_us, one.p99_us, ka.p99_us]);
+        }
+    }
+    let med = |i: usize, k: usize| median(res[&i].iter().map(|r| r[k]).collect());
+    let range = |i: usize, k: usize| {
+        let v: Vec<f64> = res[&i].iter().map(|r| r[k]).collect();
+        (
+            v.iter().cloned().fold(f64::MAX, f64::min),
+            v.iter().cloned().fold(f64::MIN, f64::max),
+        )
+    };
+    let mut md = String::new();
+    writeln!(md, "## End to end (wrk)\n").unwrap();
+    writeln!(md, "Client namespace → balancer namespace → bridge → 4 backend namespaces (nginx answering with its name), weights 90/10, all on this machine's 2 cores. wrk `-t2 -c32 -d{SECONDS}s` (keep-alive, and with `Connection: close` = one connection per request) and `-t1 -c1` for single-connection latency. {ROUNDS} interleaved rounds: median (min–max); ratio to direct. The balancer runs in skb XDP mode (on veth it is faster than native).\n").unwrap();
+    writeln!(md, "| path | keep-alive req/s | `Connection: close` conn/s | 1-conn p50 / p99 µs | 32-conn p99 µs |").unwrap();
+    writeln!(md, "|---|---|---|---|---|").unwrap();
+    let (d_ka, d_cl) = (med(0, 0), med(0, 1));
+    for (i, (name, _)) in paths.iter().enumerate() {
+        let (ka_lo, ka_hi) = range(i, 0);
+        let (cl_lo, cl_hi) = range(i, 1);
+        writeln!(
+            md,
+            "| {name} | {:.0} ({ka_lo:.0}–{ka_hi:.0}) = {:.2}× | {:.0} ({cl_lo:.0}–{cl_hi:.0}) = {:.2}× | {:.0} / {:.0} | {:.0} |",
+            med(i, 0),
+            med(i, 0) / d_ka,
+            med(i, 1),
+            med(i, 1) / d_cl,
+            med(i, 2),
+            med(i, 3),
+            med(i, 4),
+        )
+        .unwrap();
+    }
+    print!("{md}");
+    lb_tests::bench::write_section("2-end-to-end", &md);
+    drop(guards);
+}
