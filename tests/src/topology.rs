@@ -143,6 +143,33 @@ impl Topology {
             self.backends.push(None);
             self.start_backend(i)?;
         }
+        // Health and pools, the same for both services (written once, from BACKENDS).
+        let pool = |name: &str, weight: u32| {
+            let members: Vec<String> = BACKENDS
+                .iter()
+                .filter(|(p, _, _)| *p == name)
+                .map(|(_, n, a)| format!("{{ addr = \"{a}\", name = \"{n}\" }}"))
+                .collect();
+            format!(
+                "[[service.pool]]\nname = \"{name}\"\nweight = {weight}\nbackends = [{}]\n",
+                members.join(", ")
+            )
+        };
+        let body = format!(
+            r#"
+[service.health]
+check = "http"
+path = "/healthz"
+interval = "{HEALTH_INTERVAL_MS}ms"
+timeout = "150ms"
+rise = {HEALTH_RISE}
+fall = {HEALTH_FALL}
+
+{}
+{}"#,
+            pool("legacy", 90),
+            pool("k8s", 10)
+        );
         let cfg = format!(
             r#"[daemon]
 interfaces = ["eth0", "eth1"]
@@ -158,50 +185,14 @@ port = 80
 protocol = "tcp"
 mode = "connection"
 snat = "{LB_BACKEND_SIDE}"
-
-[service.health]
-check = "http"
-path = "/healthz"
-interval = "{HEALTH_INTERVAL_MS}ms"
-timeout = "150ms"
-rise = {HEALTH_RISE}
-fall = {HEALTH_FALL}
-
-[[service.pool]]
-name = "legacy"
-weight = 90
-backends = [{{ addr = "10.20.0.11:8080", name = "legacy-1" }}, {{ addr = "10.20.0.12:8080", name = "legacy-2" }}]
-
-[[service.pool]]
-name = "k8s"
-weight = 10
-backends = [{{ addr = "10.20.0.21:8080", name = "k8s-1" }}, {{ addr = "10.20.0.22:8080", name = "k8s-2" }}]
-
+{body}
 # The same pools and split, balanced per request by the userspace proxy.
 [[service]]
 name = "web-req"
 vip = "{REQ_VIP}"
 port = 80
 mode = "request"
-
-[service.health]
-check = "http"
-path = "/healthz"
-interval = "{HEALTH_INTERVAL_MS}ms"
-timeout = "150ms"
-rise = {HEALTH_RISE}
-fall = {HEALTH_FALL}
-
-[[service.pool]]
-name = "legacy"
-weight = 90
-backends = [{{ addr = "10.20.0.11:8080", name = "legacy-1" }}, {{ addr = "10.20.0.12:8080", name = "legacy-2" }}]
-
-[[service.pool]]
-name = "k8s"
-weight = 10
-backends = [{{ addr = "10.20.0.21:8080", name = "k8s-1" }}, {{ addr = "10.20.0.22:8080", name = "k8s-2" }}]
-
+{body}
 # Ingress-style canary: this header always goes to k8s.
 [[service.route]]
 header = "x-canary"
