@@ -51,6 +51,33 @@ pub fn next_hop(
     Some(*cached)
 }
 
+/// The benchmarks' ideal forwarder: per packet a fib lookup, the TTL decremented, the MACs
+/// set and a redirect — the least any XDP forwarder does, so the ceiling for this balancer.
+/// Anything it cannot route goes to the kernel.
+#[inline(always)]
+pub fn ideal(ctx: &XdpContext) -> u32 {
+    let Ok(pkt) = crate::parse::parse(ctx) else {
+        return xdp_action::XDP_PASS;
+    };
+    if crate::nat::ttl(&pkt) <= 1 {
+        return xdp_action::XDP_PASS;
+    }
+    let k = &pkt.key;
+    // SAFETY: plain C struct, all-zero is valid.
+    let mut p: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    p.family = FAMILY_V4;
+    p.ifindex = ctx.ingress_ifindex() as u32;
+    p.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes([k.src[0], k.src[1], k.src[2], k.src[3]]);
+    p.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes([k.dst[0], k.dst[1], k.dst[2], k.dst[3]]);
+    // SAFETY: helper call with a valid context and a stack struct of the size passed.
+    let rc = unsafe { fib_lookup(ctx.as_ptr(), &mut p, size_of::<bpf_fib_lookup>() as i32, 0) };
+    if rc != BPF_FIB_LKUP_RET_SUCCESS {
+        return xdp_action::XDP_PASS;
+    }
+    crate::nat::decrement_ttl(&pkt);
+    send(ctx, &pkt, p.ifindex, &p.smac, &p.dmac)
+}
+
 /// Sends the (already rewritten) packet out of `ifindex`: back out of the interface it came in
 /// on (TX) or through another one (REDIRECT).
 #[inline(always)]

@@ -56,6 +56,13 @@ pub fn lb_pass(_ctx: XdpContext) -> u32 {
     XDP_PASS
 }
 
+/// The benchmarks' ideal forwarder (fib lookup + redirect per packet): the ceiling that
+/// `cargo xtask bench` compares the balancer with. Not used by lbd.
+#[xdp]
+pub fn lb_ideal_fwd(ctx: XdpContext) -> u32 {
+    forward::ideal(&ctx)
+}
+
 #[inline(always)]
 fn pass(reason: Stat) -> u32 {
     stats::bump(reason);

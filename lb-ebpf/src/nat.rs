@@ -73,6 +73,19 @@ pub fn rewrite(pkt: &Packet, rw: &Rewrite) -> Result<(), ()> {
     Ok(())
 }
 
+/// Decrements the TTL, fixing the IPv4 checksum (the caller has checked it is above 1).
+#[inline(always)]
+pub fn decrement_ttl(pkt: &Packet) {
+    // SAFETY: bounds-checked by `parse`.
+    unsafe {
+        let ip = &mut *pkt.ip;
+        let old = u16::from_ne_bytes([ip.ttl, ip.proto]);
+        ip.ttl -= 1;
+        let diff = CsumDiff::new().word(old, u16::from_ne_bytes([ip.ttl, ip.proto]));
+        ip.check = diff.apply(u16::from_ne_bytes(ip.check)).to_ne_bytes();
+    }
+}
+
 /// The TTL the packet arrived with.
 #[inline(always)]
 pub fn ttl(pkt: &Packet) -> u8 {

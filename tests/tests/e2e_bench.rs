@@ -1,5 +1,6 @@
 //! End to end through one namespace topology (client → balancer namespace → bridge → 4
-//! backend namespaces running nginx), with wrk: direct (kernel forwarding, no balancer), lb in
+//! backend namespaces running nginx), with wrk: direct (kernel forwarding, no balancer), an
+//! ideal XDP forwarder (fib lookup + redirect, native and skb: the ceiling), lb in
 //! connection mode (XDP, skb mode: faster than native on veth) and request mode, nginx stream
 //! and HAProxy tcp (L4), nginx http and HAProxy http (L7). Every path sees the same interface
 //! settings, backends and 90/10 weights. Rounds are interleaved; medians and min–max are
@@ -7,6 +8,9 @@
 
 use std::{collections::BTreeMap, fmt::Write as _, path::Path, time::Duration};
 
+use lb_userspace::dataplane::{Dataplane, IDEAL_FORWARDER, LoadOptions};
+
+use aya::programs::XdpMode;
 use lb_tests::{
     netns::ChildGuard,
     require_root,
@@ -19,7 +23,7 @@ const HAPROXY_TCP: &str = "10.99.0.13";
 const NGINX_HTTP: &str = "10.99.0.14";
 const HAPROXY_HTTP: &str = "10.99.0.15";
 
-const SECONDS: u32 = 4;
+const SECONDS: u32 = 3;
 const ROUNDS: usize = 3;
 
 fn weight(i: usize) -> u32 {
@@ -132,6 +136,26 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// Replaces a topology's threaded test backends with nginx ones (the backends must not be
+/// the limit).
+fn nginx_backends(t: &mut Topology) -> Vec<ChildGuard> {
+    let mut guards = Vec::new();
+    for i in 0..BACKENDS.len() {
+        t.stop_backend(i);
+        let conf = t.dir.join(format!("backend{i}.conf"));
+        std::fs::write(&conf, backend_nginx(&t.dir, i)).unwrap();
+        guards.push(
+            t.backend_ns(i)
+                .spawn(
+                    &["nginx", "-c", conf.to_str().unwrap()],
+                    &t.dir.join(format!("b{i}.log")),
+                )
+                .unwrap(),
+        );
+    }
+    guards
+}
+
 #[test]
 #[ignore = "benchmark: run by `cargo xtask bench`"]
 fn end_to_end() {
@@ -143,21 +167,18 @@ fn end_to_end() {
         t.lb.ip(&["addr", "add", &format!("{a}/32"), "dev", "lo"])
             .unwrap();
     }
-    // nginx backends instead of the test's threaded ones: the backends must not be the limit.
-    let mut guards: Vec<ChildGuard> = Vec::new();
-    for i in 0..BACKENDS.len() {
-        t.stop_backend(i);
-        let conf = t.dir.join(format!("backend{i}.conf"));
-        std::fs::write(&conf, backend_nginx(&t.dir, i)).unwrap();
-        let ns = t.backend_ns(i);
-        guards.push(
-            ns.spawn(
-                &["nginx", "-c", conf.to_str().unwrap()],
-                &t.dir.join(format!("b{i}.log")),
-            )
-            .unwrap(),
-        );
-    }
+    let mut guards = nginx_backends(&mut t);
+    // A second topology for the ideal forwarder: it takes the balancer's place on the same
+    // interfaces, so it needs namespaces of its own (no lbd there).
+    let mut ideal = Topology::new("ei", "skb").unwrap();
+    guards.extend(nginx_backends(&mut ideal));
+    // What lbd would set: the kernel forwards (fib lookups need it) and takes its own
+    // addresses as sources.
+    ideal.lb.sysctl("net.ipv4.ip_forward", "1").unwrap();
+    // This thread now lives in the ideal topology's balancer namespace: the program is loaded
+    // and attached there (other commands name their namespace explicitly).
+    ideal.lb.enter().unwrap();
+    let mut fwd = Dataplane::load(&LoadOptions::default()).unwrap();
     std::thread::sleep(Duration::from_millis(500));
     t.start_lbd().unwrap();
     t.control("set split web legacy=90 k8s=10").unwrap();
@@ -182,11 +203,14 @@ fn end_to_end() {
     );
     std::thread::sleep(Duration::from_secs(1));
 
+    let direct = format!("http://{}/", BACKENDS[0].2);
     let paths: Vec<(&str, String)> = vec![
+        ("direct (kernel forwarding, no balancer)", direct.clone()),
         (
-            "direct (kernel forwarding, no balancer)",
-            format!("http://{}/", BACKENDS[0].2),
+            "ideal XDP forwarder (fib lookup + redirect), native",
+            direct.clone(),
         ),
+        ("ideal XDP forwarder, skb", direct.clone()),
         ("lb connection mode (XDP, skb)", "http://10.99.0.10/".into()),
         ("nginx stream (L4)", format!("http://{NGINX_STREAM}/")),
         ("HAProxy mode tcp (L4)", format!("http://{HAPROXY_TCP}/")),
@@ -202,9 +226,30 @@ fn end_to_end() {
     for round in 0..ROUNDS {
         for (i, (name, url)) in paths.iter().enumerate() {
             eprintln!("round {}/{ROUNDS}: {name}", round + 1);
-            let ka = wrk(&t, url, 32, false);
-            let cl = wrk(&t, url, 32, true);
-            let one = wrk(&t, url, 1, false);
+            // Paths 1 and 2 run through the ideal forwarder's topology, attached for the run.
+            let (topo, mode) = match i {
+                1 => (&ideal, Some(XdpMode::Driver)),
+                2 => (&ideal, Some(XdpMode::Skb)),
+                _ => (&t, None),
+            };
+            let mut links = Vec::new();
+            if let Some(mode) = mode {
+                let prog = fwd.program(IDEAL_FORWARDER).unwrap();
+                for iface in ["eth0", "eth1"] {
+                    links.push(prog.attach(iface, mode).unwrap());
+                }
+                // Let the neighbours resolve through the kernel first.
+                wrk(topo, url, 1, false);
+            }
+            let ka = wrk(topo, url, 32, false);
+            let cl = wrk(topo, url, 32, true);
+            let one = wrk(topo, url, 1, false);
+            if mode.is_some() {
+                let prog = fwd.program(IDEAL_FORWARDER).unwrap();
+                for l in links {
+                    prog.detach(l).unwrap();
+                }
+            }
             res.entry(i)
                 .or_default()
                 .push([ka.rps, cl.rps, one.p50_us, one.p99_us, ka.p99_us]);
@@ -240,7 +285,30 @@ fn end_to_end() {
         )
         .unwrap();
     }
+    let idx = |prefix: &str| {
+        paths
+            .iter()
+            .position(|(n, _)| n.starts_with(prefix))
+            .unwrap()
+    };
+    let (lb, ng, ha) = (
+        idx("lb connection"),
+        idx("nginx stream"),
+        idx("HAProxy mode tcp"),
+    );
+    for (k, what) in [(0, "keep-alive req/s"), (1, "new connections/s")] {
+        let best = med(1, k).max(med(2, k));
+        writeln!(
+            md,
+            "\nConnection mode, {what}: {:.2}× the best ideal-forwarder variant, {:.2}× nginx stream, {:.2}× HAProxy tcp.",
+            med(lb, k) / best,
+            med(lb, k) / med(ng, k),
+            med(lb, k) / med(ha, k)
+        )
+        .unwrap();
+    }
     print!("{md}");
     lb_tests::bench::write_section("2-end-to-end", &md);
+    drop(fwd);
     drop(guards);
 }

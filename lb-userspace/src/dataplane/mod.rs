@@ -35,6 +35,8 @@ pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DI
 pub const PROGRAM: &str = "lb_xdp";
 /// The always-pass program (benchmark baseline).
 pub const PASS_PROGRAM: &str = "lb_pass";
+/// The benchmarks' ideal forwarder (fib lookup + redirect; no balancing).
+pub const IDEAL_FORWARDER: &str = "lb_ideal_fwd";
 /// Version of the pin layout; bump when a map's key or value changes.
 pub const PIN_LAYOUT: &str = "v1";
 
@@ -259,7 +261,7 @@ impl Dataplane {
         let mut ebpf = loader
             .load(EBPF_OBJECT)
             .context("loading the XDP object (are you root, with BPF enabled?)")?;
-        for name in [PROGRAM, PASS_PROGRAM] {
+        for name in [PROGRAM, PASS_PROGRAM, IDEAL_FORWARDER] {
             let prog: &mut Xdp = ebpf
                 .program_mut(name)
                 .ok_or_else(|| anyhow!("program {name} missing from the object"))?
