@@ -11,6 +11,15 @@ pub const fn v4(addr: [u8; 4]) -> IpBytes {
     ]
 }
 
+/// The address an [`IpBytes`] of `family` holds (IPv4 in the first 4 bytes).
+pub fn ip_addr(bytes: &IpBytes, family: u8) -> core::net::IpAddr {
+    if family == crate::FAMILY_V4 {
+        core::net::IpAddr::from([bytes[0], bytes[1], bytes[2], bytes[3]])
+    } else {
+        core::net::IpAddr::from(*bytes)
+    }
+}
+
 /// One direction of a flow. Ports are in network byte order (the packet's bytes read as a
 /// native u16), so the kernel copies them without swapping.
 #[repr(C)]

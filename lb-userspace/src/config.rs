@@ -89,7 +89,7 @@ pub enum XdpMode {
 }
 
 /// The `[daemon]` section.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Daemon {
     /// Interfaces the XDP program attaches to (ingress).

@@ -44,10 +44,7 @@ pub fn keep_from_dataplane(dp: &Dataplane) -> Result<Keep> {
     }
     keep.backend_ids_by_addr.retain(|a, _| seen[a] == 1);
     for (k, v) in dp.services() {
-        let ip = match k.family {
-            FAMILY_V4 => std::net::IpAddr::from([k.addr[0], k.addr[1], k.addr[2], k.addr[3]]),
-            _ => std::net::IpAddr::from(k.addr),
-        };
+        let ip = lb_common::flow::ip_addr(&k.addr, k.family);
         let proto = match k.proto {
             lb_common::PROTO_UDP => crate::config::Protocol::Udp,
             _ => crate::config::Protocol::Tcp,
@@ -389,44 +386,48 @@ impl Daemon {
         ];
         if let Some(dp) = &self.dataplane {
             if let Ok(stats) = dp.xdp_stats() {
-                let mut actions = fam(
+                // One labelled counter per `Stat` index.
+                let counters = |name, help, label: &'static str, which: &[(&str, Stat)]| Sampled {
+                    name,
+                    help,
+                    samples: which
+                        .iter()
+                        .map(|(v, st)| {
+                            (
+                                vec![(label, v.to_string())],
+                                Value::Counter(stats[*st as usize]),
+                            )
+                        })
+                        .collect(),
+                };
+                out.push(counters(
                     "lb_xdp_packets",
                     "Packets seen by the XDP program, by verdict.",
-                );
-                for (a, st) in [
-                    ("aborted", Stat::Aborted),
-                    ("drop", Stat::Drop),
-                    ("pass", Stat::Pass),
-                    ("tx", Stat::Tx),
-                    ("redirect", Stat::Redirect),
-                ] {
-                    actions.samples.push((
-                        vec![("action", a.to_string())],
-                        Value::Counter(stats[st as usize]),
-                    ));
-                }
-                let mut reasons = fam(
+                    "action",
+                    &[
+                        ("aborted", Stat::Aborted),
+                        ("drop", Stat::Drop),
+                        ("pass", Stat::Pass),
+                        ("tx", Stat::Tx),
+                        ("redirect", Stat::Redirect),
+                    ],
+                ));
+                out.push(counters(
                     "lb_xdp_events",
                     "Why the XDP program did what it did (a packet can count once here besides its verdict).",
-                );
-                for (r, st) in [
-                    ("not_ours", Stat::NotOurs),
-                    ("malformed", Stat::Malformed),
-                    ("fragment", Stat::Fragment),
-                    ("non_syn_without_flow", Stat::NonSynMiss),
-                    ("no_backend", Stat::NoBackend),
-                    ("next_hop_unresolved", Stat::FibPass),
-                    ("flow_not_created", Stat::FlowNotCreated),
-                    ("ttl_exceeded", Stat::TtlExceeded),
-                    ("new_flow", Stat::NewFlow),
-                ] {
-                    reasons.samples.push((
-                        vec![("reason", r.to_string())],
-                        Value::Counter(stats[st as usize]),
-                    ));
-                }
-                out.push(actions);
-                out.push(reasons);
+                    "reason",
+                    &[
+                        ("not_ours", Stat::NotOurs),
+                        ("malformed", Stat::Malformed),
+                        ("fragment", Stat::Fragment),
+                        ("non_syn_without_flow", Stat::NonSynMiss),
+                        ("no_backend", Stat::NoBackend),
+                        ("next_hop_unresolved", Stat::FibPass),
+                        ("flow_not_created", Stat::FlowNotCreated),
+                        ("ttl_exceeded", Stat::TtlExceeded),
+                        ("new_flow", Stat::NewFlow),
+                    ],
+                ));
             }
             let (entries, capacity) = dp.conntrack_fill();
             out.push(Sampled {

@@ -151,6 +151,11 @@ impl Checker {
         self.tasks.get(key).is_some_and(|(_, t, _)| *t == task)
     }
 
+    /// The backends being checked.
+    pub fn checked(&self) -> impl Iterator<Item = &BackendKey> {
+        self.tasks.keys()
+    }
+
     /// How many backends are being checked.
     pub fn len(&self) -> usize {
         self.tasks.len()

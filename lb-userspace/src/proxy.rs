@@ -164,29 +164,23 @@ fn full(status: StatusCode, text: String) -> Response<Body> {
 }
 
 struct Shared {
-    views: Mutex<watch::Receiver<Arc<View>>>,
-    pickers: Mutex<Pickers>,
+    /// The service's name (fixed for the life of its proxy).
+    service: String,
+    /// The pickers and where their updates come from, under one lock per request.
+    pickers: Mutex<(Pickers, watch::Receiver<Arc<View>>)>,
     client: Client<HttpConnector, Incoming>,
     metrics: RequestMetrics,
 }
 
 impl Shared {
     fn pick(&self, headers: &HeaderMap) -> Option<Upstream> {
-        let mut pickers = self.pickers.lock().ok()?;
-        if let Ok(mut rx) = self.views.lock() {
-            if rx.has_changed().unwrap_or(false) {
-                let v = rx.borrow_and_update().clone();
-                pickers.update(v);
-            }
+        let mut guard = self.pickers.lock().ok()?;
+        let (pickers, rx) = &mut *guard;
+        if rx.has_changed().unwrap_or(false) {
+            let v = rx.borrow_and_update().clone();
+            pickers.update(v);
         }
         pickers.pick(headers)
-    }
-
-    fn service(&self) -> String {
-        self.pickers
-            .lock()
-            .map(|p| p.view.service.clone())
-            .unwrap_or_default()
     }
 }
 
@@ -205,8 +199,8 @@ pub async fn serve(
         .build(connector);
     let first = views.borrow().clone();
     let shared = Arc::new(Shared {
-        views: Mutex::new(views),
-        pickers: Mutex::new(Pickers::new(first)),
+        service: first.service.clone(),
+        pickers: Mutex::new((Pickers::new(first), views)),
         client,
         metrics,
     });
@@ -262,7 +256,7 @@ async fn handle(shared: &Shared, mut req: Request<Incoming>, peer: SocketAddr) -
             StatusCode::SERVICE_UNAVAILABLE,
             format!(
                 "503: service {:?} has no healthy ready backend\n",
-                shared.service()
+                shared.service
             ),
         );
     };
@@ -291,8 +285,7 @@ async fn handle(shared: &Shared, mut req: Request<Incoming>, peer: SocketAddr) -
     if let Ok(v) = HeaderValue::from_str(&xff) {
         h.insert("x-forwarded-for", v);
     }
-    let service = shared.service();
-    let labels = backend_labels(&service, &up.pool, &up.name);
+    let labels = backend_labels(&shared.service, &up.pool, &up.name);
     let result = tokio::time::timeout(UPSTREAM_TIMEOUT, shared.client.request(req)).await;
     let resp = match result {
         Ok(Ok(mut resp)) => {

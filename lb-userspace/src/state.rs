@@ -315,7 +315,8 @@ impl State {
             .ok_or_else(|| StateError::NoPool(svc.into(), pool.into()))
     }
 
-    fn backend_mut(
+    /// The backend `svc/pool/backend`, to change its weight, state or health in place.
+    pub fn backend_mut(
         &mut self,
         svc: &str,
         pool: &str,
@@ -332,42 +333,6 @@ impl State {
     pub fn set_pool_weight(&mut self, svc: &str, pool: &str, w: u32) -> Result<(), StateError> {
         let p = self.pool_mut(svc, pool)?;
         p.weight = w;
-        Ok(())
-    }
-
-    /// `set weight SERVICE/POOL/BACKEND N`.
-    pub fn set_backend_weight(
-        &mut self,
-        svc: &str,
-        pool: &str,
-        backend: &str,
-        w: u32,
-    ) -> Result<(), StateError> {
-        self.backend_mut(svc, pool, backend)?.weight = w;
-        Ok(())
-    }
-
-    /// A health-check verdict for a backend.
-    pub fn set_backend_health(
-        &mut self,
-        svc: &str,
-        pool: &str,
-        backend: &str,
-        healthy: bool,
-    ) -> Result<(), StateError> {
-        self.backend_mut(svc, pool, backend)?.healthy = healthy;
-        Ok(())
-    }
-
-    /// `set state SERVICE/POOL/BACKEND STATE`.
-    pub fn set_backend_state(
-        &mut self,
-        svc: &str,
-        pool: &str,
-        backend: &str,
-        st: AdminState,
-    ) -> Result<(), StateError> {
-        self.backend_mut(svc, pool, backend)?.state = st;
         Ok(())
     }
 
@@ -497,8 +462,7 @@ backends = ["10.20.0.21:8080", { addr = "10.20.0.22:8080", weight = 3 }]
     fn a_pool_without_eligible_backends_drops_out_of_the_split() {
         let mut st = state();
         for b in ["10.20.0.21:8080", "10.20.0.22:8080"] {
-            st.set_backend_state("web", "k8s", b, AdminState::Drain)
-                .unwrap();
+            st.backend_mut("web", "k8s", b).unwrap().state = AdminState::Drain;
         }
         assert!((share(&st, "10.20.0.11:8080") - 0.5).abs() < 1e-9);
         assert_eq!(share(&st, "10.20.0.21:8080"), 0.0);
@@ -529,10 +493,12 @@ backends = ["10.20.0.21:8080", { addr = "10.20.0.22:8080", weight = 3 }]
     #[test]
     fn a_reload_keeps_ids_slots_and_runtime_state_of_what_stays() {
         let mut st = state();
-        st.set_backend_state("web", "k8s", "10.20.0.21:8080", AdminState::Drain)
-            .unwrap();
-        st.set_backend_health("web", "legacy", "10.20.0.11:8080", false)
-            .unwrap();
+        st.backend_mut("web", "k8s", "10.20.0.21:8080")
+            .unwrap()
+            .state = AdminState::Drain;
+        st.backend_mut("web", "legacy", "10.20.0.11:8080")
+            .unwrap()
+            .healthy = false;
         let id = |st: &State, b: &str| {
             st.backends()
                 .find(|(_, _, x)| x.name == b)

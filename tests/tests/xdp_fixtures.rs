@@ -319,3 +319,20 @@ fn a_flow_that_cannot_get_a_snat_port_is_dropped_and_counted() {
     assert_eq!(verdicts[1], XDP_DROP, "the second flow must not share it");
     assert_eq!(dp.xdp_stats().unwrap()[Stat::FlowNotCreated as usize], 1);
 }
+
+#[test]
+fn the_benchmark_programs_pass_the_verifier() {
+    if !require_root("the_benchmark_programs_pass_the_verifier") {
+        return;
+    }
+    // lbd loads only the balancer; the baseline and the ideal forwarder are loaded on demand
+    // by `cargo xtask bench`, so a verifier regression in them must still show up here.
+    let _ns = xdp::private_netns("fv", &[]);
+    let mut dp = xdp::load(|_| {});
+    for name in [
+        lb_userspace::dataplane::PASS_PROGRAM,
+        lb_userspace::dataplane::IDEAL_FORWARDER,
+    ] {
+        dp.program(name).unwrap_or_else(|e| panic!("{name}: {e:#}"));
+    }
+}

@@ -117,19 +117,10 @@ fn setup_rest() -> Result<()> {
             .env("LLVM_SYS_221_PREFIX", "/usr/lib/llvm-22")
             .env("LLVM_PREFIX", "/usr/lib/llvm-22"))?;
     }
-    if is_root() {
-        let mounted = std::fs::read_to_string("/proc/mounts")
-            .map(|m| {
-                m.lines().any(|l| {
-                    l.split_whitespace().nth(1) == Some("/sys/fs/bpf") && l.contains(" bpf ")
-                })
-            })
-            .unwrap_or(false);
-        if !mounted {
-            eprintln!("setup: mounting a bpf filesystem at /sys/fs/bpf");
-            sh(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))?;
-        }
-    }
+    // No bpffs mount here: the tests, the demo and the benchmarks pin under private bpf
+    // filesystems they mount and unmount themselves, and `lbd run` mounts /sys/fs/bpf when its
+    // pin_dir is there and nothing is mounted. Mounting the host's /sys/fs/bpf would leave
+    // host state behind (the kernel's preload files appear in it).
     Ok(())
 }
 

@@ -176,16 +176,8 @@ async fn run(cfg: Config, path: PathBuf) -> Result<()> {
     checker.reconcile(&daemon.state);
     tracing::info!(backends = checker.len(), "health checks started");
     // Ready once every checked backend has been checked once (the data plane is attached).
-    let mut unchecked: std::collections::HashSet<health::BackendKey> = daemon
-        .state
-        .backends()
-        .filter(|(_, _, b)| b.state != lb_userspace::state::AdminState::Maint)
-        .map(|(s, p, b)| health::BackendKey {
-            service: s.config.name.clone(),
-            pool: p.name.clone(),
-            backend: b.name.clone(),
-        })
-        .collect();
+    let mut unchecked: std::collections::HashSet<health::BackendKey> =
+        checker.checked().cloned().collect();
     let ready = Arc::new(AtomicBool::new(unchecked.is_empty()));
     let (scrape_tx, mut scrape_rx) = mpsc::channel::<admin::Scrape>(16);
     let mut admin_server = tokio::spawn(admin::serve(d.metrics, scrape_tx, ready.clone()));
@@ -254,7 +246,9 @@ fn apply_health(daemon: &mut Daemon, checker: &health::Checker, ev: health::Even
         return;
     }
     let result = daemon.change(&key.service, |st| {
-        st.set_backend_health(&key.service, &key.pool, &key.backend, healthy)
+        st.backend_mut(&key.service, &key.pool, &key.backend)?
+            .healthy = healthy;
+        Ok(())
     });
     let health = if healthy { "up" } else { "down" };
     match result {
@@ -283,15 +277,7 @@ fn reload(daemon: &mut Daemon, running: &mut Config, path: &Path) {
             return;
         }
     };
-    let (old, new) = (&running.daemon, &cfg.daemon);
-    if old.interfaces != new.interfaces
-        || old.pin_dir != new.pin_dir
-        || old.control_socket != new.control_socket
-        || old.metrics != new.metrics
-        || old.snat_ports != new.snat_ports
-        || old.conntrack_max != new.conntrack_max
-        || old.xdp_mode != new.xdp_mode
-    {
+    if running.daemon != cfg.daemon {
         tracing::warn!("reload: [daemon] settings changed; they take effect on the next restart");
     }
     match daemon.reload(&cfg) {

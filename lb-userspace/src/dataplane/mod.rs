@@ -261,14 +261,13 @@ impl Dataplane {
         let mut ebpf = loader
             .load(EBPF_OBJECT)
             .context("loading the XDP object (are you root, with BPF enabled?)")?;
-        for name in [PROGRAM, PASS_PROGRAM, IDEAL_FORWARDER] {
-            let prog: &mut Xdp = ebpf
-                .program_mut(name)
-                .ok_or_else(|| anyhow!("program {name} missing from the object"))?
-                .try_into()?;
-            prog.load()
-                .with_context(|| format!("verifier rejected {name}"))?;
-        }
+        // Only the balancer: the benchmark programs are loaded when first asked for.
+        let prog: &mut Xdp = ebpf
+            .program_mut(PROGRAM)
+            .ok_or_else(|| anyhow!("program {PROGRAM} missing from the object"))?
+            .try_into()?;
+        prog.load()
+            .with_context(|| format!("verifier rejected {PROGRAM}"))?;
         let mut take = |name: &str| {
             ebpf.take_map(name)
                 .ok_or_else(|| anyhow!("map {name} missing from the object"))
@@ -303,12 +302,18 @@ impl Dataplane {
     }
 
     /// The program by name (for tests and benchmarks: `TestRun`).
+    /// Loads it on first use (only the balancer is loaded up front).
     pub fn program(&mut self, name: &str) -> Result<&mut Xdp> {
-        Ok(self
+        let prog: &mut Xdp = self
             .ebpf
             .program_mut(name)
             .ok_or_else(|| anyhow!("no program {name}"))?
-            .try_into()?)
+            .try_into()?;
+        if prog.fd().is_err() {
+            prog.load()
+                .with_context(|| format!("verifier rejected {name}"))?;
+        }
+        Ok(prog)
     }
 
     /// Attaches the balancer to `iface`. With a pin dir the link is pinned, so it outlives this
@@ -446,12 +451,7 @@ impl Dataplane {
             if b.flags & BackendInfo::VALID == 0 {
                 continue;
             }
-            let ip = match b.family {
-                lb_common::FAMILY_V4 => {
-                    std::net::IpAddr::from([b.addr[0], b.addr[1], b.addr[2], b.addr[3]])
-                }
-                _ => std::net::IpAddr::from(b.addr),
-            };
+            let ip = lb_common::flow::ip_addr(&b.addr, b.family);
             out.push((id, std::net::SocketAddr::new(ip, u16::from_be(b.port))));
         }
         Ok(out)

@@ -31,7 +31,9 @@ impl SetState {
 
     pub fn execute(self, d: &mut Daemon) -> Result<String, String> {
         d.change(&self.service, |st| {
-            st.set_backend_state(&self.service, &self.pool, &self.backend, self.state)
+            st.backend_mut(&self.service, &self.pool, &self.backend)?
+                .state = self.state;
+            Ok(())
         })?;
         Ok(String::new())
     }

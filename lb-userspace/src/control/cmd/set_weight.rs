@@ -38,7 +38,10 @@ impl SetWeight {
         let service = self.service.clone();
         d.change(&service, |st| match &self.backend {
             None => st.set_pool_weight(&self.service, &self.pool, self.weight),
-            Some(b) => st.set_backend_weight(&self.service, &self.pool, b, self.weight),
+            Some(b) => {
+                st.backend_mut(&self.service, &self.pool, b)?.weight = self.weight;
+                Ok(())
+            }
         })?;
         Ok(String::new())
     }

@@ -22,15 +22,16 @@ impl ShowStat {
     }
 
     pub fn execute(self, d: &mut Daemon) -> Result<String, String> {
+        // Shares once per service, not once per backend.
+        let mut shares = std::collections::HashMap::new();
+        for name in d.state.services.keys() {
+            for x in d.state.shares(name).map_err(|e| e.to_string())? {
+                shares.insert(x.id, x.share);
+            }
+        }
         let mut rows = Vec::new();
         for (s, p, b) in d.state.backends() {
-            let share = d
-                .state
-                .shares(&s.config.name)
-                .map_err(|e| e.to_string())?
-                .iter()
-                .find(|x| x.id == b.id)
-                .map_or(0.0, |x| x.share);
+            let share = shares.get(&b.id).copied().unwrap_or(0.0);
             let st = match &d.dataplane {
                 Some(dp) if s.config.mode == crate::config::Mode::Connection => dp
                     .backend_stats(b.id)

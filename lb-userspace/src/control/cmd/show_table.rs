@@ -19,10 +19,11 @@ impl ShowTable {
     }
 
     pub fn execute(self, d: &mut Daemon) -> Result<String, String> {
-        let table = d.state.table(&self.service).map_err(|e| e.to_string())?;
         let svc = d.state.service(&self.service).map_err(|e| e.to_string())?;
+        // The table the kernel uses, as published: no rebuild.
+        let table = d.live_table(&self.service).map_err(|e| e.to_string())?;
         let mut counts: HashMap<u32, u32> = HashMap::new();
-        for id in table {
+        for &id in table.iter() {
             *counts.entry(id).or_default() += 1;
         }
         let mut out = format!(
