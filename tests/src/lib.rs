@@ -26,3 +26,36 @@ pub fn require_root(test: &str) -> bool {
     eprintln!("SKIP {test}: needs root (network namespaces, XDP, BPF)");
     false
 }
+
+/// Checks that `k` of `n` independent flows landing somewhere agrees with a configured share
+/// `p`. Which backend a new flow gets depends on a hash of its (kernel-chosen) source port,
+/// so counts scatter binomially around `n·p`; the bound is five standard deviations, a
+/// false alarm about once in two million runs, yet far tighter than the gap between any two
+/// splits the tests set (a 90/10 that stayed 50/50 is dozens of deviations off).
+pub fn check_share(k: usize, n: usize, p: f64) -> Result<(), String> {
+    let mean = n as f64 * p;
+    let bound = 5.0 * (n as f64 * p * (1.0 - p)).sqrt();
+    if (k as f64 - mean).abs() <= bound {
+        Ok(())
+    } else {
+        Err(format!(
+            "{k} of {n} flows ({:.1} %), expected {:.1} % ± {:.1} %",
+            100.0 * k as f64 / n as f64,
+            100.0 * p,
+            100.0 * bound / n as f64
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_share;
+
+    #[test]
+    fn share_bound_tells_splits_apart() {
+        assert!(check_share(449, 1000, 0.5).is_ok(), "3 sigma off is chance");
+        assert!(check_share(900, 1000, 0.5).is_err(), "a split left at 90/10");
+        assert!(check_share(500, 1000, 0.9).is_err(), "a split left at 50/50");
+        assert!(check_share(0, 400, 0.5).is_err());
+    }
+}
