@@ -30,8 +30,13 @@ pub struct CtValue {
     pub snat_port: u16,
     /// One of [`state`].
     pub state: u8,
+    /// Explicit padding, always zero; scalars rather than `[u8; 7]`, whose zeroing the eBPF
+    /// toolchain turns into a byte-at-a-time `memset` call (see [`IpBytes`]).
+    pub _pad1: u8,
     /// Explicit padding.
-    pub _pad: [u8; 7],
+    pub _pad2: u16,
+    /// Explicit padding.
+    pub _pad4: u32,
 }
 
 const _: () = assert!(core::mem::size_of::<CtValue>() == 56);
@@ -61,8 +66,13 @@ pub struct RnatValue {
     pub local_mac: [u8; 6],
     /// One of [`state`].
     pub state: u8,
+    /// Explicit padding, always zero; scalars rather than `[u8; 7]`, whose zeroing the eBPF
+    /// toolchain turns into a byte-at-a-time `memset` call (see [`IpBytes`]).
+    pub _pad1: u8,
     /// Explicit padding.
-    pub _pad: [u8; 7],
+    pub _pad2: u16,
+    /// Explicit padding.
+    pub _pad4: u32,
 }
 
 const _: () = assert!(core::mem::size_of::<RnatValue>() == 72);

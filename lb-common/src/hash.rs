@@ -1,7 +1,10 @@
 //! The flow hash that picks a Maglev bucket. It lives here, once, because the kernel uses it
 //! per new flow and userspace (`explain`) must compute the very same bucket.
 
-use crate::{TABLE_SIZE, flow::FlowKey};
+use crate::{
+    TABLE_SIZE,
+    flow::{FlowKey, IpBytes},
+};
 
 const C1: u32 = 0xcc9e_2d51;
 const C2: u32 = 0x1b87_3593;
@@ -17,9 +20,16 @@ fn mix(h: u32, k: u32) -> u32 {
         .wrapping_add(0xe654_6b64)
 }
 
+/// The address's four 32-bit words, each its bytes read little-endian.
 #[inline(always)]
-fn word(b: &[u8; 16], i: usize) -> u32 {
-    u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]])
+fn words(a: &IpBytes) -> [u32; 4] {
+    let (l, h) = (a.lo.to_ne_bytes(), a.hi.to_ne_bytes());
+    [
+        u32::from_le_bytes([l[0], l[1], l[2], l[3]]),
+        u32::from_le_bytes([l[4], l[5], l[6], l[7]]),
+        u32::from_le_bytes([h[0], h[1], h[2], h[3]]),
+        u32::from_le_bytes([h[4], h[5], h[6], h[7]]),
+    ]
 }
 
 /// MurmurHash3 (x86, 32-bit) over the flow's addresses, ports, protocol and family.
@@ -27,14 +37,15 @@ fn word(b: &[u8; 16], i: usize) -> u32 {
 #[inline(always)]
 pub fn flow_hash(key: &FlowKey) -> u32 {
     let mut h = SEED;
-    h = mix(h, word(&key.src, 0));
-    h = mix(h, word(&key.src, 4));
-    h = mix(h, word(&key.src, 8));
-    h = mix(h, word(&key.src, 12));
-    h = mix(h, word(&key.dst, 0));
-    h = mix(h, word(&key.dst, 4));
-    h = mix(h, word(&key.dst, 8));
-    h = mix(h, word(&key.dst, 12));
+    let (s, d) = (words(&key.src), words(&key.dst));
+    h = mix(h, s[0]);
+    h = mix(h, s[1]);
+    h = mix(h, s[2]);
+    h = mix(h, s[3]);
+    h = mix(h, d[0]);
+    h = mix(h, d[1]);
+    h = mix(h, d[2]);
+    h = mix(h, d[3]);
     h = mix(h, (key.sport as u32) | ((key.dport as u32) << 16));
     h = mix(h, (key.proto as u32) | ((key.family as u32) << 8));
     h ^= 40;
@@ -65,7 +76,7 @@ mod tests {
             dport: 80u16.to_be(),
             proto: crate::PROTO_TCP,
             family: crate::FAMILY_V4,
-            _pad: [0; 2],
+            _pad: 0,
         }
     }
 

@@ -14,9 +14,11 @@ pub struct ServiceKey {
     pub proto: u8,
     /// Address family.
     pub family: u8,
+    /// Explicit padding, always zero.
+    pub _pad: u32,
 }
 
-const _: () = assert!(core::mem::size_of::<ServiceKey>() == 20);
+const _: () = assert!(core::mem::size_of::<ServiceKey>() == 24);
 
 /// What the data plane needs to know about a service.
 ///

@@ -93,7 +93,7 @@ pub fn reverse_key(ct: &CtValue, client: &FlowKey) -> FlowKey {
         dport: ct.snat_port,
         proto: client.proto,
         family: client.family,
-        _pad: [0; 2],
+        _pad: 0,
     }
 }
 
@@ -107,6 +107,6 @@ pub fn forward_key(r: &RnatValue, backend: &FlowKey) -> FlowKey {
         dport: r.vip_port,
         proto: backend.proto,
         family: backend.family,
-        _pad: [0; 2],
+        _pad: 0,
     }
 }

@@ -67,8 +67,8 @@ pub fn ideal(ctx: &XdpContext) -> u32 {
     let mut p: bpf_fib_lookup = unsafe { core::mem::zeroed() };
     p.family = FAMILY_V4;
     p.ifindex = ctx.ingress_ifindex() as u32;
-    p.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes([k.src[0], k.src[1], k.src[2], k.src[3]]);
-    p.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes([k.dst[0], k.dst[1], k.dst[2], k.dst[3]]);
+    p.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(k.src.v4_octets());
+    p.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(k.dst.v4_octets());
     // SAFETY: helper call with a valid context and a stack struct of the size passed.
     let rc = unsafe { fib_lookup(ctx.as_ptr(), &mut p, size_of::<bpf_fib_lookup>() as i32, 0) };
     if rc != BPF_FIB_LKUP_RET_SUCCESS {

@@ -23,7 +23,6 @@ use aya_ebpf::{
 };
 use lb_common::{
     Tunables,
-    flow::IpBytes,
     service::{ServiceKey, ServiceValue},
     stats::Stat,
 };
@@ -69,11 +68,6 @@ fn pass(reason: Stat) -> u32 {
     XDP_PASS
 }
 
-#[inline(always)]
-fn v4_of(a: &IpBytes) -> [u8; 4] {
-    [a[0], a[1], a[2], a[3]]
-}
-
 fn try_balance(ctx: &XdpContext) -> Result<u32, ()> {
     let pkt = match parse::parse(ctx) {
         Ok(p) => p,
@@ -84,6 +78,7 @@ fn try_balance(ctx: &XdpContext) -> Result<u32, ()> {
         port: pkt.key.dport,
         proto: pkt.key.proto,
         family: pkt.key.family,
+        _pad: 0,
     };
     // SAFETY: userspace replaces service values whole (an atomic element swap); copied at once.
     if let Some(svc) = unsafe { LB_SERVICES.get(&svc_key) } {
@@ -159,8 +154,8 @@ fn to_backend(ctx: &XdpContext, pkt: &Packet, svc: &ServiceValue) -> Result<u32,
             }
         }
     };
-    let src = v4_of(&ct.snat_addr);
-    let dst = v4_of(&ct.backend_addr);
+    let src = ct.snat_addr.v4_octets();
+    let dst = ct.backend_addr.v4_octets();
     nat::rewrite(
         pkt,
         &Rewrite {
@@ -219,8 +214,8 @@ fn to_client(
     nat::rewrite(
         pkt,
         &Rewrite {
-            src: v4_of(&e.vip_addr),
-            dst: v4_of(&e.client_addr),
+            src: e.vip_addr.v4_octets(),
+            dst: e.client_addr.v4_octets(),
             sport: e.vip_port,
             dport: e.client_port,
         },

@@ -109,7 +109,7 @@ pub fn parse(ctx: &XdpContext) -> Result<Packet, Stat> {
             dport,
             proto,
             family: FAMILY_V4,
-            _pad: [0; 2],
+            _pad: 0,
         },
         tcp_flags,
         len: (ctx.data_end() - ctx.data()) as u64,

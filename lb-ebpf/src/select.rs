@@ -127,7 +127,7 @@ pub fn new_flow(
         dport: 0,
         proto: pkt.key.proto,
         family: pkt.key.family,
-        _pad: [0; 2],
+        _pad: 0,
     };
     let rval = RnatValue {
         client_addr: pkt.key.src,
@@ -140,7 +140,9 @@ pub fn new_flow(
         client_mac: eth.src_addr,
         local_mac: eth.dst_addr,
         state: st,
-        _pad: [0; 7],
+        _pad1: 0,
+        _pad2: 0,
+        _pad4: 0,
     };
     alloc_snat_port(&mut rkey, &rval, t, now)?;
     let ct = CtValue {
@@ -151,7 +153,9 @@ pub fn new_flow(
         backend_port: be.port,
         snat_port: rkey.dport,
         state: st,
-        _pad: [0; 7],
+        _pad1: 0,
+        _pad2: 0,
+        _pad4: 0,
     };
     if LB_CONNTRACK.insert(&pkt.key, &ct, BPF_ANY as u64).is_err() {
         let _ = LB_REVERSE_NAT.remove(&rkey);

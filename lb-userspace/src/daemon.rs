@@ -17,7 +17,7 @@ use crate::{
 pub fn ip_bytes(ip: std::net::IpAddr) -> (IpBytes, u8) {
     match ip {
         std::net::IpAddr::V4(a) => (lb_common::flow::v4(a.octets()), FAMILY_V4),
-        std::net::IpAddr::V6(a) => (a.octets(), FAMILY_V6),
+        std::net::IpAddr::V6(a) => (IpBytes::from_octets(a.octets()), FAMILY_V6),
     }
 }
 
@@ -29,6 +29,7 @@ pub fn service_key(s: &Service) -> ServiceKey {
         port: s.config.port.to_be(),
         proto: s.config.protocol.number(),
         family,
+        _pad: 0,
     }
 }
 

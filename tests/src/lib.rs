@@ -54,8 +54,14 @@ mod tests {
     #[test]
     fn share_bound_tells_splits_apart() {
         assert!(check_share(449, 1000, 0.5).is_ok(), "3 sigma off is chance");
-        assert!(check_share(900, 1000, 0.5).is_err(), "a split left at 90/10");
-        assert!(check_share(500, 1000, 0.9).is_err(), "a split left at 50/50");
+        assert!(
+            check_share(900, 1000, 0.5).is_err(),
+            "a split left at 90/10"
+        );
+        assert!(
+            check_share(500, 1000, 0.9).is_err(),
+            "a split left at 50/50"
+        );
         assert!(check_share(0, 400, 0.5).is_err());
     }
 }

@@ -89,6 +89,7 @@ pub fn single_backend_table(
         port: port.to_be(),
         proto,
         family: lb_common::FAMILY_V4,
+        _pad: 0,
     };
     let mut t = empty_table();
     t.buckets = [backend; TABLE_SIZE as usize];

@@ -52,7 +52,7 @@ impl Explain {
             dport: svc.config.port.to_be(),
             proto: svc.config.protocol.number(),
             family,
-            _pad: [0; 2],
+            _pad: 0,
         })
     }
 
