@@ -30,10 +30,11 @@ pub struct CtValue {
     pub snat_port: u16,
     /// One of [`state`].
     pub state: u8,
-    /// Explicit padding, always zero; scalars rather than `[u8; 7]`, whose zeroing the eBPF
-    /// toolchain turns into a byte-at-a-time `memset` call (see [`IpBytes`]).
-    pub _pad1: u8,
-    /// Explicit padding.
+    /// The id of the service the flow belongs to: a hit counts only while that service
+    /// still listens on the port ([`crate::map_names::PORTS`]).
+    pub service_id: u8,
+    /// Explicit padding, always zero; scalars rather than a byte array, whose zeroing the
+    /// eBPF toolchain turns into a byte-at-a-time `memset` call (see [`IpBytes`]).
     pub _pad2: u16,
     /// Explicit padding.
     pub _pad4: u32,

@@ -17,6 +17,8 @@ pub mod stats;
 pub const TABLE_SIZE: u32 = 65537;
 /// Most connection-mode services one data plane serves (each has two table slots).
 pub const MAX_SERVICES: u32 = 16;
+// A service's id is one bit of a port's mask in `map_names::PORTS`.
+const _: () = assert!(MAX_SERVICES <= 32);
 /// Backend ids are `1..MAX_BACKENDS`; id 0 means "no backend".
 pub const MAX_BACKENDS: u32 = 4096;
 /// The reserved backend id: an empty bucket.
@@ -37,6 +39,10 @@ pub const PROTO_UDP: u8 = 17;
 pub mod map_names {
     /// Services: [`crate::service::ServiceKey`] → [`crate::service::ServiceValue`].
     pub const SERVICES: &str = "LB_SERVICES";
+    /// Service ports: destination port (host order) → [`crate::service::PortServices`] (the
+    /// ids of the services on it, and their VIP when it is just one). Lets packets to other
+    /// ports and addresses skip the services lookup, and a conntrack hit stand without it.
+    pub const PORTS: &str = "LB_PORTS";
     /// Maglev tables: `service id * 2 + slot` → [`crate::service::MaglevTable`].
     pub const TABLES: &str = "LB_TABLES";
     /// Backends: backend id → [`crate::backend::BackendInfo`].
@@ -52,8 +58,9 @@ pub mod map_names {
     /// Per-CPU counters of XDP verdicts and reasons: [`crate::stats::Stat`] index → u64.
     pub const XDP_STATS: &str = "LB_XDP_STATS";
     /// Every map, in the order userspace pins them.
-    pub const ALL: [&str; 8] = [
+    pub const ALL: [&str; 9] = [
         SERVICES,
+        PORTS,
         TABLES,
         BACKENDS,
         CONNTRACK,
@@ -129,6 +136,7 @@ mod pod {
     unsafe impl aya::Pod for crate::flow::FlowKey {}
     unsafe impl aya::Pod for crate::service::ServiceKey {}
     unsafe impl aya::Pod for crate::service::ServiceValue {}
+    unsafe impl aya::Pod for crate::service::PortServices {}
     unsafe impl aya::Pod for crate::service::MaglevTable {}
     unsafe impl aya::Pod for crate::backend::BackendInfo {}
     unsafe impl aya::Pod for crate::backend::NextHop {}

@@ -20,6 +20,29 @@ pub struct ServiceKey {
 
 const _: () = assert!(core::mem::size_of::<ServiceKey>() == 24);
 
+/// What the data plane knows about a destination port before it hashes anything: most
+/// packets that are not for a service end with this one array lookup.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct PortServices {
+    /// Bit `id` set for each service on this port.
+    pub ids: u32,
+    /// When every service on the port is at one IPv4 VIP: that address's four wire bytes read
+    /// as a native u32. 0 when there are several addresses (or IPv6): the maps decide.
+    pub only_v4: u32,
+}
+
+const _: () = assert!(core::mem::size_of::<PortServices>() == 8);
+
+impl PortServices {
+    /// Whether a packet to `dst` (an IPv4 address's wire bytes as a native u32, or 0 for
+    /// another family) may belong to a service on this port.
+    #[inline(always)]
+    pub const fn may_serve(&self, dst_v4: u32) -> bool {
+        self.ids != 0 && (self.only_v4 == 0 || self.only_v4 == dst_v4)
+    }
+}
+
 /// What the data plane needs to know about a service.
 ///
 /// Userspace replaces the whole value to switch tables: a hash-map update swaps the element

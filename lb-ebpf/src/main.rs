@@ -17,18 +17,14 @@ mod stats;
 
 use aya_ebpf::{
     bindings::xdp_action::{XDP_ABORTED, XDP_DROP, XDP_PASS},
-    helpers::bpf_ktime_get_ns,
+    helpers::bpf_ktime_get_coarse_ns,
     macros::xdp,
     programs::XdpContext,
 };
-use lb_common::{
-    Tunables,
-    service::{ServiceKey, ServiceValue},
-    stats::Stat,
-};
+use lb_common::{FAMILY_V4, Tunables, service::ServiceKey, stats::Stat};
 
 use crate::{
-    maps::{LB_CONNTRACK, LB_REVERSE_NAT, LB_SERVICES, LB_TUNABLES},
+    maps::{LB_CONNTRACK, LB_PORTS, LB_REVERSE_NAT, LB_SERVICES, LB_TUNABLES},
     nat::Rewrite,
     parse::Packet,
     stats::Direction,
@@ -73,20 +69,22 @@ fn try_balance(ctx: &XdpContext) -> Result<u32, ()> {
         Ok(p) => p,
         Err(reason) => return Ok(pass(reason)),
     };
-    let svc_key = ServiceKey {
-        addr: pkt.key.dst,
-        port: pkt.key.dport,
-        proto: pkt.key.proto,
-        family: pkt.key.family,
-        _pad: 0,
-    };
-    // SAFETY: userspace replaces service values whole (an atomic element swap); copied at once.
-    if let Some(svc) = unsafe { LB_SERVICES.get(&svc_key) } {
-        let svc = *svc;
-        return to_backend(ctx, &pkt, &svc);
+    let dport = u16::from_be(pkt.key.dport);
+    // An array lookup (inlined by the verifier) instead of hashing a service key for every
+    // packet: packets to other ports, or to other addresses on a served port, end here.
+    if let Some(on_port) = LB_PORTS.get(dport as u32) {
+        let dst_v4 = if pkt.key.family == FAMILY_V4 {
+            u32::from_ne_bytes(pkt.key.dst.v4_octets())
+        } else {
+            0
+        };
+        if on_port.may_serve(dst_v4) {
+            if let Some(action) = to_backend(ctx, &pkt, on_port.ids)? {
+                return Ok(action);
+            }
+        }
     }
     let t = LB_TUNABLES.load();
-    let dport = u16::from_be(pkt.key.dport);
     if dport >= t.snat_port_min && dport <= t.snat_port_max {
         if let Some(r) = LB_REVERSE_NAT.get_ptr_mut(&pkt.key) {
             return to_client(ctx, &pkt, r, &t);
@@ -95,27 +93,33 @@ fn try_balance(ctx: &XdpContext) -> Result<u32, ()> {
     Ok(pass(Stat::NotOurs))
 }
 
-/// Client → VIP: find or create the flow, rewrite towards its backend, send.
+/// Client → VIP: find or create the flow, rewrite towards its backend, send. `None` when
+/// the packet belongs to no service (the port is served, but not at this address).
 #[inline(always)]
-fn to_backend(ctx: &XdpContext, pkt: &Packet, svc: &ServiceValue) -> Result<u32, ()> {
-    if nat::ttl(pkt) <= 1 {
-        return Ok(pass(Stat::TtlExceeded));
-    }
+fn to_backend(ctx: &XdpContext, pkt: &Packet, services_on_port: u32) -> Result<Option<u32>, ()> {
     let t: Tunables = LB_TUNABLES.load();
     // SAFETY: helper without arguments.
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
     let proto = pkt.key.proto;
     let syn = pkt.is_tcp() && conntrack::is_syn(pkt.tcp_flags);
-    let mut new_flow = false;
+    // Conntrack first: a hit needs no service lookup, only the check that its service still
+    // listens here (a removed service's flows end, as they would without the entry).
     let existing = LB_CONNTRACK.get_ptr_mut(&pkt.key).and_then(|p| {
         // SAFETY: LRU entry; fields are plain integers, races only lose a refresh.
         let e = unsafe { &mut *p };
         let reusable = conntrack::alive(e.last_seen_ns, e.state, proto, now, &t)
-            && !(syn && e.state == lb_common::conntrack::state::CLOSING);
+            && !(syn && e.state == lb_common::conntrack::state::CLOSING)
+            && services_on_port
+                .checked_shr(e.service_id as u32)
+                .is_some_and(|m| m & 1 != 0);
         reusable.then_some(e)
     });
+    let mut new_flow = false;
     let ct = match existing {
         Some(e) => {
+            if nat::ttl(pkt) <= 1 {
+                return Ok(Some(pass(Stat::TtlExceeded)));
+            }
             if conntrack::observe(
                 &mut e.last_seen_ns,
                 &mut e.state,
@@ -134,22 +138,37 @@ fn to_backend(ctx: &XdpContext, pkt: &Packet, svc: &ServiceValue) -> Result<u32,
             *e
         }
         None => {
+            let svc_key = ServiceKey {
+                addr: pkt.key.dst,
+                port: pkt.key.dport,
+                proto: pkt.key.proto,
+                family: pkt.key.family,
+                _pad: 0,
+            };
+            // SAFETY: userspace replaces service values whole (an atomic element swap);
+            // copied at once.
+            let Some(svc) = (unsafe { LB_SERVICES.get(&svc_key) }).copied() else {
+                return Ok(None);
+            };
+            if nat::ttl(pkt) <= 1 {
+                return Ok(Some(pass(Stat::TtlExceeded)));
+            }
             if pkt.is_tcp() && !syn {
                 // No flow: the host's stack answers with a RST (the VIP is a local address),
                 // so the client learns at once instead of retransmitting into a void.
-                return Ok(pass(Stat::NonSynMiss));
+                return Ok(Some(pass(Stat::NonSynMiss)));
             }
-            match select::new_flow(ctx, pkt, svc, &t, now) {
+            match select::new_flow(ctx, pkt, &svc, &t, now) {
                 Ok(ct) => {
                     new_flow = true;
                     stats::bump(Stat::NewFlow);
                     ct
                 }
                 // No backend: the host answers the SYN with a RST (nothing listens there).
-                Err(Stat::NoBackend) => return Ok(pass(Stat::NoBackend)),
+                Err(Stat::NoBackend) => return Ok(Some(pass(Stat::NoBackend))),
                 Err(reason) => {
                     stats::bump(reason);
-                    return Ok(XDP_DROP);
+                    return Ok(Some(XDP_DROP));
                 }
             }
         }
@@ -166,14 +185,14 @@ fn to_backend(ctx: &XdpContext, pkt: &Packet, svc: &ServiceValue) -> Result<u32,
         },
     )?;
     stats::backend(ct.backend_id, Direction::ToBackend, pkt.len, new_flow);
-    Ok(
+    Ok(Some(
         match forward::next_hop(ctx, ct.backend_id, src, dst, now, t.next_hop_ttl_ns) {
             Some(nh) => forward::send(ctx, pkt, nh.ifindex, &nh.smac, &nh.dmac),
             // Next hop unknown (e.g. no ARP entry yet): the kernel forwards the rewritten packet
             // and resolves the neighbour; the next packets take the fast path.
             None => pass(Stat::FibPass),
         },
-    )
+    ))
 }
 
 /// Backend → SNAT address:port: rewrite back to VIP → client and send it the way the client's
@@ -188,7 +207,7 @@ fn to_client(
     // SAFETY: LRU entry; fields are plain integers.
     let e = unsafe { &mut *r };
     // SAFETY: helper without arguments.
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
     let proto = pkt.key.proto;
     if !conntrack::alive(e.last_seen_ns, e.state, proto, now, t) {
         return Ok(pass(Stat::NotOurs));

@@ -1,4 +1,4 @@
-//! Every map the data plane uses. Userspace writes the first three; the kernel writes the rest.
+//! Every map the data plane uses. Userspace writes the first four; the kernel writes the rest.
 
 use aya_ebpf::{
     Global,
@@ -10,7 +10,7 @@ use lb_common::{
     backend::{BackendInfo, NextHop},
     conntrack::{CtValue, RnatValue},
     flow::FlowKey,
-    service::{MaglevTable, ServiceKey, ServiceValue},
+    service::{MaglevTable, PortServices, ServiceKey, ServiceValue},
     stats::{BackendStats, STAT_COUNT},
 };
 
@@ -18,6 +18,10 @@ use lb_common::{
 #[map]
 pub static LB_SERVICES: HashMap<ServiceKey, ServiceValue> =
     HashMap::with_max_entries(MAX_SERVICES, 0);
+
+/// Destination port (host order) → the ids of the services on it, and their VIP if just one.
+#[map]
+pub static LB_PORTS: Array<PortServices> = Array::with_max_entries(65536, 0);
 
 /// `service id * 2 + slot` → the Maglev table (bucket → backend id) for that slot.
 #[map]
@@ -49,6 +53,11 @@ pub static LB_BACKEND_STATS: PerCpuArray<BackendStats> =
 /// `Stat` index → this CPU's count of verdicts and reasons.
 #[map]
 pub static LB_XDP_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STAT_COUNT, 0);
+
+/// Index 0 → this CPU's next SNAT port index within its port class (see `select`). Not
+/// pinned: after a restart allocation starts over, and finds the oldest ports anyway.
+#[map]
+pub static LB_SNAT_CURSOR: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
 
 /// Load-time settings (SNAT port range, timeouts); userspace overrides the default.
 #[unsafe(no_mangle)]

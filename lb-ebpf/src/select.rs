@@ -1,10 +1,6 @@
 //! New flows: the Maglev bucket → backend, and a SNAT port that no live flow holds.
 
-use aya_ebpf::{
-    bindings::BPF_ANY,
-    helpers::{bpf_get_prandom_u32, bpf_get_smp_processor_id},
-    programs::XdpContext,
-};
+use aya_ebpf::{bindings::BPF_ANY, helpers::bpf_get_smp_processor_id, programs::XdpContext};
 use lb_common::{
     NO_BACKEND, PROTO_TCP, Tunables,
     backend::BackendInfo,
@@ -17,11 +13,12 @@ use lb_common::{
 
 use crate::{
     conntrack,
-    maps::{LB_BACKENDS, LB_CONNTRACK, LB_REVERSE_NAT, LB_TABLES},
+    maps::{LB_BACKENDS, LB_CONNTRACK, LB_REVERSE_NAT, LB_SNAT_CURSOR, LB_TABLES},
     parse::Packet,
 };
 
-/// Random SNAT ports tried before reclaiming a dead flow's port (or giving up).
+/// SNAT ports probed per new flow before giving up (the flow's SYN is then dropped and
+/// counted; the client retransmits it).
 const SNAT_TRIES: u32 = 8;
 
 /// The backend the service's live table gives this flow.
@@ -48,6 +45,10 @@ fn pick(svc: &ServiceValue, key: &FlowKey) -> Result<(u32, BackendInfo), Stat> {
 ///
 /// Each CPU owns the ports `min + cpu + k * cpus`, so no other CPU can insert the same key
 /// meanwhile: a free port can be taken, and a dead flow's port reclaimed, without a race.
+/// Within its class a CPU walks the ports in turn, so the port it tries first is the one it
+/// used longest ago: the one whose flow is most surely over, and whose backend-side TIME_WAIT
+/// is oldest. (Random draws found a port still in use often enough, at a few thousand new
+/// connections per second, to drop SYNs into one-second retransmissions.)
 #[inline(always)]
 fn alloc_snat_port(
     rkey: &mut FlowKey,
@@ -56,7 +57,7 @@ fn alloc_snat_port(
     now: u64,
 ) -> Result<(), Stat> {
     let cpus = if t.cpus == 0 { 1 } else { t.cpus };
-    // SAFETY: helper calls without arguments.
+    // SAFETY: helper call without arguments.
     // Divisions use checked forms: a panicking path would leave code the verifier rejects.
     let cpu = unsafe { bpf_get_smp_processor_id() }
         .checked_rem(cpus)
@@ -69,37 +70,29 @@ fn alloc_snat_port(
     if count == 0 {
         return Err(Stat::FlowNotCreated);
     }
-    let mut reclaim: u32 = 0;
+    let cursor = LB_SNAT_CURSOR.get_ptr_mut(0).ok_or(Stat::FlowNotCreated)?;
+    // SAFETY: per-CPU slot: only this CPU touches it while the program runs.
+    let cursor = unsafe { &mut *cursor };
+    let mut idx = *cursor;
     for _ in 0..SNAT_TRIES {
-        // SAFETY: helper call without arguments.
-        let idx = unsafe { bpf_get_prandom_u32() }
-            .checked_rem(count)
-            .unwrap_or(0);
+        idx = idx.checked_rem(count).unwrap_or(0);
         let port = t.snat_port_min as u32 + cpu + idx * cpus;
+        idx += 1;
         rkey.dport = (port as u16).to_be();
         // SAFETY: read-only peek at an entry; only its timestamps are used.
-        match unsafe { LB_REVERSE_NAT.get(&*rkey) } {
-            None => {
-                return LB_REVERSE_NAT
-                    .insert(&*rkey, rval, BPF_ANY as u64)
-                    .map_err(|_| Stat::FlowNotCreated);
-            }
-            Some(old) => {
-                if reclaim == 0
-                    && conntrack::port_reusable(old.last_seen_ns, old.state, rkey.proto, now, t)
-                {
-                    reclaim = port;
-                }
-            }
+        let taken = match unsafe { LB_REVERSE_NAT.get(&*rkey) } {
+            None => false,
+            Some(old) => !conntrack::port_reusable(old.last_seen_ns, old.state, rkey.proto, now, t),
+        };
+        if !taken {
+            *cursor = idx;
+            return LB_REVERSE_NAT
+                .insert(&*rkey, rval, BPF_ANY as u64)
+                .map_err(|_| Stat::FlowNotCreated);
         }
     }
-    if reclaim == 0 {
-        return Err(Stat::FlowNotCreated);
-    }
-    rkey.dport = (reclaim as u16).to_be();
-    LB_REVERSE_NAT
-        .insert(&*rkey, rval, BPF_ANY as u64)
-        .map_err(|_| Stat::FlowNotCreated)
+    *cursor = idx;
+    Err(Stat::FlowNotCreated)
 }
 
 /// Creates the flow for a new connection: picks the backend, takes a SNAT port, stores both
@@ -153,7 +146,7 @@ pub fn new_flow(
         backend_port: be.port,
         snat_port: rkey.dport,
         state: st,
-        _pad1: 0,
+        service_id: svc.id as u8,
         _pad2: 0,
         _pad4: 0,
     };

@@ -64,9 +64,14 @@ pub fn load(tweak: impl FnOnce(&mut Tunables)) -> Dataplane {
 
 /// Writes backend `id` at `addr:8080`.
 pub fn set_backend(dp: &mut Dataplane, id: u32, addr: [u8; 4]) {
+    set_backend_at(dp, id, (addr, 8080));
+}
+
+/// Writes backend `id` at `addr:port`.
+pub fn set_backend_at(dp: &mut Dataplane, id: u32, (addr, port): ([u8; 4], u16)) {
     let info = BackendInfo {
         addr: v4(addr),
-        port: 8080u16.to_be(),
+        port: port.to_be(),
         family: lb_common::FAMILY_V4,
         flags: BackendInfo::VALID,
         _pad: 0,
@@ -74,8 +79,19 @@ pub fn set_backend(dp: &mut Dataplane, id: u32, addr: [u8; 4]) {
     dp.set_backend(id, Some(info)).unwrap();
 }
 
+/// The key of the IPv4 service `vip:port` over `proto`.
+pub fn service_key(vip: [u8; 4], port: u16, proto: u8) -> ServiceKey {
+    ServiceKey {
+        addr: v4(vip),
+        port: port.to_be(),
+        proto,
+        family: lb_common::FAMILY_V4,
+        _pad: 0,
+    }
+}
+
 /// Publishes a table for service slot `svc_id` (`vip:port`, `proto`) whose every bucket is
-/// `backend` (0 = an empty table).
+/// `backend` (0 = an empty table), with SNAT address [`SNAT`].
 pub fn single_backend_table(
     dp: &mut Dataplane,
     svc_id: u32,
@@ -84,16 +100,22 @@ pub fn single_backend_table(
     proto: u8,
     backend: u32,
 ) {
-    let key = ServiceKey {
-        addr: v4(vip),
-        port: port.to_be(),
-        proto,
-        family: lb_common::FAMILY_V4,
-        _pad: 0,
-    };
+    single_backend_service(dp, svc_id, (vip, port), proto, backend, SNAT);
+}
+
+/// Like [`single_backend_table`], with SNAT address `snat`.
+pub fn single_backend_service(
+    dp: &mut Dataplane,
+    svc_id: u32,
+    (vip, port): ([u8; 4], u16),
+    proto: u8,
+    backend: u32,
+    snat: [u8; 4],
+) {
+    let key = service_key(vip, port, proto);
     let mut t = empty_table();
     t.buckets = [backend; TABLE_SIZE as usize];
-    dp.publish_table(&key, svc_id, v4(SNAT), &t).unwrap();
+    dp.publish_table(&key, svc_id, v4(snat), &t).unwrap();
 }
 
 /// One BPF_PROG_TEST_RUN of program `prog`: verdict, output frame, and the kernel's

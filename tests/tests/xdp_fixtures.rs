@@ -3,7 +3,7 @@
 //! Runs inside a private network namespace with a veth towards the "backends" and permanent
 //! neighbour entries for three of them, so fib lookups give known answers.
 
-use lb_common::stats::Stat;
+use lb_common::{service::PortServices, stats::Stat};
 use lb_tests::{
     netns::Netns,
     packets::{self, ACK, CLIENT_MAC, FIN, LB_MAC, SYN, Seen, check, tcp, tcp_with, udp},
@@ -167,6 +167,81 @@ fn snat_port(seen: &Seen) -> u16 {
         "SNAT port {p} outside the configured range"
     );
     p
+}
+
+/// The ports map (what lets most packets skip the services lookup) follows the services, and
+/// a removed service's established flows stop being balanced: their packets go to the host,
+/// which answers with a reset, as if the conntrack entry were gone.
+#[test]
+fn the_ports_map_follows_the_services_and_a_removed_service_ends_its_flows() {
+    if !require_root("the_ports_map_follows_the_services") {
+        return;
+    }
+    let mut f = Fixture::new();
+    let v4 = u32::from_ne_bytes;
+    // Port 80: services 0 (VIP) and 2 (EMPTY_VIP), two addresses: the maps decide.
+    assert_eq!(
+        f.dp.port_services(80).unwrap(),
+        PortServices {
+            ids: 0b101,
+            only_v4: 0
+        }
+    );
+    assert_eq!(
+        f.dp.port_services(53).unwrap(),
+        PortServices {
+            ids: 0b10,
+            only_v4: v4(VIP)
+        }
+    );
+    assert_eq!(f.dp.port_services(22).unwrap(), PortServices::default());
+
+    let (v, out) = f.run(&tcp((CLIENT, 40000), (VIP, 80), SYN));
+    assert_eq!(v, XDP_REDIRECT);
+    let port = snat_port(&check(&out));
+    let ack = tcp((CLIENT, 40000), (VIP, 80), ACK);
+    assert_eq!(
+        f.run(&ack).0,
+        XDP_REDIRECT,
+        "an established flow is forwarded"
+    );
+
+    f.dp.remove_service(&xdp::service_key(EMPTY_VIP, 80, 6))
+        .unwrap();
+    assert_eq!(
+        f.dp.port_services(80).unwrap(),
+        PortServices {
+            ids: 0b1,
+            only_v4: v4(VIP)
+        }
+    );
+    let other = tcp((CLIENT, 40000), (EMPTY_VIP, 80), SYN);
+    let not_ours = f.stat(Stat::NotOurs);
+    assert_eq!(
+        f.run(&other),
+        (XDP_PASS, other.clone()),
+        "another address passes"
+    );
+    assert_eq!(f.stat(Stat::NotOurs), not_ours + 1);
+    assert_eq!(
+        f.run(&ack).0,
+        XDP_REDIRECT,
+        "the remaining service's flow is kept"
+    );
+
+    f.dp.remove_service(&xdp::service_key(VIP, 80, 6)).unwrap();
+    assert_eq!(f.dp.port_services(80).unwrap(), PortServices::default());
+    assert_eq!(
+        f.run(&ack),
+        (XDP_PASS, ack.clone()),
+        "the flow's packets go to the host"
+    );
+    // Its return traffic is still turned back to the client while the entry lives (the
+    // client's stack sorts out what its peer's reset means); nothing is misforwarded.
+    let ret = tcp((BACKENDS[0], 8080), (SNAT, port), ACK);
+    let (v, out) = f.run(&ret);
+    assert_eq!(v, XDP_TX);
+    assert_eq!(check(&out).dst, (CLIENT, 40000));
 }
 
 /// A whole flow: SYN → backend (full-NAT, checksums), return → client, and the flow keeps its

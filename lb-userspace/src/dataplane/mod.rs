@@ -24,7 +24,7 @@ use lb_common::{
     MAX_BACKENDS, Tunables,
     backend::{BackendInfo, NextHop},
     map_names,
-    service::{MaglevTable, ServiceKey, ServiceValue},
+    service::{MaglevTable, PortServices, ServiceKey, ServiceValue},
     stats::{BackendStats, STAT_COUNT},
 };
 
@@ -116,7 +116,7 @@ pub fn ensure_bpffs(dir: &Path) -> Result<()> {
 
 /// What each pinned map must look like for this build to use it: type, key size, value size,
 /// and the entry count (`None` where the config sets it: conntrack and reverse NAT).
-fn expected_maps() -> [(&'static str, MapType, usize, usize, Option<u32>); 8] {
+fn expected_maps() -> [(&'static str, MapType, usize, usize, Option<u32>); 9] {
     use lb_common::{
         conntrack::{CtValue, RnatValue},
         flow::FlowKey,
@@ -129,6 +129,13 @@ fn expected_maps() -> [(&'static str, MapType, usize, usize, Option<u32>); 8] {
             size_of::<ServiceKey>(),
             size_of::<ServiceValue>(),
             Some(lb_common::MAX_SERVICES),
+        ),
+        (
+            map_names::PORTS,
+            MapType::Array,
+            4,
+            size_of::<PortServices>(),
+            Some(65536),
         ),
         (
             map_names::TABLES,
@@ -220,6 +227,8 @@ pub struct Dataplane {
     ebpf: Ebpf,
     pin_dir: Option<PathBuf>,
     services: HashMap<MapData, ServiceKey, ServiceValue>,
+    /// Port (host order) → the services on it, kept by `sync_port`.
+    ports: Array<MapData, PortServices>,
     tables: Array<MapData, MaglevTable>,
     backends: Array<MapData, BackendInfo>,
     next_hops: PerCpuArray<MapData, NextHop>,
@@ -273,6 +282,7 @@ impl Dataplane {
                 .ok_or_else(|| anyhow!("map {name} missing from the object"))
         };
         let services = HashMap::try_from(take(map_names::SERVICES)?)?;
+        let ports = Array::try_from(take(map_names::PORTS)?)?;
         let tables = Array::try_from(take(map_names::TABLES)?)?;
         let backends = Array::try_from(take(map_names::BACKENDS)?)?;
         let next_hops = PerCpuArray::try_from(take(map_names::NEXT_HOPS)?)?;
@@ -289,6 +299,7 @@ impl Dataplane {
             ebpf,
             pin_dir: opts.pin_dir.clone(),
             services,
+            ports,
             tables,
             backends,
             next_hops,
@@ -422,15 +433,50 @@ impl Dataplane {
             0,
         )?;
         self.retired.insert(id, Instant::now());
+        // After the service entry: a packet that sees the port's bit finds the service.
+        self.sync_port(key.port)?;
         Ok(generation)
     }
 
     /// Stops balancing a service (its flows' packets then go to the kernel).
     pub fn remove_service(&mut self, key: &ServiceKey) -> Result<()> {
         match self.services.remove(key) {
-            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-            Err(e) => Err(e.into()),
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+            Err(e) => return Err(e.into()),
         }
+        self.sync_port(key.port)
+    }
+
+    /// Rewrites a port's entry in the ports map from the services map (at most
+    /// `MAX_SERVICES` entries), whatever changed: the ids of every service on the port, and
+    /// their VIP when they share one IPv4 address.
+    fn sync_port(&mut self, port_be: u16) -> Result<()> {
+        let on_port: Vec<(ServiceKey, ServiceValue)> = self
+            .services()
+            .into_iter()
+            .filter(|(k, _)| k.port == port_be)
+            .collect();
+        let ids = on_port
+            .iter()
+            .fold(0u32, |m, (_, v)| m | 1u32.checked_shl(v.id).unwrap_or(0));
+        let v4 = |k: &ServiceKey| {
+            (k.family == lb_common::FAMILY_V4).then(|| u32::from_ne_bytes(k.addr.v4_octets()))
+        };
+        let only_v4 = match on_port.first().and_then(|(k, _)| v4(k)) {
+            Some(a) if on_port.iter().all(|(k, _)| v4(k) == Some(a)) => a,
+            _ => 0,
+        };
+        self.ports.set(
+            u16::from_be(port_be) as u32,
+            PortServices { ids, only_v4 },
+            0,
+        )?;
+        Ok(())
+    }
+
+    /// The ports map's entry for a port (host order).
+    pub fn port_services(&self, port: u16) -> Result<PortServices> {
+        Ok(self.ports.get(&(port as u32), 0)?)
     }
 
     /// Every service key in the map (to drop the ones no longer configured).
