@@ -142,3 +142,15 @@ pub fn check(frame: &[u8]) -> Seen {
         dmac: e.destination,
     }
 }
+
+/// The same frame with another IPv4 TTL (header checksum recomputed; TCP/UDP checksums do
+/// not cover the TTL).
+pub fn with_ttl(frame: &[u8], ttl: u8) -> Vec<u8> {
+    let (mut h, _) = Ipv4Header::from_slice(&frame[14..]).expect("an IPv4 frame");
+    h.time_to_live = ttl;
+    h.header_checksum = h.calc_header_checksum();
+    let mut out = frame[..14].to_vec();
+    h.write(&mut out).unwrap();
+    out.extend_from_slice(&frame[14 + h.header_len()..]);
+    out
+}
