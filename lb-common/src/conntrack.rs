@@ -36,8 +36,10 @@ pub struct CtValue {
     /// Explicit padding, always zero; scalars rather than a byte array, whose zeroing the
     /// eBPF toolchain turns into a byte-at-a-time `memset` call (see [`IpBytes`]).
     pub _pad2: u16,
-    /// Explicit padding.
-    pub _pad4: u32,
+    /// Added to the client's TCP timestamp (TSval) on the way to the backend: it makes the
+    /// timestamps a backend sees on one SNAT address:port follow the balancer's clock from
+    /// flow to flow (see `lb-ebpf`'s `tcpts`). 0 when the flow has none.
+    pub ts_delta: u32,
 }
 
 const _: () = assert!(core::mem::size_of::<CtValue>() == 56);
@@ -72,8 +74,9 @@ pub struct RnatValue {
     pub _pad1: u8,
     /// Explicit padding.
     pub _pad2: u16,
-    /// Explicit padding.
-    pub _pad4: u32,
+    /// The flow's [`CtValue::ts_delta`], taken back off the timestamp the backend echoes
+    /// (TSecr) on the way to the client.
+    pub ts_delta: u32,
 }
 
 const _: () = assert!(core::mem::size_of::<RnatValue>() == 72);

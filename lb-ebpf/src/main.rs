@@ -14,6 +14,7 @@ mod nat;
 mod parse;
 mod select;
 mod stats;
+mod tcpts;
 
 use aya_ebpf::{
     bindings::xdp_action::{XDP_ABORTED, XDP_DROP, XDP_PASS},
@@ -184,6 +185,9 @@ fn to_backend(ctx: &XdpContext, pkt: &Packet, services_on_port: u32) -> Result<O
             dport: ct.backend_port,
         },
     )?;
+    if pkt.is_tcp() {
+        tcpts::shift(pkt, tcpts::Field::Val, ct.ts_delta);
+    }
     stats::backend(ct.backend_id, Direction::ToBackend, pkt.len, new_flow);
     Ok(Some(
         match forward::next_hop(ctx, ct.backend_id, src, dst, now, t.next_hop_ttl_ns) {
@@ -239,6 +243,9 @@ fn to_client(
             dport: e.client_port,
         },
     )?;
+    if pkt.is_tcp() {
+        tcpts::shift(pkt, tcpts::Field::Ecr, e.ts_delta.wrapping_neg());
+    }
     stats::backend(e.backend_id, Direction::ToClient, pkt.len, false);
     Ok(forward::send(
         ctx,

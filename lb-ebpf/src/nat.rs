@@ -16,7 +16,7 @@ pub struct Rewrite {
 /// the compiler cannot fold this into `parse`'s check: the verifier needs to see it here, with
 /// a constant size, right before the access.
 #[inline(always)]
-fn l4_bytes<const N: usize>(p: *mut u8, data_end: &usize) -> Result<*mut [u8; N], ()> {
+pub fn l4_bytes<const N: usize>(p: *mut u8, data_end: &usize) -> Result<*mut [u8; N], ()> {
     // SAFETY: reading a field of a live struct.
     let end = unsafe { core::ptr::read_volatile(data_end) };
     if p as usize + N > end {

@@ -15,6 +15,7 @@ use crate::{
     conntrack,
     maps::{LB_BACKENDS, LB_CONNTRACK, LB_REVERSE_NAT, LB_SNAT_CURSOR, LB_TABLES},
     parse::Packet,
+    tcpts,
 };
 
 /// SNAT ports probed per new flow before giving up (the flow's SYN is then dropped and
@@ -113,6 +114,14 @@ pub fn new_flow(
     };
     // SAFETY: bounds-checked by `parse`.
     let eth = unsafe { &*pkt.eth };
+    // The client's timestamps start on the balancer's millisecond clock (see `tcpts`).
+    let ts_delta = if pkt.key.proto == PROTO_TCP {
+        tcpts::tsval(pkt)
+            .map(|v| ((now / 1_000_000) as u32).wrapping_sub(v))
+            .unwrap_or(0)
+    } else {
+        0
+    };
     let mut rkey = FlowKey {
         src: be.addr,
         dst: svc.snat_addr,
@@ -135,7 +144,7 @@ pub fn new_flow(
         state: st,
         _pad1: 0,
         _pad2: 0,
-        _pad4: 0,
+        ts_delta,
     };
     alloc_snat_port(&mut rkey, &rval, t, now)?;
     let ct = CtValue {
@@ -148,7 +157,7 @@ pub fn new_flow(
         state: st,
         service_id: svc.id as u8,
         _pad2: 0,
-        _pad4: 0,
+        ts_delta,
     };
     if LB_CONNTRACK.insert(&pkt.key, &ct, BPF_ANY as u64).is_err() {
         let _ = LB_REVERSE_NAT.remove(&rkey);

@@ -1,5 +1,6 @@
 //! Building and checking packets for BPF_PROG_TEST_RUN fixtures (etherparse does the bytes).
 
+pub use etherparse::TcpOptionElement;
 use etherparse::{EtherType, Ethernet2Header, IpNumber, Ipv4Header, TcpHeader, UdpHeader};
 
 pub const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
@@ -75,6 +76,39 @@ pub fn tcp_with(
     t.write(&mut out).unwrap();
     out.extend_from_slice(payload);
     out
+}
+
+/// An Ethernet/IPv4/TCP frame with TCP `options` (e.g. timestamps) and correct checksums.
+pub fn tcp_opts(
+    src: ([u8; 4], u16),
+    dst: ([u8; 4], u16),
+    f: Flags,
+    options: &[TcpOptionElement],
+) -> Vec<u8> {
+    let frame = tcp(src, dst, f);
+    let (e, rest) = Ethernet2Header::from_slice(&frame).unwrap();
+    let (mut iph, rest) = Ipv4Header::from_slice(rest).unwrap();
+    let (mut t, _) = TcpHeader::from_slice(rest).unwrap();
+    t.set_options(options).expect("options fit");
+    iph.set_payload_len(t.header_len()).unwrap();
+    iph.header_checksum = iph.calc_header_checksum();
+    t.checksum = t.calc_checksum_ipv4(&iph, &[]).unwrap();
+    let mut out = Vec::new();
+    e.write(&mut out).unwrap();
+    iph.write(&mut out).unwrap();
+    t.write(&mut out).unwrap();
+    out
+}
+
+/// The TCP timestamp option (TSval, TSecr) of a frame, if it has one.
+pub fn timestamps(frame: &[u8]) -> Option<(u32, u32)> {
+    let (_, rest) = Ethernet2Header::from_slice(frame).ok()?;
+    let (_, rest) = Ipv4Header::from_slice(rest).ok()?;
+    let (t, _) = TcpHeader::from_slice(rest).ok()?;
+    t.options_iterator().find_map(|o| match o {
+        Ok(TcpOptionElement::Timestamp(v, e)) => Some((v, e)),
+        _ => None,
+    })
 }
 
 /// An Ethernet/IPv4/TCP frame without IP options.

@@ -244,6 +244,92 @@ fn the_ports_map_follows_the_services_and_a_removed_service_ends_its_flows() {
     assert_eq!(check(&out).dst, (CLIENT, 40000));
 }
 
+/// Client timestamps are moved onto the balancer's millisecond clock towards the backend
+/// and back on the way to the client: a backend's TIME_WAIT then accepts the next flow on
+/// the same SNAT port (PAWS), whatever random offset that flow's client started from.
+#[test]
+fn tcp_timestamps_follow_the_balancers_clock_and_come_back_unchanged() {
+    if !require_root("tcp_timestamps_follow_the_balancers_clock") {
+        return;
+    }
+    use packets::TcpOptionElement::{
+        MaximumSegmentSize, Noop, SelectiveAcknowledgementPermitted, Timestamp, WindowScale,
+    };
+    let mut f = Fixture::new();
+    // Linux's SYN layout.
+    let syn = packets::tcp_opts(
+        (CLIENT, 40100),
+        (VIP, 80),
+        SYN,
+        &[
+            MaximumSegmentSize(1460),
+            SelectiveAcknowledgementPermitted,
+            Timestamp(3_000_000_000, 0),
+            Noop,
+            WindowScale(7),
+        ],
+    );
+    let (v, out) = f.run(&syn);
+    assert_eq!(v, XDP_REDIRECT);
+    let port = snat_port(&check(&out));
+    let (val, ecr) = packets::timestamps(&out).expect("the SYN keeps its timestamps");
+    assert_eq!(ecr, 0);
+    // SAFETY: clock_gettime with a valid out pointer.
+    let now_ms = unsafe {
+        let mut ts = std::mem::zeroed::<libc::timespec>();
+        libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts);
+        (ts.tv_sec as u64 * 1000 + ts.tv_nsec as u64 / 1_000_000) as u32
+    };
+    assert!(
+        now_ms.wrapping_sub(val) < 1000,
+        "TSval {val} is the balancer's clock ({now_ms} ms)"
+    );
+    let delta = val.wrapping_sub(3_000_000_000);
+
+    // A data segment (NOP, NOP, TS): the same shift; its echo is the backend's, untouched.
+    let ack = packets::tcp_opts(
+        (CLIENT, 40100),
+        (VIP, 80),
+        ACK,
+        &[Noop, Noop, Timestamp(3_000_000_040, 777)],
+    );
+    let (v, out) = f.run(&ack);
+    assert_eq!(v, XDP_REDIRECT);
+    check(&out);
+    assert_eq!(
+        packets::timestamps(&out),
+        Some((3_000_000_040u32.wrapping_add(delta), 777))
+    );
+
+    // The backend's segment echoes the shifted clock; the client gets its own back.
+    let ret = packets::tcp_opts(
+        (BACKENDS[0], 8080),
+        (SNAT, port),
+        ACK,
+        &[
+            Noop,
+            Noop,
+            Timestamp(778, 3_000_000_040u32.wrapping_add(delta)),
+        ],
+    );
+    let (v, out) = f.run(&ret);
+    assert_eq!(v, XDP_TX);
+    check(&out);
+    assert_eq!(packets::timestamps(&out), Some((778, 3_000_000_040)));
+
+    // A layout the balancer does not know is forwarded with its timestamps as they were.
+    let odd = packets::tcp_opts(
+        (CLIENT, 40100),
+        (VIP, 80),
+        ACK,
+        &[Timestamp(3_000_000_050, 779), Noop, Noop],
+    );
+    let (v, out) = f.run(&odd);
+    assert_eq!(v, XDP_REDIRECT);
+    check(&out);
+    assert_eq!(packets::timestamps(&out), Some((3_000_000_050, 779)));
+}
+
 /// A whole flow: SYN → backend (full-NAT, checksums), return → client, and the flow keeps its
 /// backend after the table changes while new flows follow the new table.
 #[test]
