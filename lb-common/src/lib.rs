@@ -109,9 +109,10 @@ impl Tunables {
     /// re-resolved every second.
     ///
     /// The range is wide on purpose: a backend keeps a closed connection in TIME_WAIT for
-    /// 60 s, and reusing its (SNAT address, port) sooner relies on TCP timestamps to be
-    /// accepted. Measured with `Connection: close` traffic: 4536 ports (61000–65535) capped
-    /// new connections near 2 000/s with SYN retransmissions; 31744 ports gave 11 000/s.
+    /// 60 s, and accepts a new flow on its (SNAT address, port) sooner only by its TCP
+    /// timestamps, which the data plane keeps growing per SNAT tuple (`lb-ebpf`'s `tcpts`).
+    /// Flows without timestamps fall back on sequence numbers, which hold about half the time:
+    /// the more ports, the longer before a port comes round again.
     pub const DEFAULT: Tunables = Tunables {
         snat_port_min: 1024,
         snat_port_max: 32767,
