@@ -11,8 +11,18 @@ pub fn dir() -> PathBuf {
         .join("bench")
 }
 
-/// Writes one section (`name` orders it: "1-per-packet", "2-end-to-end", …).
+/// Whether this is `cargo xtask test`'s quick run (`LB_BENCH_QUICK` set): fewer rounds, and
+/// nothing written — it only keeps the benchmarks (and the fixtures they assert) working.
+pub fn quick() -> bool {
+    std::env::var_os("LB_BENCH_QUICK").is_some()
+}
+
+/// Writes one section (`name` orders it: "1-per-packet", "2-end-to-end", …); not in a
+/// [`quick`] run.
 pub fn write_section(name: &str, markdown: &str) {
+    if quick() {
+        return;
+    }
     let d = dir();
     std::fs::create_dir_all(&d).expect("creating target/bench");
     let path = d.join(format!("{name}.md"));

@@ -58,7 +58,8 @@ fn control_plane() {
     let mut to_reply = Vec::new();
     let mut s = UnixStream::connect(&t.socket).unwrap();
     let mut r = BufReader::new(s.try_clone().unwrap());
-    for i in 0..40 {
+    let changes = if lb_tests::bench::quick() { 6 } else { 40 };
+    for i in 0..changes {
         // Spaced like an operator's changes: a slot just retired (< 5 ms ago) is only
         // rewritten after its grace period, which back-to-back changes would measure instead.
         std::thread::sleep(Duration::from_millis(20));
@@ -87,13 +88,17 @@ fn control_plane() {
     }
 
     let traffic = Traffic::start(&t, 32).unwrap();
-    std::thread::sleep(Duration::from_secs(3));
+    std::thread::sleep(Duration::from_secs(if lb_tests::bench::quick() {
+        1
+    } else {
+        3
+    }));
     let rss_load = rss_kib(pid);
     let report = traffic.stop().unwrap();
 
     let mut md = String::new();
     writeln!(md, "## Control plane\n").unwrap();
-    writeln!(md, "`lbd` release build in the namespace topology; 40 `set split` changes alternating 90/10 and 10/90 on one control connection, 20 ms apart (4 backends: the time is the table build plus one map write).\n").unwrap();
+    writeln!(md, "`lbd` release build in the namespace topology; {changes} `set split` changes alternating 90/10 and 10/90 on one control connection, 20 ms apart (4 backends: the time is the table build plus one map write).\n").unwrap();
     writeln!(md, "| measure | median | p99 |").unwrap();
     writeln!(md, "|---|---|---|").unwrap();
     writeln!(

@@ -221,7 +221,22 @@ fn main() -> ExitCode {
                 "warnings",
             ]))?;
             // Namespace tests run two at a time: 2 cores, and each runs real traffic.
-            sh(&mut cargo(&["test", "--", "--test-threads=2"]))
+            sh(&mut cargo(&["test", "--", "--test-threads=2"]))?;
+            // One quick round of the per-packet and control-plane benchmarks keeps them (and
+            // the fixtures they assert) working; the figures come from `cargo xtask bench`.
+            sh(cargo(&[
+                "test",
+                "-p",
+                "lb-tests",
+                "--test",
+                "xdp_bench",
+                "--test",
+                "control_bench",
+                "--",
+                "--ignored",
+                "--test-threads=1",
+            ])
+            .env("LB_BENCH_QUICK", "1"))
         }),
         Cmd::Demo => setup().and_then(|_| build(false)).and_then(|_| {
             sh(&mut cargo(&[
