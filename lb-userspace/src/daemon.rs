@@ -62,7 +62,9 @@ pub struct Daemon {
     /// `None` in tests of the control grammar that run without a kernel.
     pub dataplane: Option<Dataplane>,
     /// Per service: the generation and buckets last published (what the kernel uses now).
-    published: HashMap<String, (u32, Vec<u32>)>,
+    published: HashMap<String, (u32, std::sync::Arc<Vec<u32>>)>,
+    /// Recently built tables, so that returning to a recent split skips the build.
+    tables: crate::maglev::Cache,
     pub metrics: Metrics,
     /// Request-mode services: where their proxies get each change.
     views: HashMap<String, tokio::sync::watch::Sender<std::sync::Arc<crate::proxy::View>>>,
@@ -74,6 +76,7 @@ impl Daemon {
             state,
             dataplane,
             published: HashMap::new(),
+            tables: crate::maglev::Cache::default(),
             metrics: Metrics::new(),
             views: HashMap::new(),
         }
@@ -205,10 +208,11 @@ impl Daemon {
         let key = service_key(svc);
         let slot = svc.slot;
         let (snat, _) = ip_bytes(svc.config.snat.context("connection service without snat")?);
-        let built = self.state.table(name)?;
+        let entries = self.state.table_entries(name)?;
         let Some(dp) = self.dataplane.as_mut() else {
             return Ok(());
         };
+        let (built, fresh) = self.tables.get_or_build(&entries, lb_common::TABLE_SIZE);
         let mut table = crate::dataplane::empty_table();
         table.buckets.copy_from_slice(&built);
         let generation = dp.publish_table(&key, slot, snat, &table)?;
@@ -219,6 +223,7 @@ impl Daemon {
             service = name,
             generation,
             took_us = started.elapsed().as_micros() as u64,
+            cached = !fresh,
             "table published"
         );
         self.published.insert(name.to_string(), (generation, built));

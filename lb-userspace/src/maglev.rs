@@ -210,6 +210,43 @@ pub fn build(entries: &[Entry], m: u32) -> Vec<u32> {
     table
 }
 
+/// The last few tables built, by their inputs: going back to a recent split — the rollback a
+/// migration depends on — republishes its table instead of rebuilding it (a build takes
+/// milliseconds; a lookup compares a handful of entries).
+#[derive(Debug, Default)]
+pub struct Cache {
+    /// Most recent last; at most [`Cache::CAPACITY`].
+    tables: Vec<(Vec<Entry>, std::sync::Arc<Vec<u32>>)>,
+}
+
+impl Cache {
+    /// Tables kept (256 KiB each at the kernel's table size).
+    pub const CAPACITY: usize = 8;
+
+    /// The table for `entries` (in any order) with `m` buckets: from the cache, or built and
+    /// kept. The second value says whether it was built.
+    pub fn get_or_build(&mut self, entries: &[Entry], m: u32) -> (std::sync::Arc<Vec<u32>>, bool) {
+        let mut key = entries.to_vec();
+        key.sort_by(|a, b| a.key.cmp(&b.key));
+        if let Some(i) = self
+            .tables
+            .iter()
+            .position(|(k, t)| *k == key && t.len() == m as usize)
+        {
+            let hit = self.tables.remove(i);
+            let table = hit.1.clone();
+            self.tables.push(hit);
+            return (table, false);
+        }
+        let table = std::sync::Arc::new(build(&key, m));
+        if self.tables.len() == Self::CAPACITY {
+            self.tables.remove(0);
+        }
+        self.tables.push((key, table.clone()));
+        (table, true)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -306,5 +343,42 @@ mod tests {
         let after = build(&entries(&[40, 40, 10, 10]), TABLE_SIZE);
         let moved = before.iter().zip(&after).filter(|(a, b)| a != b).count() as f64;
         assert!(moved / (TABLE_SIZE as f64) < 0.15, "moved {moved}");
+    }
+
+    #[test]
+    fn the_cache_gives_back_exactly_what_build_gives_and_forgets_the_oldest() {
+        let entries = |w: f64| {
+            vec![
+                Entry {
+                    key: "web/a".into(),
+                    id: 1,
+                    weight: w,
+                },
+                Entry {
+                    key: "web/b".into(),
+                    id: 2,
+                    weight: 1.0 - w,
+                },
+            ]
+        };
+        let mut c = Cache::default();
+        let (t, built) = c.get_or_build(&entries(0.9), 65537);
+        assert!(built);
+        assert_eq!(*t, build(&entries(0.9), 65537));
+        let mut reversed = entries(0.9);
+        reversed.reverse();
+        let (again, built) = c.get_or_build(&reversed, 65537);
+        assert!(!built, "the same entries in another order hit");
+        assert_eq!(again, t);
+        let (other, built) = c.get_or_build(&entries(0.1), 65537);
+        assert!(built);
+        assert_eq!(*other, build(&entries(0.1), 65537));
+        for k in 0..Cache::CAPACITY {
+            c.get_or_build(&entries(0.2 + k as f64 / 100.0), 65537);
+        }
+        assert!(
+            c.get_or_build(&entries(0.9), 65537).1,
+            "the oldest was forgotten"
+        );
     }
 }

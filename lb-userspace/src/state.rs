@@ -398,6 +398,14 @@ impl State {
 
     /// The Maglev table of a service.
     pub fn table(&self, svc: &str) -> Result<Vec<u32>, StateError> {
+        Ok(maglev::build(
+            &self.table_entries(svc)?,
+            lb_common::TABLE_SIZE,
+        ))
+    }
+
+    /// What a service's Maglev table is built from.
+    pub fn table_entries(&self, svc: &str) -> Result<Vec<maglev::Entry>, StateError> {
         let entries: Vec<maglev::Entry> = self
             .shares(svc)?
             .into_iter()
@@ -409,7 +417,7 @@ impl State {
                 weight: s.share,
             })
             .collect();
-        Ok(maglev::build(&entries, lb_common::TABLE_SIZE))
+        Ok(entries)
     }
 }
 

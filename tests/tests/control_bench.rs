@@ -54,21 +54,15 @@ fn control_plane() {
             .max()
             .unwrap_or(0)
     };
-    let mut to_kernel = Vec::new();
-    let mut to_reply = Vec::new();
     let mut s = UnixStream::connect(&t.socket).unwrap();
     let mut r = BufReader::new(s.try_clone().unwrap());
-    let changes = if lb_tests::bench::quick() { 6 } else { 40 };
-    for i in 0..changes {
+    // One `set split`: sent → the new generation live in the kernel, and → the reply.
+    let mut change = |legacy: u32| -> (f64, f64) {
         // Spaced like an operator's changes: a slot just retired (< 5 ms ago) is only
         // rewritten after its grace period, which back-to-back changes would measure instead.
         std::thread::sleep(Duration::from_millis(20));
         let before = generation(&services);
-        let line = if i % 2 == 0 {
-            "set split web legacy=10 k8s=90\n"
-        } else {
-            "set split web legacy=90 k8s=10\n"
-        };
+        let line = format!("set split web legacy={legacy} k8s={}\n", 100 - legacy);
         let sent = Instant::now();
         s.write_all(line.as_bytes()).unwrap();
         // Spin on the kernel map (one syscall per look) until the new generation is live.
@@ -78,14 +72,23 @@ fn control_plane() {
                 "table never changed"
             );
         }
-        to_kernel.push(sent.elapsed().as_secs_f64() * 1e3);
+        let kernel = sent.elapsed().as_secs_f64() * 1e3;
         let mut reply = String::new();
         while reply != "\n" {
             reply.clear();
             r.read_line(&mut reply).unwrap();
         }
-        to_reply.push(sent.elapsed().as_secs_f64() * 1e3);
-    }
+        (kernel, sent.elapsed().as_secs_f64() * 1e3)
+    };
+    let changes = if lb_tests::bench::quick() { 6 } else { 40 };
+    // Weights never used before (each table is built), then back and forth between the last
+    // two (a rollback: lbd keeps recent tables).
+    let (mut to_kernel, mut to_reply): (Vec<f64>, Vec<f64>) =
+        (0..changes).map(|i| change(90 - 2 * i)).unzip();
+    let last = 90 - 2 * (changes - 1);
+    let (mut back_kernel, mut back_reply): (Vec<f64>, Vec<f64>) = (0..changes)
+        .map(|i| change(if i % 2 == 0 { last + 2 } else { last }))
+        .unzip();
 
     let traffic = Traffic::start(&t, 32).unwrap();
     std::thread::sleep(Duration::from_secs(if lb_tests::bench::quick() {
@@ -98,21 +101,35 @@ fn control_plane() {
 
     let mut md = String::new();
     writeln!(md, "## Control plane\n").unwrap();
-    writeln!(md, "`lbd` release build in the namespace topology; {changes} `set split` changes alternating 90/10 and 10/90 on one control connection, 20 ms apart (4 backends: the time is the table build plus one map write).\n").unwrap();
+    writeln!(md, "`lbd` release build in the namespace topology, 4 backends; `set split` on one control connection, 20 ms apart: {changes} to weights not used before (the table is built: the time is the build plus one map write), then {changes} back and forth between the last two (a rollback: lbd keeps its 8 most recent tables, so the time is one table copy and map write).\n").unwrap();
     writeln!(md, "| measure | median | p99 |").unwrap();
     writeln!(md, "|---|---|---|").unwrap();
     writeln!(
         md,
-        "| `set split` sent → new table live in the kernel | {:.2} ms | {:.2} ms |",
+        "| `set split` to new weights → new table live in the kernel | {:.2} ms | {:.2} ms |",
         percentile(&mut to_kernel, 0.5),
         percentile(&mut to_kernel, 0.99)
     )
     .unwrap();
     writeln!(
         md,
-        "| `set split` sent → reply received | {:.2} ms | {:.2} ms |",
+        "| `set split` to new weights → reply received | {:.2} ms | {:.2} ms |",
         percentile(&mut to_reply, 0.5),
         percentile(&mut to_reply, 0.99)
+    )
+    .unwrap();
+    writeln!(
+        md,
+        "| rollback to a recent split → new table live in the kernel | {:.2} ms | {:.2} ms |",
+        percentile(&mut back_kernel, 0.5),
+        percentile(&mut back_kernel, 0.99)
+    )
+    .unwrap();
+    writeln!(
+        md,
+        "| rollback to a recent split → reply received | {:.2} ms | {:.2} ms |",
+        percentile(&mut back_reply, 0.5),
+        percentile(&mut back_reply, 0.99)
     )
     .unwrap();
     writeln!(md, "\n| lbd memory (VmRSS) | KiB |\n|---|---|").unwrap();
