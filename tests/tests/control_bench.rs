@@ -106,34 +106,29 @@ fn control_plane() {
     writeln!(md, "`lbd` release build in the namespace topology, 4 backends; `set split` on one control connection, 20 ms apart: {changes} to weights not used before (the table is built: the time is the build plus one map write), then {changes} back and forth between the last two (a rollback: lbd keeps its 8 most recent tables, so the time is one table copy and map write).\n").unwrap();
     writeln!(md, "| measure | median | p99 |").unwrap();
     writeln!(md, "|---|---|---|").unwrap();
-    writeln!(
-        md,
-        "| `set split` to new weights → new table live in the kernel | {:.2} ms | {:.2} ms |",
-        percentile(&mut to_kernel, 0.5),
-        percentile(&mut to_kernel, 0.99)
-    )
-    .unwrap();
-    writeln!(
-        md,
-        "| `set split` to new weights → reply received | {:.2} ms | {:.2} ms |",
-        percentile(&mut to_reply, 0.5),
-        percentile(&mut to_reply, 0.99)
-    )
-    .unwrap();
-    writeln!(
-        md,
-        "| rollback to a recent split → new table live in the kernel | {:.2} ms | {:.2} ms |",
-        percentile(&mut back_kernel, 0.5),
-        percentile(&mut back_kernel, 0.99)
-    )
-    .unwrap();
-    writeln!(
-        md,
-        "| rollback to a recent split → reply received | {:.2} ms | {:.2} ms |",
-        percentile(&mut back_reply, 0.5),
-        percentile(&mut back_reply, 0.99)
-    )
-    .unwrap();
+    for (what, v) in [
+        (
+            "`set split` to new weights → new table live in the kernel",
+            &mut to_kernel,
+        ),
+        ("`set split` to new weights → reply received", &mut to_reply),
+        (
+            "rollback to a recent split → new table live in the kernel",
+            &mut back_kernel,
+        ),
+        (
+            "rollback to a recent split → reply received",
+            &mut back_reply,
+        ),
+    ] {
+        writeln!(
+            md,
+            "| {what} | {:.2} ms | {:.2} ms |",
+            percentile(v, 0.5),
+            percentile(v, 0.99)
+        )
+        .unwrap();
+    }
     writeln!(md, "\n| lbd memory (VmRSS) | KiB |\n|---|---|").unwrap();
     writeln!(
         md,
