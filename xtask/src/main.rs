@@ -130,6 +130,20 @@ fn cargo(args: &[&str]) -> Command {
     c
 }
 
+/// `cargo test` of the ignored benchmark tests `tests` in lb-tests, one at a time.
+fn bench_tests(release: bool, tests: &[&str]) -> Command {
+    let mut args = vec!["test"];
+    if release {
+        args.push("--release");
+    }
+    args.extend(["-p", "lb-tests"]);
+    for t in tests {
+        args.extend(["--test", t]);
+    }
+    args.extend(["--", "--ignored", "--nocapture", "--test-threads=1"]);
+    cargo(&args)
+}
+
 fn build(release: bool) -> Result<()> {
     let mut args = vec!["build", "--bins"];
     if release {
@@ -147,23 +161,10 @@ fn bench() -> Result<()> {
         .unwrap_or_else(|| root.join("target"));
     let sections = target.join("bench");
     let _ = std::fs::remove_dir_all(&sections);
-    sh(cargo(&[
-        "test",
-        "--release",
-        "-p",
-        "lb-tests",
-        "--test",
-        "xdp_bench",
-        "--test",
-        "control_bench",
-        "--test",
-        "e2e_bench",
-        "--",
-        "--ignored",
-        "--nocapture",
-        "--test-threads=1",
-    ])
-    .env("LBD_BIN", target.join("release/lbd")))?;
+    sh(
+        bench_tests(true, &["xdp_bench", "control_bench", "e2e_bench"])
+            .env("LBD_BIN", target.join("release/lbd")),
+    )?;
     sh(&mut cargo(&[
         "bench",
         "-p",
@@ -224,19 +225,7 @@ fn main() -> ExitCode {
             sh(&mut cargo(&["test", "--", "--test-threads=2"]))?;
             // One quick round of the per-packet and control-plane benchmarks keeps them (and
             // the fixtures they assert) working; the figures come from `cargo xtask bench`.
-            sh(cargo(&[
-                "test",
-                "-p",
-                "lb-tests",
-                "--test",
-                "xdp_bench",
-                "--test",
-                "control_bench",
-                "--",
-                "--ignored",
-                "--test-threads=1",
-            ])
-            .env("LB_BENCH_QUICK", "1"))
+            sh(bench_tests(false, &["xdp_bench", "control_bench"]).env("LB_BENCH_QUICK", "1"))
         }),
         Cmd::Demo => setup().and_then(|_| build(false)).and_then(|_| {
             sh(&mut cargo(&[
