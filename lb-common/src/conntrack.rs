@@ -77,6 +77,187 @@ pub struct RnatValue {
     /// The flow's [`CtValue::ts_delta`], taken back off the timestamp the backend echoes
     /// (TSecr) on the way to the client.
     pub ts_delta: u32,
+    /// The interface the backend's packets must arrive on: where the route towards the
+    /// backend pointed when the flow was created. 0 = no route then (nothing is accepted).
+    /// Return traffic from anywhere else is spoofed: it is dropped, never translated.
+    pub backend_ifindex: u32,
+    /// TCP: before the backend's SYN-ACK, the acknowledgment number it must carry (the
+    /// client's ISN + 1); after it, the backend's next sequence number (the highest
+    /// `seq + len` seen from it). A return segment is translated only near it (see
+    /// [`window_ok`]).
+    pub seq_next: u32,
+    /// The next hop's MAC towards the backend when the flow was created (all zero when the
+    /// neighbour was not resolved yet: then only the interface is checked).
+    pub backend_mac: [u8; 6],
+    /// The client's TCP window scale (from its SYN; 14, the largest, when its options were
+    /// not understood): a backend segment may lie at most `65535 << wscale` from `seq_next`.
+    pub wscale: u8,
+    /// 1 once the backend's SYN-ACK has set `seq_next`.
+    pub seq_synced: u8,
 }
 
-const _: () = assert!(core::mem::size_of::<RnatValue>() == 72);
+const _: () = assert!(core::mem::size_of::<RnatValue>() == 88);
+
+/// Largest TCP window scale (RFC 7323).
+pub const MAX_WSCALE: u8 = 14;
+
+/// What a backend segment may be, given the flow's [`RnatValue::seq_next`] state: the
+/// RFC 5961 idea applied by a middlebox that sees every segment of the backend's direction.
+///
+/// - Before the backend's SYN-ACK (`synced` false), only that SYN-ACK or a RST refusing the
+///   SYN, each acknowledging exactly the client's SYN (`ack == seq_next`), is accepted.
+/// - After it, a RST must sit exactly at `seq_next` (a blind attacker has a 1 in 2³² chance);
+///   any other segment within the largest window the client can offer (`65535 << wscale`)
+///   on either side of it: retransmissions reach back at most that far, and nothing the
+///   backend sends can be further ahead.
+///
+/// Returns the new `seq_next` when the segment is accepted.
+#[inline(always)]
+pub const fn window_ok(synced: bool, seq_next: u32, wscale: u8, seg: Segment) -> Option<u32> {
+    const SYN: u8 = 0x02;
+    const RST: u8 = 0x04;
+    const ACK: u8 = 0x10;
+    const FIN: u8 = 0x01;
+    if !synced {
+        if seg.flags & ACK == 0 || seg.ack != seq_next {
+            return None;
+        }
+        if seg.flags & SYN != 0 && seg.flags & RST == 0 {
+            return Some(seg.seq.wrapping_add(1));
+        }
+        if seg.flags & RST != 0 {
+            return Some(seq_next);
+        }
+        return None;
+    }
+    let d = seg.seq.wrapping_sub(seq_next) as i32;
+    if seg.flags & RST != 0 {
+        return if d == 0 { Some(seq_next) } else { None };
+    }
+    let ws = if wscale > MAX_WSCALE {
+        MAX_WSCALE
+    } else {
+        wscale
+    };
+    let window = 65535u32 << ws;
+    if d.unsigned_abs() > window {
+        return None;
+    }
+    let end = seg
+        .seq
+        .wrapping_add(seg.payload_len)
+        .wrapping_add((seg.flags & SYN != 0) as u32)
+        .wrapping_add((seg.flags & FIN != 0) as u32);
+    if (end.wrapping_sub(seq_next) as i32) > 0 {
+        Some(end)
+    } else {
+        Some(seq_next)
+    }
+}
+
+/// The fields of a TCP segment that [`window_ok`] judges.
+#[derive(Clone, Copy, Debug)]
+pub struct Segment {
+    /// Sequence number (host order).
+    pub seq: u32,
+    /// Acknowledgment number (host order).
+    pub ack: u32,
+    /// TCP flags (byte 13).
+    pub flags: u8,
+    /// Payload bytes.
+    pub payload_len: u32,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SYN: u8 = 0x02;
+    const RST: u8 = 0x04;
+    const ACK: u8 = 0x10;
+    const FIN: u8 = 0x01;
+
+    fn seg(seq: u32, ack: u32, flags: u8, payload_len: u32) -> Segment {
+        Segment {
+            seq,
+            ack,
+            flags,
+            payload_len,
+        }
+    }
+
+    #[test]
+    fn before_the_syn_ack_only_an_answer_to_the_clients_syn_is_accepted() {
+        // Client ISN 999: the backend must acknowledge 1000.
+        assert_eq!(
+            window_ok(false, 1000, 7, seg(5000, 1000, SYN | ACK, 0)),
+            Some(5001)
+        );
+        assert_eq!(
+            window_ok(false, 1000, 7, seg(0, 1000, RST | ACK, 0)),
+            Some(1000)
+        );
+        assert_eq!(
+            window_ok(false, 1000, 7, seg(5000, 1001, SYN | ACK, 0)),
+            None
+        );
+        assert_eq!(window_ok(false, 1000, 7, seg(0, 0, RST, 0)), None);
+        assert_eq!(window_ok(false, 1000, 7, seg(5000, 1000, ACK, 10)), None);
+        assert_eq!(
+            window_ok(false, 1000, 7, seg(5000, 1000, SYN | RST | ACK, 0)),
+            Some(1000)
+        );
+    }
+
+    #[test]
+    fn a_reset_must_sit_exactly_at_the_next_sequence_number() {
+        assert_eq!(
+            window_ok(true, 5001, 7, seg(5001, 1, RST | ACK, 0)),
+            Some(5001)
+        );
+        assert_eq!(window_ok(true, 5001, 7, seg(5002, 1, RST, 0)), None);
+        assert_eq!(window_ok(true, 5001, 7, seg(5000, 1, RST, 0)), None);
+        assert_eq!(
+            window_ok(true, 5001, 7, seg(5001u32.wrapping_add(1 << 31), 1, RST, 0)),
+            None
+        );
+    }
+
+    #[test]
+    fn data_is_accepted_within_the_clients_largest_window_and_advances_the_edge() {
+        // New data advances seq_next, across the 2^32 wrap too.
+        assert_eq!(window_ok(true, 5001, 0, seg(5001, 1, ACK, 100)), Some(5101));
+        assert_eq!(
+            window_ok(true, u32::MAX - 9, 0, seg(u32::MAX - 9, 1, ACK, 20)),
+            Some(10)
+        );
+        // A retransmission of old data leaves it.
+        assert_eq!(window_ok(true, 5101, 0, seg(5001, 1, ACK, 100)), Some(5101));
+        // FIN counts one.
+        assert_eq!(
+            window_ok(true, 5101, 0, seg(5101, 1, FIN | ACK, 0)),
+            Some(5102)
+        );
+        // Without scaling, 65535 either side and no more.
+        assert_eq!(
+            window_ok(true, 100_000, 0, seg(100_000 - 65535, 1, ACK, 0)),
+            Some(100_000)
+        );
+        assert_eq!(
+            window_ok(true, 100_000, 0, seg(100_000 - 65536, 1, ACK, 0)),
+            None
+        );
+        assert_eq!(
+            window_ok(true, 100_000, 0, seg(100_000 + 65536, 1, ACK, 0)),
+            None
+        );
+        // With scale 7 the window is 8 MiB; an arbitrary guess is still far off.
+        assert!(window_ok(true, 100_000, 7, seg(100_000 + (4 << 20), 1, ACK, 0)).is_some());
+        assert_eq!(
+            window_ok(true, 100_000, 7, seg(100_000 + (1 << 30), 1, ACK, 0)),
+            None
+        );
+        // An out-of-range scale is capped at 14.
+        assert_eq!(window_ok(true, 0, 200, seg(1 << 31, 1, ACK, 0)), None);
+    }
+}

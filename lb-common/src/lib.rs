@@ -9,6 +9,7 @@ pub mod backend;
 pub mod conntrack;
 pub mod csum;
 pub mod flow;
+pub mod guard;
 pub mod hash;
 pub mod service;
 pub mod stats;
@@ -57,8 +58,11 @@ pub mod map_names {
     pub const BACKEND_STATS: &str = "LB_BACKEND_STATS";
     /// Per-CPU counters of XDP verdicts and reasons: [`crate::stats::Stat`] index → u64.
     pub const XDP_STATS: &str = "LB_XDP_STATS";
+    /// Source guard (LPM trie): [`crate::guard::SourceAddr`] prefix →
+    /// [`crate::guard::SourceRule`] (where SYNs from it may come from, if anywhere).
+    pub const SOURCES: &str = "LB_SOURCES";
     /// Every map, in the order userspace pins them.
-    pub const ALL: [&str; 9] = [
+    pub const ALL: [&str; 10] = [
         SERVICES,
         PORTS,
         TABLES,
@@ -68,6 +72,7 @@ pub mod map_names {
         NEXT_HOPS,
         BACKEND_STATS,
         XDP_STATS,
+        SOURCES,
     ];
 }
 
@@ -144,4 +149,6 @@ mod pod {
     unsafe impl aya::Pod for crate::conntrack::CtValue {}
     unsafe impl aya::Pod for crate::conntrack::RnatValue {}
     unsafe impl aya::Pod for crate::stats::BackendStats {}
+    unsafe impl aya::Pod for crate::guard::SourceAddr {}
+    unsafe impl aya::Pod for crate::guard::SourceRule {}
 }

@@ -52,7 +52,24 @@ pub enum Stat {
     TtlExceeded = 12,
     /// New flows created.
     NewFlow = 13,
+    /// Dropped: return traffic for a flow that did not come from the backend's side (another
+    /// interface or next hop than the route towards the backend): spoofed. Dropped, not
+    /// passed, because the host would answer it with a RST to the real backend.
+    ReturnWrongSide = 14,
+    /// Dropped: a backend segment outside the flow's sequence window, or a RST not exactly
+    /// at the next sequence number (RFC 5961), or anything but a SYN-ACK/RST before the
+    /// backend's SYN-ACK.
+    ReturnOutOfWindow = 15,
+    /// Dropped: a SYN from a source no real client has (martian: 0/8, 127/8, multicast,
+    /// reserved, broadcast; the VIPs and SNAT addresses themselves — "land"; the backends'
+    /// subnets arriving on another interface than theirs).
+    SpoofedSource = 16,
+    /// Dropped: a SYN with FIN, RST or URG also set.
+    BadTcpFlags = 17,
+    /// Dropped: a SYN whose data offset is below 5 or past the packet, or whose options do
+    /// not parse (a length below 2 or past the header).
+    BadTcpHeader = 18,
 }
 
 /// Number of entries in the per-CPU XDP counter array.
-pub const STAT_COUNT: u32 = 14;
+pub const STAT_COUNT: u32 = 19;

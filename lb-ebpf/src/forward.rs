@@ -13,9 +13,12 @@ use lb_common::{FAMILY_V4, backend::NextHop, stats::Stat};
 use crate::{maps::LB_NEXT_HOPS, parse::Packet, stats};
 
 const BPF_FIB_LKUP_RET_SUCCESS: i64 = 0;
+/// The route is there but the neighbour is not resolved: the egress interface is known.
+const BPF_FIB_LKUP_RET_NO_NEIGH: i64 = 7;
 
 /// The next hop towards `backend_id` at `dst`, from the cache or a fresh fib lookup.
-/// `None` when the kernel cannot forward it right now (e.g. the neighbour is not resolved).
+/// `Err(ifindex)` when the kernel must forward it (the neighbour is not resolved yet): the
+/// egress interface of the route, or 0 when there is no usable route.
 #[inline(always)]
 pub fn next_hop(
     ctx: &XdpContext,
@@ -24,31 +27,54 @@ pub fn next_hop(
     dst: [u8; 4],
     now: u64,
     ttl_ns: u64,
-) -> Option<NextHop> {
-    let slot = LB_NEXT_HOPS.get_ptr_mut(backend_id)?;
+) -> Result<NextHop, u32> {
+    let slot = LB_NEXT_HOPS.get_ptr_mut(backend_id).ok_or(0u32)?;
     // SAFETY: per-CPU slot: no other CPU writes it.
     let cached = unsafe { &mut *slot };
     if cached.expires_ns > now {
-        return Some(*cached);
+        return Ok(*cached);
     }
+    let rc = resolve(
+        ctx,
+        cached,
+        u32::from_ne_bytes(src),
+        u32::from_ne_bytes(dst),
+        now + ttl_ns,
+    );
+    if rc == 0 {
+        Ok(*cached)
+    } else {
+        Err(rc.max(0) as u32)
+    }
+}
+
+/// A fib lookup from `src` to `dst`: on success fills `out` (valid until `expires_ns`) and
+/// returns 0; when only the neighbour is missing returns the egress interface; else -1.
+/// Not inlined: its 64-byte parameter block gets a stack frame of its own, which the
+/// callers' frames (the new-flow path above all) have no room for.
+#[inline(never)]
+fn resolve(ctx: &XdpContext, out: &mut NextHop, src: u32, dst: u32, expires_ns: u64) -> i64 {
     // SAFETY: plain C struct, all-zero is valid.
     let mut p: bpf_fib_lookup = unsafe { core::mem::zeroed() };
     p.family = FAMILY_V4;
     p.ifindex = ctx.ingress_ifindex() as u32;
-    p.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(src);
-    p.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(dst);
+    p.__bindgen_anon_3.ipv4_src = src;
+    p.__bindgen_anon_4.ipv4_dst = dst;
     // SAFETY: helper call with a valid context and a stack struct of the size passed.
     let rc = unsafe { fib_lookup(ctx.as_ptr(), &mut p, size_of::<bpf_fib_lookup>() as i32, 0) };
-    if rc != BPF_FIB_LKUP_RET_SUCCESS {
-        return None;
+    if rc == BPF_FIB_LKUP_RET_NO_NEIGH {
+        return p.ifindex as i64;
     }
-    *cached = NextHop {
-        expires_ns: now + ttl_ns,
+    if rc != BPF_FIB_LKUP_RET_SUCCESS {
+        return -1;
+    }
+    *out = NextHop {
+        expires_ns,
         ifindex: p.ifindex,
         dmac: p.dmac,
         smac: p.smac,
     };
-    Some(*cached)
+    0
 }
 
 /// The benchmarks' ideal forwarder: per packet a fib lookup, the TTL decremented, the MACs

@@ -9,6 +9,7 @@
 
 mod conntrack;
 mod forward;
+mod guard;
 mod maps;
 mod nat;
 mod parse;
@@ -25,7 +26,7 @@ use aya_ebpf::{
 use lb_common::{FAMILY_V4, Tunables, service::ServiceKey, stats::Stat};
 
 use crate::{
-    maps::{LB_CONNTRACK, LB_PORTS, LB_REVERSE_NAT, LB_SERVICES, LB_TUNABLES},
+    maps::{LB_CONNTRACK, LB_PORTS, LB_REVERSE_NAT, LB_SERVICES},
     nat::Rewrite,
     parse::Packet,
     stats::Direction,
@@ -65,12 +66,19 @@ fn pass(reason: Stat) -> u32 {
     XDP_PASS
 }
 
+#[inline(always)]
+fn drop(reason: Stat) -> u32 {
+    stats::bump(reason);
+    XDP_DROP
+}
+
 fn try_balance(ctx: &XdpContext) -> Result<u32, ()> {
     let pkt = match parse::parse(ctx) {
         Ok(p) => p,
         Err(reason) => return Ok(pass(reason)),
     };
     let dport = u16::from_be(pkt.key.dport);
+    let t = maps::tunables();
     // An array lookup (inlined by the verifier) instead of hashing a service key for every
     // packet: packets to other ports, or to other addresses on a served port, end here.
     if let Some(on_port) = LB_PORTS.get(dport as u32) {
@@ -80,15 +88,14 @@ fn try_balance(ctx: &XdpContext) -> Result<u32, ()> {
             0
         };
         if on_port.may_serve(dst_v4) {
-            if let Some(action) = to_backend(ctx, &pkt, on_port.ids)? {
+            if let Some(action) = to_backend(ctx, &pkt, on_port.ids, t)? {
                 return Ok(action);
             }
         }
     }
-    let t = LB_TUNABLES.load();
     if dport >= t.snat_port_min && dport <= t.snat_port_max {
         if let Some(r) = LB_REVERSE_NAT.get_ptr_mut(&pkt.key) {
-            return to_client(ctx, &pkt, r, &t);
+            return to_client(ctx, &pkt, r, t);
         }
     }
     Ok(pass(Stat::NotOurs))
@@ -97,8 +104,12 @@ fn try_balance(ctx: &XdpContext) -> Result<u32, ()> {
 /// Client → VIP: find or create the flow, rewrite towards its backend, send. `None` when
 /// the packet belongs to no service (the port is served, but not at this address).
 #[inline(always)]
-fn to_backend(ctx: &XdpContext, pkt: &Packet, services_on_port: u32) -> Result<Option<u32>, ()> {
-    let t: Tunables = LB_TUNABLES.load();
+fn to_backend(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    services_on_port: u32,
+    t: &Tunables,
+) -> Result<Option<u32>, ()> {
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
     let proto = pkt.key.proto;
@@ -108,7 +119,7 @@ fn to_backend(ctx: &XdpContext, pkt: &Packet, services_on_port: u32) -> Result<O
     let existing = LB_CONNTRACK.get_ptr_mut(&pkt.key).and_then(|p| {
         // SAFETY: LRU entry; fields are plain integers, races only lose a refresh.
         let e = unsafe { &mut *p };
-        let reusable = conntrack::alive(e.last_seen_ns, e.state, proto, now, &t)
+        let reusable = conntrack::alive(e.last_seen_ns, e.state, proto, now, t)
             && !(syn && e.state == lb_common::conntrack::state::CLOSING)
             && services_on_port
                 .checked_shr(e.service_id as u32)
@@ -116,6 +127,7 @@ fn to_backend(ctx: &XdpContext, pkt: &Packet, services_on_port: u32) -> Result<O
         reusable.then_some(e)
     });
     let mut new_flow = false;
+    let mut hop = None;
     let ct = match existing {
         Some(e) => {
             if nat::ttl(pkt) <= 1 {
@@ -136,7 +148,7 @@ fn to_backend(ctx: &XdpContext, pkt: &Packet, services_on_port: u32) -> Result<O
                     conntrack::sync(&mut r.last_seen_ns, &mut r.state, e.last_seen_ns, e.state);
                 }
             }
-            *e
+            &*e
         }
         None => {
             let svc_key = ServiceKey {
@@ -159,14 +171,54 @@ fn to_backend(ctx: &XdpContext, pkt: &Packet, services_on_port: u32) -> Result<O
                 // so the client learns at once instead of retransmitting into a void.
                 return Ok(Some(pass(Stat::NonSynMiss)));
             }
-            match select::new_flow(ctx, pkt, &svc, &t, now) {
-                Ok(ct) => {
-                    new_flow = true;
-                    stats::bump(Stat::NewFlow);
-                    ct
+            // Only what a real client sends opens a flow: crafted SYNs are dropped before
+            // they take any state (passed, the host would answer them).
+            let wscale = if pkt.is_tcp() {
+                match guard::check_syn(ctx, pkt) {
+                    Ok(w) => w,
+                    Err(reason) => return Ok(Some(drop(reason))),
                 }
+            } else {
+                0
+            };
+            if let Err(reason) = guard::check_source(ctx, &pkt.key) {
+                return Ok(Some(drop(reason)));
+            }
+            let Some(f) = maps::LB_NEW_FLOW.get_ptr_mut(0) else {
+                return Ok(Some(drop(Stat::FlowNotCreated)));
+            };
+            // SAFETY: this CPU's scratch slot: nothing else touches it while this runs.
+            let f = unsafe { &mut *f };
+            f.backend_id = match select::pick(&svc, &pkt.key, &mut f.backend) {
+                Ok(id) => id,
                 // No backend: the host answers the SYN with a RST (nothing listens there).
-                Err(Stat::NoBackend) => return Ok(Some(pass(Stat::NoBackend))),
+                Err(_) => return Ok(Some(pass(Stat::NoBackend))),
+            };
+            // The route towards the backend, now: where its answers must come from.
+            match forward::next_hop(
+                ctx,
+                f.backend_id,
+                svc.snat_addr.v4_octets(),
+                f.backend.addr.v4_octets(),
+                now,
+                t.next_hop_ttl_ns,
+            ) {
+                Ok(nh) => {
+                    f.hop = nh;
+                    f.routed = 1;
+                }
+                Err(ifindex) => {
+                    f.routed = 0;
+                    f.route_ifindex = ifindex;
+                }
+            }
+            match select::new_flow(ctx, pkt, &svc, t, wscale as u32) {
+                Ok(()) => {
+                    new_flow = true;
+                    hop = Some(if f.routed != 0 { Ok(f.hop) } else { Err(0) });
+                    stats::bump(Stat::NewFlow);
+                    &f.ct
+                }
                 Err(reason) => {
                     stats::bump(reason);
                     return Ok(Some(XDP_DROP));
@@ -189,19 +241,22 @@ fn to_backend(ctx: &XdpContext, pkt: &Packet, services_on_port: u32) -> Result<O
         tcpts::shift(pkt, tcpts::Field::Val, ct.ts_delta);
     }
     stats::backend(ct.backend_id, Direction::ToBackend, pkt.len, new_flow);
-    Ok(Some(
-        match forward::next_hop(ctx, ct.backend_id, src, dst, now, t.next_hop_ttl_ns) {
-            Some(nh) => forward::send(ctx, pkt, nh.ifindex, &nh.smac, &nh.dmac),
-            // Next hop unknown (e.g. no ARP entry yet): the kernel forwards the rewritten packet
-            // and resolves the neighbour; the next packets take the fast path.
-            None => pass(Stat::FibPass),
-        },
-    ))
+    let hop = match hop {
+        Some(h) => h,
+        None => forward::next_hop(ctx, ct.backend_id, src, dst, now, t.next_hop_ttl_ns),
+    };
+    Ok(Some(match hop {
+        Ok(nh) => forward::send(ctx, pkt, nh.ifindex, &nh.smac, &nh.dmac),
+        // Next hop unknown (e.g. no ARP entry yet): the kernel forwards the rewritten packet
+        // and resolves the neighbour; the next packets take the fast path.
+        Err(_) => pass(Stat::FibPass),
+    }))
 }
 
 /// Backend → SNAT address:port: rewrite back to VIP → client and send it the way the client's
-/// packets came in.
-#[inline(always)]
+/// packets came in. A function of its own (a BPF subprogram): its stack frame is not added
+/// to the new-flow path's, which alone comes close to the 512-byte limit.
+#[inline(never)]
 fn to_client(
     ctx: &XdpContext,
     pkt: &Packet,
@@ -215,6 +270,35 @@ fn to_client(
     let proto = pkt.key.proto;
     if !conntrack::alive(e.last_seen_ns, e.state, proto, now, t) {
         return Ok(pass(Stat::NotOurs));
+    }
+    // Only the backend can answer: its packets come in where the route towards it goes out
+    // (and from its next hop). Anything else claiming to be it is spoofed; passing it would
+    // make the host reset the real flow at the backend, so it is dropped.
+    // SAFETY: bounds-checked by `parse`.
+    let src_mac = unsafe { (*pkt.eth).src_addr };
+    if ctx.ingress_ifindex() as u32 != e.backend_ifindex
+        || (e.backend_mac != [0; 6] && src_mac != e.backend_mac)
+    {
+        return Ok(drop(Stat::ReturnWrongSide));
+    }
+    if pkt.is_tcp() {
+        let Some(seg) = pkt.tcp_segment() else {
+            return Ok(pass(Stat::Malformed));
+        };
+        match lb_common::conntrack::window_ok(e.seq_synced != 0, e.seq_next, e.wscale, seg) {
+            Some(next) => {
+                // Written only when it moves: most return segments leave it as it is.
+                if next != e.seq_next {
+                    e.seq_next = next;
+                }
+                if e.seq_synced == 0
+                    && seg.flags & (parse::TCP_SYN | parse::TCP_RST) == parse::TCP_SYN
+                {
+                    e.seq_synced = 1;
+                }
+            }
+            None => return Ok(drop(Stat::ReturnOutOfWindow)),
+        }
     }
     if nat::ttl(pkt) <= 1 {
         return Ok(pass(Stat::TtlExceeded));

@@ -1,15 +1,17 @@
-//! Every map the data plane uses. Userspace writes the first four; the kernel writes the rest.
+//! Every map the data plane uses. Userspace writes services, ports, tables, backends and
+//! sources; the kernel writes the rest.
 
 use aya_ebpf::{
     Global,
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use lb_common::{
     DEFAULT_CONNTRACK_MAX, MAX_BACKENDS, MAX_SERVICES, Tunables,
     backend::{BackendInfo, NextHop},
     conntrack::{CtValue, RnatValue},
     flow::FlowKey,
+    guard::{MAX_SOURCE_RULES, SourceAddr, SourceRule},
     service::{MaglevTable, PortServices, ServiceKey, ServiceValue},
     stats::{BackendStats, STAT_COUNT},
 };
@@ -54,11 +56,33 @@ pub static LB_BACKEND_STATS: PerCpuArray<BackendStats> =
 #[map]
 pub static LB_XDP_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STAT_COUNT, 0);
 
+/// Source prefix (family, address) → the only interface a new flow from it may arrive on
+/// (0 = none: martian sources, our own addresses). Sources not in it are ordinary clients.
+#[map]
+pub static LB_SOURCES: LpmTrie<SourceAddr, SourceRule> =
+    LpmTrie::with_max_entries(MAX_SOURCE_RULES, 0);
+
 /// Index 0 → this CPU's next SNAT port index within its port class (see `select`). Not
 /// pinned: after a restart allocation starts over, and finds the oldest ports anyway.
 #[map]
 pub static LB_SNAT_CURSOR: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
 
+/// Index 0 → this CPU's flow under construction (see `select::new_flow`): scratch space
+/// that does not fit on the stack. Not pinned.
+#[map]
+pub static LB_NEW_FLOW: PerCpuArray<crate::select::NewFlow> = PerCpuArray::with_max_entries(1, 0);
+
 /// Load-time settings (SNAT port range, timeouts); userspace overrides the default.
 #[unsafe(no_mangle)]
 pub static LB_TUNABLES: Global<Tunables> = Global::new(Tunables::DEFAULT);
+
+/// The load-time settings, read in place (a copy would take 48 bytes of a stack that the
+/// new-flow path has no room for). The pointer is read opaquely so that the compiler cannot
+/// fold the fields to the defaults compiled in: userspace overrides them at load time.
+#[inline(always)]
+pub fn tunables() -> &'static Tunables {
+    let p = &LB_TUNABLES as *const Global<Tunables> as *const Tunables;
+    // SAFETY: `Global` is a transparent wrapper of an initialised `Tunables`; the volatile
+    // read only hides the pointer's origin.
+    unsafe { &*core::ptr::read_volatile(&p) }
+}

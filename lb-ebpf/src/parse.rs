@@ -3,7 +3,9 @@
 
 use aya_ebpf::programs::XdpContext;
 use core::mem::size_of;
-use lb_common::{FAMILY_V4, PROTO_TCP, PROTO_UDP, flow::FlowKey, flow::v4, stats::Stat};
+use lb_common::{
+    FAMILY_V4, PROTO_TCP, PROTO_UDP, conntrack::Segment, flow::FlowKey, flow::v4, stats::Stat,
+};
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 
 /// TCP flag bits (byte 13 of the header).
@@ -39,6 +41,23 @@ impl Packet {
     #[inline(always)]
     pub fn is_tcp(&self) -> bool {
         self.key.proto == PROTO_TCP
+    }
+
+    /// A TCP segment's sequence and acknowledgment numbers (host order) and payload length.
+    #[inline(always)]
+    pub fn tcp_segment(&self) -> Option<Segment> {
+        let h = crate::nat::l4_bytes::<TCP_HDR_LEN>(self.l4, &self.data_end).ok()?;
+        // SAFETY: 20 bytes in bounds, checked just above.
+        let h = unsafe { &*h };
+        // SAFETY: bounds-checked by `parse`.
+        let ip = unsafe { &*self.ip };
+        let hdrs = (ip.vihl & 0x0f) as u32 * 4 + (h[12] >> 4) as u32 * 4;
+        Some(Segment {
+            seq: u32::from_be_bytes([h[4], h[5], h[6], h[7]]),
+            ack: u32::from_be_bytes([h[8], h[9], h[10], h[11]]),
+            flags: h[13],
+            payload_len: (u16::from_be_bytes(ip.tot_len) as u32).saturating_sub(hdrs),
+        })
     }
 }
 

@@ -1,9 +1,13 @@
 //! New flows: the Maglev bucket → backend, and a SNAT port that no live flow holds.
 
-use aya_ebpf::{bindings::BPF_ANY, helpers::bpf_get_smp_processor_id, programs::XdpContext};
+use aya_ebpf::{
+    bindings::BPF_ANY,
+    helpers::{bpf_get_smp_processor_id, bpf_ktime_get_coarse_ns},
+    programs::XdpContext,
+};
 use lb_common::{
     NO_BACKEND, PROTO_TCP, Tunables,
-    backend::BackendInfo,
+    backend::{BackendInfo, NextHop},
     conntrack::{CtValue, RnatValue, state},
     flow::FlowKey,
     hash,
@@ -13,7 +17,7 @@ use lb_common::{
 
 use crate::{
     conntrack,
-    maps::{LB_BACKENDS, LB_CONNTRACK, LB_REVERSE_NAT, LB_SNAT_CURSOR, LB_TABLES},
+    maps::{LB_BACKENDS, LB_CONNTRACK, LB_NEW_FLOW, LB_REVERSE_NAT, LB_SNAT_CURSOR, LB_TABLES},
     parse::Packet,
     tcpts,
 };
@@ -22,9 +26,9 @@ use crate::{
 /// counted; the client retransmits it).
 const SNAT_TRIES: u32 = 8;
 
-/// The backend the service's live table gives this flow.
+/// The backend the service's live table gives this flow: its id, and its entry in `out`.
 #[inline(always)]
-fn pick(svc: &ServiceValue, key: &FlowKey) -> Result<(u32, BackendInfo), Stat> {
+pub fn pick(svc: &ServiceValue, key: &FlowKey, out: &mut BackendInfo) -> Result<u32, Stat> {
     let table = LB_TABLES.get(svc.table_index()).ok_or(Stat::NoBackend)?;
     let bucket = hash::bucket(key);
     // The compiler knows `hash % M < M` and would drop the bounds check, but the verifier
@@ -39,7 +43,8 @@ fn pick(svc: &ServiceValue, key: &FlowKey) -> Result<(u32, BackendInfo), Stat> {
     if be.flags & BackendInfo::VALID == 0 {
         return Err(Stat::NoBackend);
     }
-    Ok((id, *be))
+    *out = *be;
+    Ok(id)
 }
 
 /// Finds a SNAT port for `rkey` (whose `dport` it fills in) and stores `rval` under it.
@@ -96,17 +101,60 @@ fn alloc_snat_port(
     Err(Stat::FlowNotCreated)
 }
 
-/// Creates the flow for a new connection: picks the backend, takes a SNAT port, stores both
-/// entries. Returns the conntrack entry.
-#[inline(always)]
+/// A new flow under construction, in the per-CPU scratch map `LB_NEW_FLOW` rather than on
+/// the stack: its keys and entries, beside the callers' frames, would not fit the 512-byte
+/// stack. The caller fills the backend and the next hop ([`pick`], `forward::next_hop`),
+/// then [`new_flow`] the rest.
+#[repr(C)]
+pub struct NewFlow {
+    /// Its reverse-NAT key (backend → SNAT address:port).
+    pub rkey: FlowKey,
+    /// Its reverse-NAT entry.
+    pub rval: RnatValue,
+    /// Its conntrack entry.
+    pub ct: CtValue,
+    /// The backend [`pick`] chose.
+    pub backend: BackendInfo,
+    /// The next hop towards it, valid when `routed` is 1.
+    pub hop: NextHop,
+    /// Its id.
+    pub backend_id: u32,
+    /// 1 when `hop` is resolved (else the kernel must forward the first packet).
+    pub routed: u32,
+    /// When `routed` is 0: the interface the route towards the backend leaves through (0 =
+    /// none).
+    pub route_ifindex: u32,
+    /// Explicit padding.
+    pub _pad: u32,
+}
+
+/// Completes the flow in `f` (backend and next hop already there): takes a SNAT port and
+/// stores both entries. `wscale` is the window scale of the client's SYN.
+///
+/// A function of its own (a BPF subprogram) for the same reason: its frame is not added to
+/// the caller's.
+#[inline(never)]
 pub fn new_flow(
     ctx: &XdpContext,
     pkt: &Packet,
     svc: &ServiceValue,
     t: &Tunables,
-    now: u64,
-) -> Result<CtValue, Stat> {
-    let (id, be) = pick(svc, &pkt.key)?;
+    wscale: u32,
+) -> Result<(), Stat> {
+    let f = LB_NEW_FLOW.get_ptr_mut(0).ok_or(Stat::FlowNotCreated)?;
+    // SAFETY: per-CPU slot: only this CPU touches it while the program runs.
+    let f = unsafe { &mut *f };
+    // SAFETY: helper without arguments.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let (id, be) = (f.backend_id, &f.backend);
+    // Where the backend's answers must come from: the route towards it, now.
+    let (backend_ifindex, backend_mac) = if f.routed != 0 {
+        (f.hop.ifindex, f.hop.dmac)
+    } else {
+        (f.route_ifindex, [0; 6])
+    };
+    // Before the backend's SYN-ACK, `seq_next` is what that SYN-ACK must acknowledge.
+    let seq_next = pkt.tcp_segment().map_or(0, |s| s.seq.wrapping_add(1));
     let st = if pkt.key.proto == PROTO_TCP {
         state::SYN
     } else {
@@ -122,16 +170,17 @@ pub fn new_flow(
     } else {
         0
     };
-    let mut rkey = FlowKey {
-        src: be.addr,
+    let (be_addr, be_port) = (be.addr, be.port);
+    f.rkey = FlowKey {
+        src: be_addr,
         dst: svc.snat_addr,
-        sport: be.port,
+        sport: be_port,
         dport: 0,
         proto: pkt.key.proto,
         family: pkt.key.family,
         _pad: 0,
     };
-    let rval = RnatValue {
+    f.rval = RnatValue {
         client_addr: pkt.key.src,
         vip_addr: pkt.key.dst,
         last_seen_ns: now,
@@ -145,23 +194,31 @@ pub fn new_flow(
         _pad1: 0,
         _pad2: 0,
         ts_delta,
+        backend_ifindex,
+        seq_next,
+        backend_mac,
+        wscale: wscale as u8,
+        seq_synced: 0,
     };
-    alloc_snat_port(&mut rkey, &rval, t, now)?;
-    let ct = CtValue {
-        backend_addr: be.addr,
+    alloc_snat_port(&mut f.rkey, &f.rval, t, now)?;
+    f.ct = CtValue {
+        backend_addr: be_addr,
         snat_addr: svc.snat_addr,
         last_seen_ns: now,
         backend_id: id,
-        backend_port: be.port,
-        snat_port: rkey.dport,
+        backend_port: be_port,
+        snat_port: f.rkey.dport,
         state: st,
         service_id: svc.id as u8,
         _pad2: 0,
         ts_delta,
     };
-    if LB_CONNTRACK.insert(&pkt.key, &ct, BPF_ANY as u64).is_err() {
-        let _ = LB_REVERSE_NAT.remove(&rkey);
+    if LB_CONNTRACK
+        .insert(&pkt.key, &f.ct, BPF_ANY as u64)
+        .is_err()
+    {
+        let _ = LB_REVERSE_NAT.remove(&f.rkey);
         return Err(Stat::FlowNotCreated);
     }
-    Ok(ct)
+    Ok(())
 }

@@ -164,6 +164,10 @@ impl Daemon {
                 }
             }
         }
+        if let Some(dp) = self.dataplane.as_mut() {
+            let rules = crate::guard::rules(&self.state, crate::guard::host_route);
+            dp.set_sources(&rules)?;
+        }
         for n in names {
             self.sync_service(&n)?;
         }
@@ -432,6 +436,11 @@ impl Daemon {
                         ("flow_not_created", Stat::FlowNotCreated),
                         ("ttl_exceeded", Stat::TtlExceeded),
                         ("new_flow", Stat::NewFlow),
+                        ("return_wrong_side", Stat::ReturnWrongSide),
+                        ("return_out_of_window", Stat::ReturnOutOfWindow),
+                        ("spoofed_source", Stat::SpoofedSource),
+                        ("bad_tcp_flags", Stat::BadTcpFlags),
+                        ("bad_tcp_header", Stat::BadTcpHeader),
                     ],
                 ));
             }

@@ -4,6 +4,7 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod dataplane;
+pub mod guard;
 pub mod health;
 pub mod host;
 pub mod maglev;

@@ -27,6 +27,24 @@ pub const ACK: Flags = Flags {
     fin: false,
     rst: false,
 };
+pub const SYN_ACK: Flags = Flags {
+    syn: true,
+    ack: true,
+    fin: false,
+    rst: false,
+};
+pub const RST_ACK: Flags = Flags {
+    syn: false,
+    ack: true,
+    fin: false,
+    rst: true,
+};
+pub const RST: Flags = Flags {
+    syn: false,
+    ack: false,
+    fin: false,
+    rst: true,
+};
 pub const FIN: Flags = Flags {
     syn: false,
     ack: true,
@@ -76,6 +94,72 @@ pub fn tcp_with(
     t.write(&mut out).unwrap();
     out.extend_from_slice(payload);
     out
+}
+
+/// An Ethernet/IPv4/TCP frame with the given sequence and acknowledgment numbers (the ACK
+/// flag as `f` says), sent from `smac`: a backend's segment, say.
+pub fn tcp_seq(
+    smac: [u8; 6],
+    src: ([u8; 4], u16),
+    dst: ([u8; 4], u16),
+    f: Flags,
+    (seq, ack): (u32, u32),
+    payload: &[u8],
+) -> Vec<u8> {
+    let mut t = TcpHeader::new(src.1, dst.1, seq, 64240);
+    t.syn = f.syn;
+    t.ack = f.ack;
+    t.fin = f.fin;
+    t.rst = f.rst;
+    t.acknowledgment_number = ack;
+    let iph = ip(src.0, dst.0, IpNumber::TCP, t.header_len() + payload.len());
+    t.checksum = t.calc_checksum_ipv4(&iph, payload).expect("checksum");
+    let mut out = Vec::new();
+    Ethernet2Header {
+        source: smac,
+        ..eth()
+    }
+    .write(&mut out)
+    .unwrap();
+    iph.write(&mut out).unwrap();
+    t.write(&mut out).unwrap();
+    out.extend_from_slice(payload);
+    out
+}
+
+/// The same frame with raw TCP header bytes `f(header)` changed (flags, data offset, options),
+/// the TCP checksum recomputed over what the header then says.
+pub fn with_tcp_bytes(frame: &[u8], f: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
+    let (iph, _) = Ipv4Header::from_slice(&frame[14..]).expect("an IPv4 frame");
+    let l4 = 14 + iph.header_len();
+    let mut seg = frame[l4..].to_vec();
+    f(&mut seg);
+    seg[16] = 0;
+    seg[17] = 0;
+    let c = tcp_checksum(&iph, &seg);
+    seg[16..18].copy_from_slice(&c.to_be_bytes());
+    let mut out = frame[..l4].to_vec();
+    out.extend_from_slice(&seg);
+    out
+}
+
+/// RFC 793 checksum of a TCP segment (header and payload, checksum field zero) under `iph`.
+fn tcp_checksum(iph: &Ipv4Header, seg: &[u8]) -> u16 {
+    let mut sum: u32 = 0;
+    let mut add = |b: &[u8]| {
+        for c in b.chunks(2) {
+            sum += u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]) as u32;
+        }
+    };
+    add(&iph.source);
+    add(&iph.destination);
+    add(&[0, 6]);
+    add(&(seg.len() as u16).to_be_bytes());
+    add(seg);
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
 }
 
 /// An Ethernet/IPv4/TCP frame with TCP `options` (e.g. timestamps) and correct checksums.

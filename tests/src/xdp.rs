@@ -119,14 +119,42 @@ pub fn single_backend_service(
 }
 
 /// One BPF_PROG_TEST_RUN of program `prog`: verdict, output frame, and the kernel's
-/// per-run duration in ns.
+/// per-run duration in ns. The packet arrives on the namespace's loopback.
 pub fn run(dp: &mut Dataplane, prog: &str, pkt: &[u8], repeat: u32) -> (u32, Vec<u8>, f64) {
+    run_on(dp, prog, pkt, repeat, 0)
+}
+
+/// The interface index of `name` in the calling thread's namespace.
+pub fn ifindex(name: &str) -> u32 {
+    let c = std::ffi::CString::new(name).unwrap();
+    // SAFETY: a valid NUL-terminated string.
+    let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    assert_ne!(i, 0, "no interface {name}");
+    i
+}
+
+/// Like [`run`], with the packet arriving on interface `ifindex` (0: loopback), as
+/// `xdp_md.ingress_ifindex` says.
+pub fn run_on(
+    dp: &mut Dataplane,
+    prog: &str,
+    pkt: &[u8],
+    repeat: u32,
+    ifindex: u32,
+) -> (u32, Vec<u8>, f64) {
     let p = dp.program(prog).unwrap();
     let mut out = vec![0u8; pkt.len() + 64];
+    // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index,
+    // egress_ifindex (the kernel wants data 0 and data_end the frame's length).
+    let md: Vec<u8> = [0, pkt.len() as u32, 0, ifindex, 0, 0]
+        .iter()
+        .flat_map(|v| v.to_ne_bytes())
+        .collect();
     let r = p
         .test_run(TestRunOptions {
             data_in: Some(pkt),
             data_out: Some(&mut out),
+            ctx_in: (ifindex != 0).then_some(&md[..]),
             repeat,
             ..Default::default()
         })

@@ -13,7 +13,7 @@
 use std::fmt::Write as _;
 
 use lb_tests::{
-    packets::{ACK, SYN, check, tcp, with_ttl},
+    packets::{ACK, LB_MAC, SYN, SYN_ACK, check, tcp, tcp_seq, with_ttl},
     require_root,
     xdp::{self, SNAT},
 };
@@ -32,6 +32,11 @@ fn ns_per_packet(dp: &mut Dataplane, prog: &str, pkt: &[u8], repeat: u32) -> f64
     xdp::run(dp, prog, pkt, repeat).2
 }
 
+/// Like [`ns_per_packet`], arriving on interface `ifindex`.
+fn ns_per_packet_on(dp: &mut Dataplane, prog: &str, pkt: &[u8], repeat: u32, ifindex: u32) -> f64 {
+    xdp::run_on(dp, prog, pkt, repeat, ifindex).2
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     v[v.len() / 2]
@@ -41,7 +46,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 /// (least squares over [`CYCLE_REPEATS`], each point the median of [`CALLS`] calls). A call
 /// with `repeat` > 1 first installs the program in the XDP dispatcher, and its first run
 /// starts cold; the slope leaves that fixed cost out.
-fn ns_per_extra_run(dp: &mut Dataplane, prog: &str, pkt: &[u8]) -> f64 {
+fn ns_per_extra_run(dp: &mut Dataplane, prog: &str, pkt: &[u8], ifindex: u32) -> f64 {
     let xs: Vec<f64> = CYCLE_REPEATS.iter().map(|&r| r as f64).collect();
     let ys: Vec<f64> = CYCLE_REPEATS
         .iter()
@@ -49,7 +54,7 @@ fn ns_per_extra_run(dp: &mut Dataplane, prog: &str, pkt: &[u8]) -> f64 {
             r as f64
                 * median(
                     (0..CALLS)
-                        .map(|_| ns_per_packet(dp, prog, pkt, r))
+                        .map(|_| ns_per_packet_on(dp, prog, pkt, r, ifindex))
                         .collect(),
                 )
         })
@@ -66,10 +71,17 @@ fn ns_per_extra_run(dp: &mut Dataplane, prog: &str, pkt: &[u8]) -> f64 {
 /// (P, the client's port too). Forward: C:P → V:80 becomes S:P → B:8080, which is
 /// service B's flow and becomes C:P → V:80 again. Return: B:8080 → S:P becomes
 /// V:80 → C:P, flow B's return packet, which becomes B:8080 → S:P again.
+///
+/// Return traffic is accepted only from the backend's side and inside the flow's sequence
+/// window, so both flows are answered with a SYN-ACK first, every packet arrives on `veth0`
+/// (where the routes towards both backends leave), and both neighbours have the MAC the
+/// return rewrite writes as source (`LB_MAC`, the client's SYN's destination).
 struct Cycle {
     dp: Dataplane,
     forward: Vec<u8>,
     ret: Vec<u8>,
+    /// `veth0`'s index: the backends' side.
+    ingress: u32,
 }
 
 const P: u16 = 20000;
@@ -94,18 +106,36 @@ fn cycle() -> Cycle {
     let (v, out, _) = xdp::run(&mut dp, PROGRAM, &tcp((SNAT, P), (BACKEND, 8080), SYN), 1);
     assert_eq!(v, 4, "flow B's SYN is redirected");
     assert_eq!(check(&out).dst, (CY_VIP, 80));
+    let ingress = xdp::ifindex("veth0");
+    // `packets::tcp` segments carry sequence number 1000: each SYN-ACK acknowledges 1001.
+    let answer = |src, dst, f, seq| tcp_seq(LB_MAC, src, dst, f, (seq, 1001), b"");
+    for (name, pkt) in [
+        ("flow A", answer((BACKEND, 8080), (SNAT, P), SYN_ACK, 5000)),
+        (
+            "flow B",
+            answer((CY_VIP, 80), (CY_CLIENT, P), SYN_ACK, 5000),
+        ),
+    ] {
+        let (v, _, _) = xdp::run_on(&mut dp, PROGRAM, &pkt, 1, ingress);
+        assert_eq!(v, 4, "{name}'s SYN-ACK is redirected");
+    }
     let forward = with_ttl(&tcp((CY_CLIENT, P), (CY_VIP, 80), ACK), 255);
-    let ret = with_ttl(&tcp((BACKEND, 8080), (SNAT, P), ACK), 255);
+    let ret = with_ttl(&answer((BACKEND, 8080), (SNAT, P), ACK, 5001), 255);
     // Every run of a call must be a hit: the counters show it.
     for pkt in [&forward, &ret] {
         let before = dp.xdp_stats().unwrap();
         let most = CYCLE_REPEATS[CYCLE_REPEATS.len() - 1];
-        xdp::run(&mut dp, PROGRAM, pkt, most);
+        xdp::run_on(&mut dp, PROGRAM, pkt, most, ingress);
         let after = dp.xdp_stats().unwrap();
         let forwarded = (after[3] + after[4]) - (before[3] + before[4]);
         assert_eq!(forwarded, most as u64, "every run is forwarded");
     }
-    Cycle { dp, forward, ret }
+    Cycle {
+        dp,
+        forward,
+        ret,
+        ingress,
+    }
 }
 
 #[test]
@@ -117,8 +147,9 @@ fn per_packet_cost() {
     let _ns = xdp::private_netns(
         "bn",
         &[
-            (BACKEND, [0x02, 0, 0, 0, 0x02, 0x01]),
-            (CY_VIP, [0x02, 0, 0, 0, 0x02, 0x02]),
+            // The cycle's return rewrites write LB_MAC as source: see `Cycle`.
+            (BACKEND, LB_MAC),
+            (CY_VIP, LB_MAC),
         ],
     );
     let mut dp = xdp::load(|_| {});
@@ -151,14 +182,15 @@ fn per_packet_cost() {
             rows[i].0.push(g);
             rows[i].1.push(g - base);
         }
-        let base = ns_per_extra_run(&mut cycle.dp, PASS_PROGRAM, &cycle.forward);
         let Cycle {
             dp: cdp,
             forward,
             ret,
+            ingress,
         } = &mut cycle;
+        let base = ns_per_extra_run(cdp, PASS_PROGRAM, forward, *ingress);
         for (i, pkt) in [(3, &*forward), (4, &*ret)] {
-            let g = ns_per_extra_run(cdp, PROGRAM, pkt);
+            let g = ns_per_extra_run(cdp, PROGRAM, pkt, *ingress);
             rows[i].0.push(g);
             rows[i].1.push(g - base);
         }

@@ -6,7 +6,10 @@
 use lb_common::{service::PortServices, stats::Stat};
 use lb_tests::{
     netns::Netns,
-    packets::{self, ACK, CLIENT_MAC, FIN, LB_MAC, SYN, Seen, check, tcp, tcp_with, udp},
+    packets::{
+        self, ACK, CLIENT_MAC, FIN, LB_MAC, RST, RST_ACK, SYN, SYN_ACK, Seen, check, tcp, tcp_seq,
+        tcp_with, udp,
+    },
     require_root,
     xdp::{self, SNAT, VETH_MAC},
 };
@@ -35,6 +38,37 @@ fn backend_mac(i: usize) -> [u8; 6] {
 struct Fixture {
     _ns: Netns,
     dp: Dataplane,
+    /// `veth0`: where the backends are (their packets arrive there).
+    backend_side: u32,
+}
+
+/// The sequence number every client segment built by `packets::tcp` carries: a SYN's
+/// answer must acknowledge one more.
+const CLIENT_ISN: u32 = 1000;
+/// The ISN the fixtures' backends answer with.
+const BACKEND_ISN: u32 = 5000;
+
+/// Backend `i`'s segment: from its MAC, its address:8080, to the SNAT address:`port`.
+fn from_backend(
+    i: usize,
+    port: u16,
+    f: packets::Flags,
+    seq_ack: (u32, u32),
+    payload: &[u8],
+) -> Vec<u8> {
+    tcp_seq(
+        backend_mac(i),
+        (BACKENDS[i], 8080),
+        (SNAT, port),
+        f,
+        seq_ack,
+        payload,
+    )
+}
+
+/// Backend `i`'s SYN-ACK to the flow on SNAT `port` whose client SYN was `packets::tcp`'s.
+fn syn_ack(i: usize, port: u16) -> Vec<u8> {
+    from_backend(i, port, SYN_ACK, (BACKEND_ISN, CLIENT_ISN + 1), b"")
 }
 
 impl Fixture {
@@ -46,7 +80,12 @@ impl Fixture {
         for (i, b) in BACKENDS.iter().enumerate() {
             xdp::set_backend(&mut dp, i as u32 + 1, *b);
         }
-        let mut f = Fixture { _ns: ns, dp };
+        let backend_side = xdp::ifindex("veth0");
+        let mut f = Fixture {
+            _ns: ns,
+            dp,
+            backend_side,
+        };
         f.table(VIP, 80, 6, 1);
         f.table(VIP, 53, 17, 1);
         f.table(EMPTY_VIP, 80, 6, 0);
@@ -65,6 +104,12 @@ impl Fixture {
 
     fn run(&mut self, pkt: &[u8]) -> (u32, Vec<u8>) {
         let (verdict, out, _) = xdp::run(&mut self.dp, PROGRAM, pkt, 1);
+        (verdict, out)
+    }
+
+    /// A packet arriving from the backends' side.
+    fn ret(&mut self, pkt: &[u8]) -> (u32, Vec<u8>) {
+        let (verdict, out, _) = xdp::run_on(&mut self.dp, PROGRAM, pkt, 1, self.backend_side);
         (verdict, out)
     }
 
@@ -238,9 +283,8 @@ fn the_ports_map_follows_the_services_and_a_removed_service_ends_its_flows() {
     );
     // Its return traffic is still turned back to the client while the entry lives (the
     // client's stack sorts out what its peer's reset means); nothing is misforwarded.
-    let ret = tcp((BACKENDS[0], 8080), (SNAT, port), ACK);
-    let (v, out) = f.run(&ret);
-    assert_eq!(v, XDP_TX);
+    let (v, out) = f.ret(&syn_ack(0, port));
+    assert_eq!(v, XDP_REDIRECT);
     assert_eq!(check(&out).dst, (CLIENT, 40000));
 }
 
@@ -302,7 +346,8 @@ fn tcp_timestamps_follow_the_balancers_clock_and_come_back_unchanged() {
     );
 
     // The backend's segment echoes the shifted clock; the client gets its own back.
-    let ret = packets::tcp_opts(
+    assert_eq!(f.ret(&syn_ack(0, port)).0, XDP_REDIRECT);
+    let mut ret = packets::tcp_opts(
         (BACKENDS[0], 8080),
         (SNAT, port),
         ACK,
@@ -312,8 +357,9 @@ fn tcp_timestamps_follow_the_balancers_clock_and_come_back_unchanged() {
             Timestamp(778, 3_000_000_040u32.wrapping_add(delta)),
         ],
     );
-    let (v, out) = f.run(&ret);
-    assert_eq!(v, XDP_TX);
+    ret[6..12].copy_from_slice(&backend_mac(0));
+    let (v, out) = f.ret(&ret);
+    assert_eq!(v, XDP_REDIRECT);
     check(&out);
     assert_eq!(packets::timestamps(&out), Some((778, 3_000_000_040)));
 
@@ -362,17 +408,9 @@ fn flows_are_natted_both_ways_and_survive_table_changes() {
     assert_eq!(check(&out).src, (SNAT, port));
 
     // The backend's answer is reverse-NATed and sent back out the way the client came in.
-    let (v, out) = f.run(&tcp(
-        (BACKENDS[0], 8080),
-        (SNAT, port),
-        packets::Flags {
-            syn: true,
-            ack: true,
-            ..Default::default()
-        },
-    ));
+    let (v, out) = f.ret(&syn_ack(0, port));
     assert_eq!(
-        v, XDP_TX,
+        v, XDP_REDIRECT,
         "return traffic leaves through the client's interface"
     );
     assert_eq!(
@@ -496,4 +534,235 @@ fn the_benchmark_programs_pass_the_verifier() {
     ] {
         dp.program(name).unwrap_or_else(|e| panic!("{name}: {e:#}"));
     }
+}
+
+/// Attack: packets that claim to be a backend's (source = backend address:port, destination
+/// = the SNAT address:port of a live flow) sent from the client side, from another host on
+/// the backends' segment, or blind (off the flow's sequence numbers). None may reach the
+/// client; each is dropped (passing it would make the host reset the real flow) and
+/// counted. The real backend's traffic still flows.
+#[test]
+fn spoofed_return_traffic_never_reaches_the_client() {
+    if !require_root("spoofed_return_traffic_never_reaches_the_client") {
+        return;
+    }
+    let mut f = Fixture::new();
+    let (v, out) = f.run(&tcp((CLIENT, 41000), (VIP, 80), SYN));
+    assert_eq!(v, XDP_REDIRECT);
+    let port = snat_port(&check(&out));
+    let data =
+        |seq: u32, payload: &[u8]| from_backend(0, port, ACK, (seq, CLIENT_ISN + 1), payload);
+    let mut on_client_side = data(BACKEND_ISN + 1, b"injected");
+    on_client_side[6..12].copy_from_slice(&CLIENT_MAC);
+
+    // Before the backend's SYN-ACK: only an answer to the client's SYN is taken.
+    let early: Vec<(&str, Vec<u8>, Stat)> = vec![
+        (
+            "data before the SYN-ACK",
+            data(BACKEND_ISN + 1, b"x"),
+            Stat::ReturnOutOfWindow,
+        ),
+        (
+            "a SYN-ACK that acknowledges another ISN",
+            from_backend(0, port, SYN_ACK, (BACKEND_ISN, CLIENT_ISN + 7), b""),
+            Stat::ReturnOutOfWindow,
+        ),
+        (
+            "a bare RST before the SYN-ACK",
+            from_backend(0, port, RST, (0, 0), b""),
+            Stat::ReturnOutOfWindow,
+        ),
+    ];
+    for (name, pkt, reason) in early {
+        let before = f.stat(reason);
+        assert_eq!(f.ret(&pkt).0, XDP_DROP, "{name}");
+        assert_eq!(f.stat(reason), before + 1, "{name}: {reason:?} counted");
+    }
+    assert_eq!(f.ret(&syn_ack(0, port)).0, XDP_REDIRECT, "the real SYN-ACK");
+
+    let mut other_host = data(BACKEND_ISN + 1, b"injected");
+    other_host[6..12].copy_from_slice(&[0x02, 0, 0, 0, 0x09, 0x09]);
+    let cases: Vec<(&str, Vec<u8>, u32, Stat)> = vec![
+        (
+            "backend's data arriving from the client side",
+            on_client_side,
+            0,
+            Stat::ReturnWrongSide,
+        ),
+        (
+            "backend's data from another MAC on the backend side",
+            other_host,
+            f.backend_side,
+            Stat::ReturnWrongSide,
+        ),
+        (
+            "a RST one past the next sequence number",
+            from_backend(0, port, RST, (BACKEND_ISN + 2, 0), b""),
+            f.backend_side,
+            Stat::ReturnOutOfWindow,
+        ),
+        (
+            "a RST inside the window but not at its edge",
+            from_backend(
+                0,
+                port,
+                RST_ACK,
+                (BACKEND_ISN + 1 + 5000, CLIENT_ISN + 1),
+                b"",
+            ),
+            f.backend_side,
+            Stat::ReturnOutOfWindow,
+        ),
+        (
+            "data half the sequence space away",
+            data(BACKEND_ISN.wrapping_add(1 << 31), b"injected"),
+            f.backend_side,
+            Stat::ReturnOutOfWindow,
+        ),
+    ];
+    for (name, pkt, ifindex, reason) in cases {
+        let before = f.stat(reason);
+        let (v, _, _) = xdp::run_on(&mut f.dp, PROGRAM, &pkt, 1, ifindex);
+        assert_eq!(v, XDP_DROP, "{name}: verdict");
+        assert_eq!(f.stat(reason), before + 1, "{name}: {reason:?} counted");
+    }
+    // UDP: only the side is checked.
+    let (v, out) = f.run(&udp((CLIENT, 5300), (VIP, 53), b"q"));
+    assert_eq!(v, XDP_REDIRECT);
+    let uport = snat_port(&check(&out));
+    let mut answer = udp((BACKENDS[0], 8080), (SNAT, uport), b"a");
+    answer[6..12].copy_from_slice(&backend_mac(0));
+    let before = f.stat(Stat::ReturnWrongSide);
+    assert_eq!(xdp::run_on(&mut f.dp, PROGRAM, &answer, 1, 0).0, XDP_DROP);
+    assert_eq!(f.stat(Stat::ReturnWrongSide), before + 1);
+    assert_eq!(f.ret(&answer).0, XDP_REDIRECT, "the real answer");
+
+    // Nothing above touched the flow: the backend's data and its RST at the edge go through.
+    let (v, out) = f.ret(&data(BACKEND_ISN + 1, b"0123456789"));
+    assert_eq!(v, XDP_REDIRECT);
+    assert_eq!(check(&out).dst, (CLIENT, 41000));
+    let (v, out) = f.ret(&from_backend(0, port, RST, (BACKEND_ISN + 11, 0), b""));
+    assert_eq!(v, XDP_REDIRECT, "a RST exactly at the next sequence number");
+    assert_eq!(check(&out).dst, (CLIENT, 41000));
+    assert_eq!(f.dp.backend_stats(1).unwrap().packets_to_client, 4);
+}
+
+/// Attack: SYNs no real client sends — martian and own sources, impossible flag
+/// combinations, bad data offsets, options that do not parse — are dropped before they take
+/// a conntrack entry or a SNAT port, each counted by its reason.
+#[test]
+fn crafted_syns_are_dropped_before_they_take_any_state() {
+    if !require_root("crafted_syns_are_dropped_before_they_take_any_state") {
+        return;
+    }
+    use lb_common::guard::{MARTIAN_V4, SourceRule};
+    let mut f = Fixture::new();
+    let mut rules: Vec<(std::net::IpAddr, u8, SourceRule)> = MARTIAN_V4
+        .iter()
+        .map(|(a, l)| ((*a).into(), *l, SourceRule { ifindex: 0 }))
+        .collect();
+    rules.push((VIP.into(), 32, SourceRule { ifindex: 0 }));
+    rules.push((SNAT.into(), 32, SourceRule { ifindex: 0 }));
+    rules.push((
+        [10, 20, 0, 0].into(),
+        24,
+        SourceRule {
+            ifindex: f.backend_side,
+        },
+    ));
+    f.dp.set_sources(&rules).unwrap();
+    assert_eq!(f.dp.sources().len(), rules.len());
+
+    let syn_from = |src: [u8; 4]| tcp((src, 40000), (VIP, 80), SYN);
+    let good = tcp((CLIENT, 40000), (VIP, 80), SYN);
+    let flags = |extra: u8| packets::with_tcp_bytes(&good, |h| h[13] |= extra);
+    let doff = |d: u8| packets::with_tcp_bytes(&good, |h| h[12] = d << 4);
+    let opts = |o: &[u8]| {
+        packets::with_tcp_bytes(&good, |h| {
+            h.extend_from_slice(o);
+            h[12] = ((20 + o.len() as u8) / 4) << 4;
+        })
+    };
+    // The IPv4 total length must cover the options appended above.
+    let fix_len = |mut p: Vec<u8>| {
+        let len = (p.len() - 14) as u16;
+        p[16..18].copy_from_slice(&len.to_be_bytes());
+        p[24] = 0;
+        p[25] = 0;
+        let (h, _) = etherparse::Ipv4Header::from_slice(&p[14..]).unwrap();
+        p[24..26].copy_from_slice(&h.calc_header_checksum().to_be_bytes());
+        p
+    };
+    let cases: Vec<(&str, Vec<u8>, Stat)> = vec![
+        (
+            "source 127.0.0.1",
+            syn_from([127, 0, 0, 1]),
+            Stat::SpoofedSource,
+        ),
+        (
+            "source 0.0.0.0",
+            syn_from([0, 0, 0, 0]),
+            Stat::SpoofedSource,
+        ),
+        (
+            "source 255.255.255.255",
+            syn_from([255; 4]),
+            Stat::SpoofedSource,
+        ),
+        (
+            "source multicast",
+            syn_from([224, 0, 0, 1]),
+            Stat::SpoofedSource,
+        ),
+        ("source = VIP (land)", syn_from(VIP), Stat::SpoofedSource),
+        ("source = SNAT address", syn_from(SNAT), Stat::SpoofedSource),
+        (
+            "a backend-subnet source from the client side",
+            syn_from([10, 20, 0, 50]),
+            Stat::SpoofedSource,
+        ),
+        ("SYN+FIN", flags(0x01), Stat::BadTcpFlags),
+        ("SYN+RST", flags(0x04), Stat::BadTcpFlags),
+        (
+            "SYN+FIN+PSH+URG",
+            flags(0x01 | 0x08 | 0x20),
+            Stat::BadTcpFlags,
+        ),
+        ("data offset 4", doff(4), Stat::BadTcpHeader),
+        ("data offset past the segment", doff(15), Stat::BadTcpHeader),
+        (
+            "an option of length 0",
+            fix_len(opts(&[2, 0, 0, 0])),
+            Stat::BadTcpHeader,
+        ),
+        (
+            "an option running past the header",
+            fix_len(opts(&[1, 1, 8, 10])),
+            Stat::BadTcpHeader,
+        ),
+    ];
+    for (name, pkt, reason) in cases {
+        let before = f.stat(reason);
+        let (v, _) = f.run(&pkt);
+        assert_eq!(v, XDP_DROP, "{name}: verdict");
+        assert_eq!(f.stat(reason), before + 1, "{name}: {reason:?} counted");
+    }
+    assert_eq!(f.stat(Stat::NewFlow), 0, "no crafted SYN created a flow");
+
+    // What real clients send still opens flows: options that parse, a client on the
+    // backends' own segment arriving there, an ordinary source.
+    let ok_opts = fix_len(opts(&[2, 4, 5, 0xb4, 1, 3, 3, 7]));
+    assert_eq!(f.run(&ok_opts).0, XDP_REDIRECT, "MSS, NOP, window scale");
+    let (v, _, _) = xdp::run_on(
+        &mut f.dp,
+        PROGRAM,
+        &syn_from([10, 20, 0, 50]),
+        1,
+        f.backend_side,
+    );
+    assert_eq!(
+        v, XDP_TX,
+        "a client on the backends' segment, arriving there"
+    );
+    assert_eq!(f.stat(Stat::NewFlow), 2);
 }

@@ -13,7 +13,10 @@ use std::{
 use anyhow::{Context as _, Result, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, MapData, MapInfo, MapType, PerCpuArray, PerCpuValues},
+    maps::{
+        Array, HashMap, MapData, MapInfo, MapType, PerCpuArray, PerCpuValues,
+        lpm_trie::{Key as LpmKey, LpmTrie},
+    },
     programs::{
         Xdp, XdpMode,
         links::{FdLink, PinnedLink},
@@ -23,6 +26,7 @@ use aya::{
 use lb_common::{
     MAX_BACKENDS, Tunables,
     backend::{BackendInfo, NextHop},
+    guard::{SourceAddr, SourceRule},
     map_names,
     service::{MaglevTable, PortServices, ServiceKey, ServiceValue},
     stats::{BackendStats, STAT_COUNT},
@@ -116,7 +120,7 @@ pub fn ensure_bpffs(dir: &Path) -> Result<()> {
 
 /// What each pinned map must look like for this build to use it: type, key size, value size,
 /// and the entry count (`None` where the config sets it: conntrack and reverse NAT).
-fn expected_maps() -> [(&'static str, MapType, usize, usize, Option<u32>); 9] {
+fn expected_maps() -> [(&'static str, MapType, usize, usize, Option<u32>); 10] {
     use lb_common::{
         conntrack::{CtValue, RnatValue},
         flow::FlowKey,
@@ -186,6 +190,13 @@ fn expected_maps() -> [(&'static str, MapType, usize, usize, Option<u32>); 9] {
             size_of::<u64>(),
             Some(STAT_COUNT),
         ),
+        (
+            map_names::SOURCES,
+            MapType::LpmTrie,
+            4 + size_of::<SourceAddr>(),
+            size_of::<SourceRule>(),
+            Some(lb_common::guard::MAX_SOURCE_RULES),
+        ),
     ]
 }
 
@@ -234,6 +245,8 @@ pub struct Dataplane {
     next_hops: PerCpuArray<MapData, NextHop>,
     backend_stats: PerCpuArray<MapData, BackendStats>,
     xdp_stats: PerCpuArray<MapData, u64>,
+    /// The source guard, replaced whole by `set_sources`.
+    sources: LpmTrie<MapData, SourceAddr, SourceRule>,
     /// Read only, to count live flows for metrics.
     conntrack: HashMap<MapData, lb_common::flow::FlowKey, lb_common::conntrack::CtValue>,
     conntrack_capacity: u32,
@@ -288,6 +301,7 @@ impl Dataplane {
         let next_hops = PerCpuArray::try_from(take(map_names::NEXT_HOPS)?)?;
         let backend_stats = PerCpuArray::try_from(take(map_names::BACKEND_STATS)?)?;
         let xdp_stats = PerCpuArray::try_from(take(map_names::XDP_STATS)?)?;
+        let sources = LpmTrie::try_from(take(map_names::SOURCES)?)?;
         let ct = take(map_names::CONNTRACK)?;
         // An adopted map keeps the size it was created with, whatever the config says now.
         let conntrack_capacity = match &ct {
@@ -305,6 +319,7 @@ impl Dataplane {
             next_hops,
             backend_stats,
             xdp_stats,
+            sources,
             conntrack,
             conntrack_capacity,
             retired: StdHashMap::new(),
@@ -392,6 +407,70 @@ impl Dataplane {
             0,
         )?;
         Ok(())
+    }
+
+    /// Makes the source guard hold exactly `rules` (prefix, prefix length, rule): new ones are
+    /// written before stale ones are removed, so no moment lets a refused source through.
+    pub fn set_sources(&mut self, rules: &[(std::net::IpAddr, u8, SourceRule)]) -> Result<()> {
+        if rules.len() > lb_common::guard::MAX_SOURCE_RULES as usize {
+            bail!(
+                "{} source-guard prefixes, at most {} fit",
+                rules.len(),
+                lb_common::guard::MAX_SOURCE_RULES
+            );
+        }
+        let key = |ip: std::net::IpAddr, len: u8| {
+            let (addr, family) = crate::daemon::ip_bytes(ip);
+            LpmKey::new(
+                SourceAddr::HEADER_BITS + len as u32,
+                SourceAddr {
+                    family: family as u32,
+                    _pad: 0,
+                    addr,
+                },
+            )
+        };
+        let wanted: Vec<(LpmKey<SourceAddr>, SourceRule)> = rules
+            .iter()
+            .map(|(ip, len, r)| (key(*ip, *len), *r))
+            .collect();
+        for (k, r) in &wanted {
+            self.sources
+                .insert(k, r, 0)
+                .context("writing the source guard")?;
+        }
+        let stale: Vec<LpmKey<SourceAddr>> = self
+            .sources
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|k| {
+                !wanted
+                    .iter()
+                    .any(|(w, _)| w.prefix_len() == k.prefix_len() && w.data() == k.data())
+            })
+            .collect();
+        for k in stale {
+            self.sources
+                .remove(&k)
+                .context("pruning the source guard")?;
+        }
+        Ok(())
+    }
+
+    /// The source guard's entries (prefix length counts the address bits only).
+    pub fn sources(&self) -> Vec<(std::net::IpAddr, u8, SourceRule)> {
+        self.sources
+            .iter()
+            .filter_map(|r| r.ok())
+            .map(|(k, v)| {
+                let d = k.data();
+                (
+                    lb_common::flow::ip_addr(&d.addr, d.family as u8),
+                    (k.prefix_len() - SourceAddr::HEADER_BITS) as u8,
+                    v,
+                )
+            })
+            .collect()
     }
 
     /// The service's current value, if it is in the map.
