@@ -107,6 +107,11 @@ pub struct Daemon {
     pub snat_ports: (u16, u16),
     /// Flows the conntrack and reverse-NAT maps hold.
     pub conntrack_max: u32,
+    /// Install an nftables forward filter so that, from the XDP interfaces, the host forwards
+    /// only the balancer's own (rewritten) traffic. lbd turns IPv4 forwarding on (the data
+    /// plane needs it); without the filter the host routes whatever arrives there. Turn it
+    /// off only where the host is a router on purpose and has its own forward policy.
+    pub forward_filter: bool,
 }
 
 impl Default for Daemon {
@@ -120,6 +125,7 @@ impl Default for Daemon {
             pin_dir: "/sys/fs/bpf/lb".into(),
             snat_ports: (t.snat_port_min, t.snat_port_max),
             conntrack_max: lb_common::DEFAULT_CONNTRACK_MAX,
+            forward_filter: true,
         }
     }
 }

@@ -44,7 +44,9 @@ pub fn reserve_snat_ports((lo, hi): (u16, u16)) -> Result<()> {
 
 /// Lets the kernel forward what the XDP program hands it after NAT (when a next hop is not
 /// resolved yet): such packets carry our own SNAT address as source, which the kernel would
-/// otherwise drop as martian. Also makes sure the host forwards at all.
+/// otherwise drop as martian. Also makes sure the host forwards at all: the XDP program's
+/// fib lookups need forwarding on, and the first packet to an unresolved neighbour is the
+/// kernel's to send. What else the host then forwards is limited by [`forward_filter`].
 pub fn prepare_interface(iface: &str) -> Result<()> {
     if iface.contains('/') || iface.contains("..") {
         bail!("invalid interface name {iface:?}");
@@ -58,4 +60,106 @@ pub fn prepare_interface(iface: &str) -> Result<()> {
         tracing::warn!("enabled net.ipv4.ip_forward (the balancer forwards packets)");
     }
     Ok(())
+}
+
+/// The nftables table lbd owns (one per network namespace).
+pub const NFT_TABLE: &str = "lb";
+
+/// The ruleset that makes the host forward, from the balancer's interfaces, only the
+/// balancer's own traffic: packets whose source is one of `sources` (the SNAT addresses
+/// and VIPs — what the XDP program hands the kernel after rewriting). Anything else that
+/// arrives there addressed through the host (a packet straight to a backend, say) is
+/// dropped and counted. Applied as one transaction: the table is replaced whole.
+pub fn forward_filter_rules(interfaces: &[String], sources: &[std::net::IpAddr]) -> String {
+    let ifs = interfaces
+        .iter()
+        .map(|i| format!("\"{i}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let v4: Vec<String> = sources
+        .iter()
+        .filter(|a| a.is_ipv4())
+        .map(|a| a.to_string())
+        .collect();
+    let v4_rule = if v4.is_empty() {
+        format!(
+            "    iifname {{ {ifs} }} meta nfproto ipv4 counter drop comment \"not the balancer's\"\n"
+        )
+    } else {
+        format!(
+            "    iifname {{ {ifs} }} ip saddr != {{ {} }} counter drop comment \"not the balancer's\"\n",
+            v4.join(", ")
+        )
+    };
+    format!(
+        "table inet {NFT_TABLE}\ndelete table inet {NFT_TABLE}\ntable inet {NFT_TABLE} {{\n  chain forward {{\n    type filter hook forward priority filter; policy accept;\n{v4_rule}    iifname {{ {ifs} }} meta nfproto ipv6 counter drop comment \"not the balancer's\"\n  }}\n}}\n"
+    )
+}
+
+fn nft(script: &str) -> Result<()> {
+    use std::io::Write as _;
+    let mut child = std::process::Command::new("nft")
+        .args(["-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .context("running nft (install nftables, or set [daemon] forward_filter = false)")?;
+    child
+        .stdin
+        .take()
+        .context("nft stdin")?
+        .write_all(script.as_bytes())?;
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!(
+            "nft refused the forward filter: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// Installs (or replaces) the forward filter of [`forward_filter_rules`].
+pub fn forward_filter(interfaces: &[String], sources: &[std::net::IpAddr]) -> Result<()> {
+    nft(&forward_filter_rules(interfaces, sources))?;
+    tracing::info!(
+        table = NFT_TABLE,
+        "forward filter installed: the host forwards only the balancer's own traffic from its interfaces"
+    );
+    Ok(())
+}
+
+/// Removes the forward filter (`lbd down`); nothing to do when it is not there.
+pub fn remove_forward_filter() -> Result<()> {
+    nft(&format!(
+        "table inet {NFT_TABLE}\ndelete table inet {NFT_TABLE}\n"
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_forward_filter_drops_what_is_not_the_balancers_on_its_interfaces() {
+        let r = forward_filter_rules(
+            &["eth0".into(), "eth1".into()],
+            &["10.20.0.1".parse().unwrap(), "10.99.0.10".parse().unwrap()],
+        );
+        assert!(
+            r.starts_with("table inet lb\ndelete table inet lb\n"),
+            "{r}"
+        );
+        assert!(
+            r.contains(
+                "iifname { \"eth0\", \"eth1\" } ip saddr != { 10.20.0.1, 10.99.0.10 } counter drop"
+            ),
+            "{r}"
+        );
+        assert!(r.contains("meta nfproto ipv6 counter drop"), "{r}");
+        assert!(
+            r.contains("policy accept"),
+            "other interfaces are not ours to filter: {r}"
+        );
+    }
 }

@@ -45,6 +45,8 @@ const PACKAGES: &[&str] = &[
     "prometheus",
     // systemd-analyze verifies deploy/lbd.service.
     "systemd",
+    // lbd's forward filter (and the tests' fault injection: dropped SYNs).
+    "nftables",
 ];
 /// What `cargo xtask bench` compares against (not needed by the tests).
 const BENCH_PACKAGES: &[&str] = &["wrk", "nginx", "libnginx-mod-stream", "haproxy"];

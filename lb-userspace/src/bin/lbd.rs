@@ -99,6 +99,11 @@ fn main() -> ExitCode {
                 Ok(c) => c,
                 Err(code) => return code,
             };
+            if c.daemon.forward_filter {
+                if let Err(e) = host::remove_forward_filter() {
+                    eprintln!("lbd down: removing the forward filter: {e:#}");
+                }
+            }
             match dataplane::remove_pins(&c.daemon.pin_dir) {
                 Ok(()) => {
                     let _ = std::fs::remove_file(&c.daemon.control_socket);
@@ -160,6 +165,14 @@ async fn run(cfg: Config, path: PathBuf) -> Result<()> {
     daemon.dataplane = Some(dp);
     daemon.sync_all().context("writing the data plane")?;
     dp = daemon.dataplane.take().context("data plane")?;
+    // The filter before forwarding is turned on: no moment routes what is not ours.
+    if d.forward_filter {
+        host::forward_filter(&d.interfaces, &balancer_sources(&cfg))?;
+    } else {
+        tracing::warn!(
+            "forward_filter = false: the host forwards whatever arrives on the balancer's interfaces, by its own rules"
+        );
+    }
     for iface in &d.interfaces {
         host::prepare_interface(iface)?;
         dp.attach(iface, d.xdp_mode)?;
@@ -231,6 +244,20 @@ async fn run(cfg: Config, path: PathBuf) -> Result<()> {
     result
 }
 
+/// Sources of what the data plane hands the kernel to forward: the SNAT addresses (towards
+/// backends) and the VIPs (towards clients) of the connection-mode services.
+fn balancer_sources(cfg: &Config) -> Vec<std::net::IpAddr> {
+    let mut out: Vec<std::net::IpAddr> = cfg
+        .services
+        .iter()
+        .filter(|s| s.mode == lb_userspace::config::Mode::Connection)
+        .flat_map(|s| s.snat.into_iter().chain([s.vip]))
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
 /// Applies a health transition (unless it comes from a check task that was since replaced).
 fn apply_health(daemon: &mut Daemon, checker: &health::Checker, ev: health::Event) {
     let health::Event::Transition {
@@ -282,6 +309,16 @@ fn reload(daemon: &mut Daemon, running: &mut Config, path: &Path) {
     }
     match daemon.reload(&cfg) {
         Ok(()) => {
+            if cfg.daemon.forward_filter {
+                if let Err(e) =
+                    host::forward_filter(&cfg.daemon.interfaces, &balancer_sources(&cfg))
+                {
+                    tracing::error!(
+                        error = format!("{e:#}"),
+                        "reload: could not update the forward filter"
+                    );
+                }
+            }
             tracing::info!(config = %path.display(), services = daemon.state.services.len(), "reloaded");
             *running = cfg;
             daemon
