@@ -143,6 +143,18 @@ pub fn with_tcp_bytes(frame: &[u8], f: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
     out
 }
 
+/// The frame with its IPv4 total length (and header checksum) set to what follows the
+/// Ethernet header: after TCP bytes were appended by [`with_tcp_bytes`].
+pub fn fix_ipv4_len(mut p: Vec<u8>) -> Vec<u8> {
+    let len = (p.len() - 14) as u16;
+    p[16..18].copy_from_slice(&len.to_be_bytes());
+    p[24] = 0;
+    p[25] = 0;
+    let (h, _) = Ipv4Header::from_slice(&p[14..]).expect("an IPv4 frame");
+    p[24..26].copy_from_slice(&h.calc_header_checksum().to_be_bytes());
+    p
+}
+
 /// RFC 793 checksum of a TCP segment (header and payload, checksum field zero) under `iph`.
 fn tcp_checksum(iph: &Ipv4Header, seg: &[u8]) -> u16 {
     let mut sum: u32 = 0;

@@ -684,15 +684,7 @@ fn crafted_syns_are_dropped_before_they_take_any_state() {
         })
     };
     // The IPv4 total length must cover the options appended above.
-    let fix_len = |mut p: Vec<u8>| {
-        let len = (p.len() - 14) as u16;
-        p[16..18].copy_from_slice(&len.to_be_bytes());
-        p[24] = 0;
-        p[25] = 0;
-        let (h, _) = etherparse::Ipv4Header::from_slice(&p[14..]).unwrap();
-        p[24..26].copy_from_slice(&h.calc_header_checksum().to_be_bytes());
-        p
-    };
+    let fix_len = packets::fix_ipv4_len;
     let cases: Vec<(&str, Vec<u8>, Stat)> = vec![
         (
             "source 127.0.0.1",
