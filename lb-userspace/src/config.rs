@@ -112,6 +112,55 @@ pub struct Daemon {
     /// plane needs it); without the filter the host routes whatever arrives there. Turn it
     /// off only where the host is a router on purpose and has its own forward policy.
     pub forward_filter: bool,
+    /// Connection caps and timeouts of lbd's own listeners.
+    pub limits: Limits,
+}
+
+/// `[daemon.limits]`: what one client, or many, may hold of lbd. Past a cap a new connection
+/// is closed at once (and counted); the caps are fitted into the process's descriptor limit
+/// less `fd_reserve`, so health checks and the control socket always have descriptors.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Control-socket connections at once.
+    pub control_connections: usize,
+    /// A control connection that sends no complete line for this long is closed.
+    #[serde(deserialize_with = "duration")]
+    pub control_idle_timeout: Duration,
+    /// Connections to the metrics endpoint at once.
+    pub metrics_connections: usize,
+    /// A metrics connection that sends no complete request head for this long (idle
+    /// keep-alive included) is closed.
+    #[serde(deserialize_with = "duration")]
+    pub metrics_timeout: Duration,
+    /// Client connections at once, per request-mode service (all its workers together).
+    pub request_connections: usize,
+    /// A request-mode client must send a request's headers within this long, counted from
+    /// when its connection became idle (so it is the keep-alive idle timeout too).
+    #[serde(deserialize_with = "duration")]
+    pub request_header_timeout: Duration,
+    /// How long a stopping lbd lets in-flight requests finish (SIGTERM) before it closes
+    /// what is left.
+    #[serde(deserialize_with = "duration")]
+    pub drain_timeout: Duration,
+    /// Descriptors kept out of every cap: health checks, maps, logs, upstream connections'
+    /// spare room.
+    pub fd_reserve: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            control_connections: 32,
+            control_idle_timeout: Duration::from_secs(60),
+            metrics_connections: 64,
+            metrics_timeout: Duration::from_secs(10),
+            request_connections: 4096,
+            request_header_timeout: Duration::from_secs(30),
+            drain_timeout: Duration::from_secs(30),
+            fd_reserve: 256,
+        }
+    }
 }
 
 impl Default for Daemon {
@@ -126,6 +175,7 @@ impl Default for Daemon {
             snat_ports: (t.snat_port_min, t.snat_port_max),
             conntrack_max: lb_common::DEFAULT_CONNTRACK_MAX,
             forward_filter: true,
+            limits: Limits::default(),
         }
     }
 }

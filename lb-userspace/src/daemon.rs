@@ -68,6 +68,8 @@ pub struct Daemon {
     pub metrics: Metrics,
     /// Request-mode services: where their proxies get each change.
     views: HashMap<String, tokio::sync::watch::Sender<std::sync::Arc<crate::proxy::View>>>,
+    /// lbd's own listeners (control, metrics, request VIPs), for `/metrics`.
+    pub listeners: crate::listener::Listeners,
 }
 
 impl Daemon {
@@ -79,6 +81,7 @@ impl Daemon {
             tables: crate::maglev::Cache::default(),
             metrics: Metrics::new(),
             views: HashMap::new(),
+            listeners: Default::default(),
         }
     }
 
@@ -455,6 +458,32 @@ impl Daemon {
                 help: "Flows the connection-tracking table holds before evicting the least recent.",
                 samples: vec![(Vec::new(), Value::Gauge(capacity as f64))],
             });
+        }
+        let listeners = self.listeners.snapshot();
+        if !listeners.is_empty() {
+            let per = |name, help, f: &dyn Fn(&crate::listener::ListenerStats) -> Value| Sampled {
+                name,
+                help,
+                samples: listeners
+                    .iter()
+                    .map(|(n, s)| (vec![("listener", n.clone())], f(s)))
+                    .collect(),
+            };
+            out.push(per(
+                "lb_listener_connections",
+                "Connections open now on each of lbd's listeners (control, metrics, request:SERVICE).",
+                &|s| Value::Gauge(s.open as f64),
+            ));
+            out.push(per(
+                "lb_listener_refused",
+                "Connections closed at once because the listener was at its cap ([daemon.limits]).",
+                &|s| Value::Counter(s.refused),
+            ));
+            out.push(per(
+                "lb_listener_accept_errors",
+                "Accepts that failed for want of descriptors or memory (the listener backs off and retries).",
+                &|s| Value::Counter(s.accept_errors),
+            ));
         }
         out.push(Sampled {
             name: "lb_build_info",

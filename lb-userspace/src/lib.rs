@@ -7,6 +7,7 @@ pub mod dataplane;
 pub mod guard;
 pub mod health;
 pub mod host;
+pub mod listener;
 pub mod maglev;
 pub mod metrics;
 pub mod proxy;

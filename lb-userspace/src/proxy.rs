@@ -36,16 +36,22 @@ use tokio::sync::watch;
 
 use crate::{
     config::{Match, Route},
+    listener::{Cap, Listeners, accept_loop},
     metrics::{Labels, backend_labels},
     swrr::{Swrr, integer_weights},
 };
 
 /// How long an upstream may take to answer with headers.
 const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long a client may take to send a request's headers.
-const CLIENT_HEADER_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long a stopped proxy lets its open connections finish.
-const DRAIN: Duration = Duration::from_secs(30);
+/// How a proxy treats its clients: its listener's cap, how long a client may take to send a
+/// request's headers (idle keep-alive included), how long a stopping proxy lets in-flight
+/// requests finish.
+#[derive(Clone)]
+pub struct ClientLimits {
+    pub cap: Cap,
+    pub header_timeout: Duration,
+    pub drain_timeout: Duration,
+}
 
 /// A backend that can take requests, with its share of them.
 #[derive(Clone, Debug, PartialEq)]
@@ -192,12 +198,16 @@ impl Shared {
     }
 }
 
-/// Serves one request-mode service on `listener` until `stop` turns true, then lets open
-/// connections finish for up to [`DRAIN`].
+/// Serves one request-mode service on `listener` until `stop` turns true, then drains: it
+/// stops accepting (the listening socket stays open where a supervisor passed it in, so
+/// connections wait in its queue for the next lbd), closes idle keep-alive connections,
+/// lets in-flight requests finish with `Connection: close` for up to the drain timeout, and
+/// closes what is left.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     views: watch::Receiver<Arc<View>>,
     metrics: RequestMetrics,
+    limits: ClientLimits,
     mut stop: watch::Receiver<bool>,
 ) -> Result<()> {
     let mut connector = HttpConnector::new();
@@ -215,33 +225,62 @@ pub async fn serve(
         metrics,
     });
     let mut connections = tokio::task::JoinSet::new();
-    loop {
-        let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => accepted.context("accepting")?,
-            _ = stop.wait_for(|stop| *stop) => break,
-        };
-        while connections.try_join_next().is_some() {}
-        let _ = stream.set_nodelay(true);
-        let shared = shared.clone();
-        connections.spawn(async move {
-            let svc = service_fn(move |req| {
-                let shared = shared.clone();
-                async move { Ok::<_, Infallible>(handle(&shared, req, peer).await) }
+    let (drain_tx, drain_rx) = watch::channel(false);
+    let header_timeout = limits.header_timeout;
+    {
+        let accepting = accept_loop(listener, limits.cap.clone(), |(stream, peer), slot| {
+            while connections.try_join_next().is_some() {}
+            let _ = stream.set_nodelay(true);
+            let shared = shared.clone();
+            let mut drain = drain_rx.clone();
+            connections.spawn(async move {
+                let _slot = slot;
+                let svc = service_fn(move |req| {
+                    let shared = shared.clone();
+                    async move { Ok::<_, Infallible>(handle(&shared, req, peer).await) }
+                });
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(header_timeout)
+                    .serve_connection(TokioIo::new(stream), svc);
+                tokio::pin!(conn);
+                let ended = tokio::select! {
+                    r = conn.as_mut() => Some(r),
+                    _ = drain.wait_for(|d| *d) => None,
+                };
+                let r = match ended {
+                    Some(r) => r,
+                    // Draining: an idle connection closes now; a busy one after its
+                    // response, which then says `Connection: close`.
+                    None => {
+                        conn.as_mut().graceful_shutdown();
+                        conn.await
+                    }
+                };
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, %peer, "proxy connection ended");
+                }
             });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(CLIENT_HEADER_TIMEOUT)
-                .serve_connection(TokioIo::new(stream), svc);
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, %peer, "proxy connection ended");
-            }
         });
+        tokio::select! {
+            never = accepting => match never {},
+            _ = stop.wait_for(|stop| *stop) => {}
+        }
     }
-    drop(listener);
-    let _ = tokio::time::timeout(DRAIN, async {
+    let _ = drain_tx.send(true);
+    let open = connections.len();
+    let drained = tokio::time::timeout(limits.drain_timeout, async {
         while connections.join_next().await.is_some() {}
     })
     .await;
+    match drained {
+        Ok(()) => tracing::debug!(service = shared.service, open, "drained"),
+        Err(_) => tracing::warn!(
+            service = shared.service,
+            left = connections.len(),
+            "drain timeout: closing connections with requests still in flight"
+        ),
+    }
     Ok(())
 }
 
@@ -346,6 +385,7 @@ async fn handle(shared: &Shared, mut req: Request<Incoming>, peer: SocketAddr) -
 struct Running {
     addr: SocketAddr,
     stop: watch::Sender<bool>,
+    workers: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl Drop for Running {
@@ -354,13 +394,56 @@ impl Drop for Running {
     }
 }
 
-/// The running proxies, one per request-mode service. Dropping it stops them.
-#[derive(Default)]
+/// The running proxies, one per request-mode service. Dropping it stops them (each drains
+/// on its own threads); [`Proxies::drain`] stops them and waits.
 pub struct Proxies {
     running: HashMap<String, Running>,
+    /// Caps and timeouts for every service's clients (each service gets a cap of its own).
+    limits: crate::config::Limits,
+    /// The per-service cap after the descriptor budget.
+    cap: usize,
+    listeners: Listeners,
+    /// Listening sockets passed in by a supervisor (socket activation), by address.
+    inherited: HashMap<SocketAddr, std::net::TcpListener>,
 }
 
 impl Proxies {
+    /// No proxies yet; those started later use these limits, `cap` connections per service,
+    /// and the `inherited` listeners for their addresses.
+    pub fn new(
+        limits: crate::config::Limits,
+        cap: usize,
+        listeners: Listeners,
+        inherited: HashMap<SocketAddr, std::net::TcpListener>,
+    ) -> Proxies {
+        Proxies {
+            running: HashMap::new(),
+            limits,
+            cap,
+            listeners,
+            inherited,
+        }
+    }
+
+    /// Stops every proxy and waits until each has drained (at most the drain timeout, and
+    /// a second more).
+    pub fn drain(&mut self) {
+        let workers: Vec<_> = self
+            .running
+            .drain()
+            .flat_map(|(_, mut r)| {
+                let _ = r.stop.send(true);
+                std::mem::take(&mut r.workers)
+            })
+            .collect();
+        let deadline = Instant::now() + self.limits.drain_timeout + Duration::from_secs(1);
+        for w in workers {
+            while !w.is_finished() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
+
     /// Starts a proxy for every request-mode service that has none (or moved to another
     /// address) and stops those of services that are gone. Returns what could not start.
     pub fn reconcile(&mut self, d: &crate::daemon::Daemon) -> Vec<anyhow::Error> {
@@ -381,7 +464,20 @@ impl Proxies {
             let Some(views) = d.subscribe(&name) else {
                 continue;
             };
-            match start(&name, addr, views, d.metrics.requests.clone()) {
+            let limits = ClientLimits {
+                cap: Cap::new(&format!("request:{name}"), self.cap, &self.listeners),
+                header_timeout: self.limits.request_header_timeout,
+                drain_timeout: self.limits.drain_timeout,
+            };
+            let inherited = self.inherited.get(&addr).and_then(|l| l.try_clone().ok());
+            match start(
+                &name,
+                addr,
+                views,
+                d.metrics.requests.clone(),
+                limits,
+                inherited,
+            ) {
                 Ok(r) => {
                     tracing::info!(service = name, %addr, "request-mode proxy listening");
                     self.running.insert(name, r);
@@ -393,26 +489,40 @@ impl Proxies {
     }
 }
 
-/// Binds one listener per CPU on `addr` (all or none), then starts a worker thread on each.
+/// Binds one listener per CPU on `addr` (all or none) — or shares the `inherited` one among
+/// them — then starts a worker thread on each.
 fn start(
     name: &str,
     addr: SocketAddr,
     views: watch::Receiver<Arc<View>>,
     metrics: RequestMetrics,
+    limits: ClientLimits,
+    inherited: Option<std::net::TcpListener>,
 ) -> Result<Running> {
     let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let listeners = (0..workers)
-        .map(|_| bind(addr))
-        .collect::<Result<Vec<_>>>()?;
+    let listeners = match inherited {
+        // One queue that outlives lbd (its supervisor holds it): every worker accepts on it.
+        Some(l) => {
+            l.set_nonblocking(true)?;
+            (0..workers)
+                .map(|_| l.try_clone().context("sharing an inherited listener"))
+                .collect::<Result<Vec<_>>>()?
+        }
+        None => (0..workers)
+            .map(|_| bind(addr))
+            .collect::<Result<Vec<_>>>()?,
+    };
     let (stop, stopped) = watch::channel(false);
+    let mut handles = Vec::new();
     for (i, listener) in listeners.into_iter().enumerate() {
-        let (views, metrics, stopped, svc) = (
+        let (views, metrics, stopped, svc, limits) = (
             views.clone(),
             metrics.clone(),
             stopped.clone(),
             name.to_string(),
+            limits.clone(),
         );
-        std::thread::Builder::new()
+        let h = std::thread::Builder::new()
             .name(format!("proxy-{i}"))
             .spawn(move || {
                 let run = || -> Result<()> {
@@ -421,7 +531,7 @@ fn start(
                         .build()?;
                     rt.block_on(async move {
                         let listener = tokio::net::TcpListener::from_std(listener)?;
-                        serve(listener, views, metrics, stopped).await
+                        serve(listener, views, metrics, limits, stopped).await
                     })
                 };
                 if let Err(e) = run() {
@@ -433,8 +543,13 @@ fn start(
                 }
             })
             .context("starting a proxy thread")?;
+        handles.push(h);
     }
-    Ok(Running { addr, stop })
+    Ok(Running {
+        addr,
+        stop,
+        workers: handles,
+    })
 }
 
 /// Binds a request-mode listener (the VIP must be a local address) with `SO_REUSEPORT`, so

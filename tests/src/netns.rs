@@ -67,13 +67,38 @@ impl Netns {
 
     /// Starts a long-running command inside the namespace; it is killed when the guard drops.
     pub fn spawn(&self, args: &[&str], log: &std::path::Path) -> Result<ChildGuard> {
+        self.spawn_passing(args, log, None)
+    }
+
+    /// Like [`Netns::spawn`], with `passed` (a listening socket, say) as the child's
+    /// descriptor 3, the way a supervisor passes sockets (systemd socket activation).
+    pub fn spawn_passing(
+        &self,
+        args: &[&str],
+        log: &std::path::Path,
+        passed: Option<std::os::fd::RawFd>,
+    ) -> Result<ChildGuard> {
+        use std::os::unix::process::CommandExt as _;
         let f = File::create(log)?;
-        let child = Command::new("ip")
-            .args(["netns", "exec", &self.name])
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.name])
             .args(args)
             .stdin(Stdio::null())
             .stdout(f.try_clone()?)
-            .stderr(f)
+            .stderr(f);
+        if let Some(fd) = passed {
+            // SAFETY: only async-signal-safe calls between fork and exec.
+            unsafe {
+                cmd.pre_exec(move || {
+                    // dup2 clears close-on-exec on the copy.
+                    if libc::dup2(fd, 3) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let child = cmd
             .spawn()
             .with_context(|| format!("spawning {args:?} in {}", self.name))?;
         Ok(ChildGuard(Some(child)))

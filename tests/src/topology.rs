@@ -208,6 +208,17 @@ pool = "k8s"
 
     /// Starts lbd in the balancer namespace and waits for its control socket.
     pub fn start_lbd(&mut self) -> Result<()> {
+        self.start_lbd_with(&[], None)
+    }
+
+    /// Starts lbd under `wrapper` (e.g. `prlimit --nofile=1024`), with `passed` as a
+    /// socket-activated listener (descriptor 3, `LISTEN_FDS=1`), and waits for its control
+    /// socket.
+    pub fn start_lbd_with(
+        &mut self,
+        wrapper: &[&str],
+        passed: Option<std::os::fd::RawFd>,
+    ) -> Result<()> {
         let log = self.dir.join("lbd.log");
         // Keep earlier runs' logs (a restart test reads both).
         if log.exists() {
@@ -218,7 +229,15 @@ pool = "k8s"
         }
         let cfg = self.config.to_str().context("path")?.to_string();
         let bin = self.lbd_bin.to_str().context("path")?.to_string();
-        self.lbd = Some(self.lb.spawn(&[&bin, "run", "--config", &cfg], &log)?);
+        let mut args: Vec<&str> = wrapper.to_vec();
+        // `sh` sets LISTEN_PID to its own pid, which `exec` hands on to lbd.
+        let activated = format!("LISTEN_PID=$$ LISTEN_FDS=1 exec {bin} run --config {cfg}");
+        if passed.is_some() {
+            args.extend(["sh", "-c", &activated]);
+        } else {
+            args.extend([bin.as_str(), "run", "--config", &cfg]);
+        }
+        self.lbd = Some(self.lb.spawn_passing(&args, &log, passed)?);
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
             if self.control("show services").is_ok() {

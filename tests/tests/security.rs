@@ -269,3 +269,285 @@ fn the_host_does_not_route_client_traffic_straight_to_backends() {
     let (_, failed) = t.new_connections(10);
     assert_eq!(failed, 0, "the VIP must still work");
 }
+
+/// Adds a `[daemon.limits]` table to the topology's config.
+fn with_limits(t: &Topology, limits: &str) {
+    let cfg = t.config_text();
+    let at = cfg.find("[[service]]").expect("a service");
+    let text = format!("{}[daemon.limits]\n{limits}\n\n{}", &cfg[..at], &cfg[at..]);
+    std::fs::write(&t.config, text).unwrap();
+}
+
+/// Opens up to `n` connections with `connect` (bounded: stops at the first failure to
+/// connect) and holds them; returns them.
+fn hold<T>(n: usize, mut connect: impl FnMut() -> std::io::Result<T>) -> Vec<T> {
+    (0..n).map_while(|_| connect().ok()).collect()
+}
+
+/// Finding 3: idle connections by the thousand to the control socket, the metrics port and
+/// the request VIP, against an lbd limited to 1 024 descriptors. Before: lbd exited at
+/// 1 124 control connections ("Too many open files"), and ~12 000 on the request VIP
+/// stopped its proxy workers for good. Now each listener keeps at most its cap (the rest are
+/// closed at once and counted), idle ones are closed after their timeout, lbd never runs out
+/// of descriptors, its health checks and control go on, and every listener serves again.
+#[test]
+fn connection_floods_never_take_lbd_or_its_listeners_down() {
+    if !require_root("connection_floods_never_take_lbd_or_its_listeners_down") {
+        return;
+    }
+    // The attacker (this process) needs more than the default 1 024 descriptors itself.
+    lb_userspace::listener::raise_nofile();
+    let mut t = Topology::new("fl", "skb").unwrap();
+    with_limits(
+        &t,
+        "control_connections = 16\ncontrol_idle_timeout = \"1s\"\nmetrics_connections = 16\nmetrics_timeout = \"1s\"\nrequest_connections = 300\nrequest_header_timeout = \"1s\"",
+    );
+    t.start_lbd_with(&["prlimit", "--nofile=1024"], None)
+        .unwrap();
+    let socket = t.socket.clone();
+    let control = hold(1200, || std::os::unix::net::UnixStream::connect(&socket));
+    let lb_ns = t.lb.name.clone();
+    let metrics_conns = std::thread::spawn(move || {
+        lb_tests::netns::Netns { name: lb_ns }
+            .enter_no_drop()
+            .unwrap();
+        hold(1200, || {
+            TcpStream::connect_timeout(&"127.0.0.1:9091".parse().unwrap(), Duration::from_secs(1))
+        })
+    })
+    .join()
+    .unwrap();
+    let req = t.req_vip();
+    let request_conns = t
+        .in_client(move || {
+            hold(1500, || {
+                TcpStream::connect_timeout(&req, Duration::from_secs(1))
+            })
+        })
+        .unwrap();
+    eprintln!(
+        "flood held open: control {}, metrics {}, request VIP {} (accepted by the kernel; lbd keeps at most its caps)",
+        control.len(),
+        metrics_conns.len(),
+        request_conns.len()
+    );
+    // While the attacker still holds every socket: once the idle timeouts have freed the
+    // slots, control, metrics and the VIP all answer again.
+    std::thread::sleep(Duration::from_millis(2500));
+    let pid = t.lbd_pid().expect("lbd runs");
+    assert!(
+        std::path::Path::new(&format!("/proc/{pid}")).exists(),
+        "lbd exited; log:\n{}",
+        t.lbd_log()
+    );
+    let backends = t.control("show backends web").expect("control answers");
+    assert_eq!(
+        backends.matches(" up").count(),
+        4,
+        "health checks go on:\n{backends}"
+    );
+    let refused = |l: &str| {
+        metric(
+            &t,
+            "lb_listener_refused_total",
+            &format!("listener=\"{l}\""),
+        )
+    };
+    let (rc, rm, rr) = (
+        refused("control"),
+        refused("metrics"),
+        refused("request:web-req"),
+    );
+    eprintln!("refused at the cap: control {rc}, metrics {rm}, request VIP {rr}");
+    assert!(
+        rc > 0.0 && rm > 0.0 && rr > 0.0,
+        "each cap was reached and counted"
+    );
+    let errors = metric(&t, "lb_listener_accept_errors_total", "");
+    assert_eq!(errors, 0.0, "lbd never ran out of descriptors");
+    let vip = t.req_vip();
+    let served = t
+        .in_client(move || {
+            (0..20)
+                .filter(|_| lb_tests::http::get_once(vip).is_ok())
+                .count()
+        })
+        .unwrap();
+    eprintln!("request VIP while the flood's sockets are still open: {served}/20 served");
+    assert_eq!(served, 20, "the VIP serves again; log:\n{}", t.lbd_log());
+    let (status, _) = get_in(&t.lb.name, 9091, "/ready");
+    assert!(status.contains("200"), "/ready: {status}");
+    drop((control, metrics_conns, request_conns));
+}
+
+/// What a keep-alive HTTP client that behaves as browsers and proxies do saw: it reconnects
+/// after a response that says `Connection: close`, and retries a GET once on a new
+/// connection when a reused one was closed before any byte of the answer (RFC 9112 §9.3.1).
+#[derive(Debug, Default)]
+struct Seen {
+    ok: usize,
+    /// Reused connections closed by the server while idle (the request was retried).
+    retried: usize,
+    /// Answers that said `Connection: close`.
+    closed_by_server: usize,
+    /// Requests that failed for good (refused, reset, a truncated or non-200 answer).
+    failed: Vec<String>,
+}
+
+/// One GET on `conn` (a new connection when `None`); the connection to reuse, if any.
+fn get(
+    addr: SocketAddr,
+    conn: Option<std::io::BufReader<TcpStream>>,
+    seen: &mut Seen,
+) -> Option<std::io::BufReader<TcpStream>> {
+    use std::io::{BufRead as _, Read as _, Write as _};
+    let reused = conn.is_some();
+    let mut r = match conn {
+        Some(c) => c,
+        None => match TcpStream::connect_timeout(&addr, Duration::from_secs(3)) {
+            Ok(s) => {
+                s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+                std::io::BufReader::new(s)
+            }
+            Err(e) => {
+                seen.failed.push(format!("connect: {e}"));
+                return None;
+            }
+        },
+    };
+    let sent = r.get_mut().write_all(b"GET / HTTP/1.1\r\nHost: lb\r\n\r\n");
+    let mut status = String::new();
+    let first = sent.and_then(|_| r.read_line(&mut status));
+    if matches!(first, Ok(0)) || (first.is_err() && status.is_empty()) {
+        if reused {
+            seen.retried += 1;
+            return get(addr, None, seen);
+        }
+        seen.failed
+            .push(format!("no answer on a new connection: {first:?}"));
+        return None;
+    }
+    if !status.starts_with("HTTP/1.1 200") {
+        seen.failed.push(format!("status {status:?}"));
+        return None;
+    }
+    let (mut len, mut close) = (0usize, false);
+    loop {
+        let mut l = String::new();
+        if r.read_line(&mut l).unwrap_or(0) == 0 {
+            seen.failed.push("closed in the headers".into());
+            return None;
+        }
+        if l == "\r\n" {
+            break;
+        }
+        let l = l.to_ascii_lowercase();
+        if let Some(v) = l.strip_prefix("content-length:") {
+            len = v.trim().parse().unwrap_or(0);
+        }
+        close |= l.starts_with("connection:") && l.contains("close");
+    }
+    let mut body = vec![0; len];
+    if let Err(e) = r.read_exact(&mut body) {
+        seen.failed.push(format!("truncated body: {e}"));
+        return None;
+    }
+    seen.ok += 1;
+    if close {
+        seen.closed_by_server += 1;
+        return None;
+    }
+    Some(r)
+}
+
+/// Finding 4: a planned restart of lbd (SIGTERM, then a new lbd) under keep-alive request
+/// traffic. Before: all 20 keep-alive connections broke and new ones were refused for the
+/// restart (3–4 k wrk errors). Now the listening socket belongs to the supervisor (here the
+/// test, as systemd's lbd.socket would), the old lbd drains (in-flight requests finish with
+/// `Connection: close`, idle keep-alives are closed) and connections made while no lbd runs
+/// wait in the socket's queue: no request fails and none is refused.
+#[test]
+fn a_planned_restart_in_request_mode_refuses_nothing() {
+    if !require_root("a_planned_restart_in_request_mode_refuses_nothing") {
+        return;
+    }
+    use std::os::fd::AsRawFd as _;
+    use std::sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    };
+    let mut t = Topology::new("rs", "skb").unwrap();
+    let addr = t.req_vip();
+    let lb_ns = t.lb.name.clone();
+    // The supervisor's socket, made in the balancer's namespace.
+    let listener = std::thread::spawn(move || {
+        lb_tests::netns::Netns { name: lb_ns }
+            .enter_no_drop()
+            .unwrap();
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        s.set_reuse_address(true).unwrap();
+        s.bind(&addr.into()).unwrap();
+        s.listen(1024).unwrap();
+        std::net::TcpListener::from(s)
+    })
+    .join()
+    .unwrap();
+    let fd = listener.as_raw_fd();
+    t.start_lbd_with(&[], Some(fd)).unwrap();
+    assert!(
+        t.lbd_log().contains("socket activation"),
+        "lbd took the passed socket:\n{}",
+        t.lbd_log()
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients: Vec<_> = (0..20)
+        .map(|_| {
+            let (stop, ns) = (stop.clone(), t.client.name.clone());
+            std::thread::spawn(move || {
+                lb_tests::netns::Netns { name: ns }.enter_no_drop().unwrap();
+                let mut seen = Seen::default();
+                let mut conn = None;
+                // Bounded: at most 20 000 requests per client.
+                for _ in 0..20_000 {
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    conn = get(addr, conn, &mut seen);
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                seen
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(700));
+    let started = Instant::now();
+    t.stop_lbd();
+    let stopped = started.elapsed();
+    t.start_lbd_with(&[], Some(fd)).unwrap();
+    let restarted = started.elapsed();
+    std::thread::sleep(Duration::from_millis(700));
+    stop.store(true, Ordering::Relaxed);
+    let mut all = Seen::default();
+    for c in clients {
+        let s = c.join().unwrap();
+        all.ok += s.ok;
+        all.retried += s.retried;
+        all.closed_by_server += s.closed_by_server;
+        all.failed.extend(s.failed);
+    }
+    eprintln!(
+        "planned restart: old lbd drained and exited in {stopped:?}, new one serving after {restarted:?}; \
+         {} requests ok, {} answers with Connection: close, {} idle keep-alives closed and retried, {} failed",
+        all.ok,
+        all.closed_by_server,
+        all.retried,
+        all.failed.len()
+    );
+    assert!(
+        all.failed.is_empty(),
+        "{:?}",
+        &all.failed[..all.failed.len().min(5)]
+    );
+    assert!(all.ok > 1000, "traffic ran throughout: {all:?}");
+    drop(listener);
+}

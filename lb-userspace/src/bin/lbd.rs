@@ -17,7 +17,7 @@ use lb_userspace::{
     control::{self, server},
     daemon::{self, Daemon},
     dataplane::{self, Dataplane, LoadOptions},
-    health, host, metrics, proxy,
+    health, host, listener, metrics, proxy,
     state::State,
 };
 use tokio::{
@@ -124,6 +124,8 @@ fn main() -> ExitCode {
                 Ok(c) => c,
                 Err(code) => return code,
             };
+            // Before any thread exists: it reads and clears the environment.
+            let inherited = lb_userspace::listener::inherited_listeners();
             let rt = match tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()
@@ -135,7 +137,7 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match rt.block_on(run(c, config)) {
+            match rt.block_on(run(c, config, inherited)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!("{e:#}");
@@ -146,8 +148,38 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(cfg: Config, path: PathBuf) -> Result<()> {
+async fn run(
+    cfg: Config,
+    path: PathBuf,
+    inherited: std::collections::HashMap<std::net::SocketAddr, std::net::TcpListener>,
+) -> Result<()> {
     let d = &cfg.daemon;
+    let nofile = listener::raise_nofile();
+    let l = &d.limits;
+    let request_services = cfg
+        .services
+        .iter()
+        .filter(|s| s.mode == lb_userspace::config::Mode::Request)
+        .count();
+    let budget = listener::budget(
+        nofile,
+        l.fd_reserve,
+        (
+            l.control_connections,
+            l.metrics_connections,
+            l.request_connections,
+        ),
+        request_services,
+    );
+    if budget.request < l.request_connections && request_services > 0 {
+        tracing::warn!(
+            nofile,
+            configured = l.request_connections,
+            using = budget.request,
+            "request-mode connection cap lowered to fit the descriptor limit (raise LimitNOFILE)"
+        );
+    }
+    let listeners = listener::Listeners::default();
     host::reserve_snat_ports(d.snat_ports)?;
     let mut opts = LoadOptions {
         pin_dir: Some(d.pin_dir.clone()),
@@ -179,7 +211,7 @@ async fn run(cfg: Config, path: PathBuf) -> Result<()> {
     }
     daemon.dataplane = Some(dp);
 
-    let mut proxies = proxy::Proxies::default();
+    let mut proxies = proxy::Proxies::new(l.clone(), budget.request, listeners.clone(), inherited);
     if let Some(e) = proxies.reconcile(&daemon).into_iter().next() {
         return Err(e);
     }
@@ -193,11 +225,24 @@ async fn run(cfg: Config, path: PathBuf) -> Result<()> {
         checker.checked().cloned().collect();
     let ready = Arc::new(AtomicBool::new(unchecked.is_empty()));
     let (scrape_tx, mut scrape_rx) = mpsc::channel::<admin::Scrape>(16);
-    let mut admin_server = tokio::spawn(admin::serve(d.metrics, scrape_tx, ready.clone()));
+    let mut admin_server = tokio::spawn(admin::serve(
+        d.metrics,
+        scrape_tx,
+        admin::Readiness {
+            checked: ready.clone(),
+            listeners: listeners.clone(),
+        },
+        listener::Cap::new("metrics", budget.metrics, &listeners),
+        l.metrics_timeout,
+    ));
 
     let (tx, mut rx) = mpsc::channel::<server::Request>(64);
     let socket = d.control_socket.clone();
-    let mut server = tokio::spawn(async move { server::serve(&socket, tx).await });
+    let control_cap = listener::Cap::new("control", budget.control, &listeners);
+    let control_idle = l.control_idle_timeout;
+    let mut server =
+        tokio::spawn(async move { server::serve(&socket, tx, control_cap, control_idle).await });
+    daemon.listeners = listeners.clone();
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
@@ -234,13 +279,20 @@ async fn run(cfg: Config, path: PathBuf) -> Result<()> {
                     tracing::error!(error = format!("{e:#}"), "reload: a request-mode service cannot be served");
                 }
             }
-            _ = term.recv() => { tracing::info!("SIGTERM: exiting, data plane stays attached"); break Ok(()) }
-            _ = int.recv() => { tracing::info!("SIGINT: exiting, data plane stays attached"); break Ok(()) }
+            _ = term.recv() => { tracing::info!("SIGTERM: draining request-mode connections, then exiting; the data plane stays attached"); break Ok(()) }
+            _ = int.recv() => { tracing::info!("SIGINT: draining request-mode connections, then exiting; the data plane stays attached"); break Ok(()) }
             r = &mut server => break r.context("control server").and_then(|r| r),
             r = &mut admin_server => break r.context("metrics endpoint").and_then(|r| r),
         }
     };
     let _ = std::fs::remove_file(&d.control_socket);
+    // Off the runtime's threads: the proxies drain on their own.
+    let started = std::time::Instant::now();
+    tokio::task::block_in_place(|| proxies.drain());
+    tracing::info!(
+        took_ms = started.elapsed().as_millis() as u64,
+        "request-mode proxies drained"
+    );
     result
 }
 
