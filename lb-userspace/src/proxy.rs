@@ -43,6 +43,12 @@ use crate::{
 
 /// How long an upstream may take to answer with headers.
 const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(30);
+/// When draining: how long an idle connection may still bring a request (its first, or one
+/// already on its way), to be answered with `Connection: close`, before it is closed.
+/// Closing an idle keep-alive connection at once races with a client that is sending: the
+/// grace makes that race rare (the client then retries, as RFC 9112 §9.3.1 allows).
+const DRAIN_GRACE: Duration = Duration::from_secs(1);
+
 /// How a proxy treats its clients: its listener's cap, how long a client may take to send a
 /// request's headers (idle keep-alive included), how long a stopping proxy lets in-flight
 /// requests finish.
@@ -182,8 +188,10 @@ struct Shared {
     service: String,
     /// The pickers and where their updates come from, under one lock per request.
     pickers: Mutex<(Pickers, watch::Receiver<Arc<View>>)>,
-    client: Client<HttpConnector, Incoming>,
+    client: Client<HttpConnector, Body>,
     metrics: RequestMetrics,
+    /// Set when the proxy drains: every response then says `Connection: close`.
+    draining: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
@@ -223,6 +231,7 @@ pub async fn serve(
         pickers: Mutex::new((Pickers::new(first), views)),
         client,
         metrics,
+        draining: std::sync::atomic::AtomicBool::new(false),
     });
     let mut connections = tokio::task::JoinSet::new();
     let (drain_tx, drain_rx) = watch::channel(false);
@@ -250,12 +259,16 @@ pub async fn serve(
                 };
                 let r = match ended {
                     Some(r) => r,
-                    // Draining: an idle connection closes now; a busy one after its
-                    // response, which then says `Connection: close`.
-                    None => {
-                        conn.as_mut().graceful_shutdown();
-                        conn.await
-                    }
+                    // Draining: the next request is still read and answered (with
+                    // `Connection: close`) for a grace; then an idle connection closes, a
+                    // busy one after its response.
+                    None => match tokio::time::timeout(DRAIN_GRACE, conn.as_mut()).await {
+                        Ok(r) => r,
+                        Err(_) => {
+                            conn.as_mut().graceful_shutdown();
+                            conn.await
+                        }
+                    },
                 };
                 if let Err(e) = r {
                     tracing::debug!(error = %e, %peer, "proxy connection ended");
@@ -267,6 +280,9 @@ pub async fn serve(
             _ = stop.wait_for(|stop| *stop) => {}
         }
     }
+    shared
+        .draining
+        .store(true, std::sync::atomic::Ordering::Relaxed);
     let _ = drain_tx.send(true);
     let open = connections.len();
     let drained = tokio::time::timeout(limits.drain_timeout, async {
@@ -316,7 +332,54 @@ fn strip_hop_by_hop(h: &mut HeaderMap) {
     }
 }
 
-async fn handle(shared: &Shared, mut req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+/// Why a request must not reach a backend as it is framed (RFC 9110/9112), if it must not:
+/// an HTTP/1.1 request needs exactly one Host; a GET, HEAD or TRACE carries no body (a
+/// backend that ignores such a body would read it as the next request, one the proxy
+/// never saw).
+fn framing_error(req: &Request<Incoming>) -> Option<&'static str> {
+    if req.version() == hyper::Version::HTTP_11
+        && req.headers().get_all(header::HOST).iter().count() != 1
+    {
+        return Some("an HTTP/1.1 request needs exactly one Host header");
+    }
+    let bodiless = matches!(
+        *req.method(),
+        hyper::Method::GET | hyper::Method::HEAD | hyper::Method::TRACE
+    );
+    let has_body = req.headers().contains_key(header::TRANSFER_ENCODING)
+        || req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .is_some_and(|v| v.as_bytes() != b"0");
+    if bodiless && has_body {
+        return Some("a GET, HEAD or TRACE request must not carry a body");
+    }
+    None
+}
+
+/// A 400 that also ends the connection: what follows on it cannot be trusted to be framed.
+fn bad_request(why: impl std::fmt::Display) -> Response<Body> {
+    let mut r = full(StatusCode::BAD_REQUEST, format!("400: {why}\n"));
+    r.headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    r
+}
+
+async fn handle(shared: &Shared, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+    if let Some(why) = framing_error(&req) {
+        return bad_request(why);
+    }
+    // The client's body errors (a bad chunk size, say) surface as a failed upstream request:
+    // this flag tells them apart from the backend's own failures (400, not 502).
+    let client_body_failed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = client_body_failed.clone();
+    let mut req = req.map(move |b| {
+        b.map_err(move |e| {
+            flag.store(true, std::sync::atomic::Ordering::Relaxed);
+            e
+        })
+        .boxed()
+    });
     let Some(up) = shared.pick(req.headers()) else {
         return full(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -358,6 +421,9 @@ async fn handle(shared: &Shared, mut req: Request<Incoming>, peer: SocketAddr) -
             strip_hop_by_hop(resp.headers_mut());
             resp.map(|b| b.boxed())
         }
+        Ok(Err(_)) if client_body_failed.load(std::sync::atomic::Ordering::Relaxed) => {
+            bad_request("the request body is malformed (e.g. a bad chunk size)")
+        }
         Ok(Err(e)) => full(
             StatusCode::BAD_GATEWAY,
             format!("502: backend {} ({}) failed: {e}\n", up.name, up.addr),
@@ -378,6 +444,11 @@ async fn handle(shared: &Shared, mut req: Request<Incoming>, peer: SocketAddr) -
     let mut l = labels;
     l.push(("code", resp.status().as_u16().to_string()));
     shared.metrics.requests.get_or_create(&l).inc();
+    let mut resp = resp;
+    if shared.draining.load(std::sync::atomic::Ordering::Relaxed) {
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
     resp
 }
 

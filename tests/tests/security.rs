@@ -525,6 +525,15 @@ fn a_planned_restart_in_request_mode_refuses_nothing() {
     let stopped = started.elapsed();
     t.start_lbd_with(&[], Some(fd)).unwrap();
     let restarted = started.elapsed();
+    let old_log = std::fs::read_to_string(t.dir.join("lbd.old.log")).unwrap_or_default();
+    eprintln!(
+        "old lbd: {}",
+        old_log
+            .lines()
+            .filter(|l| l.contains("SIGTERM") || l.contains("drain"))
+            .collect::<Vec<_>>()
+            .join(" | ")
+    );
     std::thread::sleep(Duration::from_millis(700));
     stop.store(true, Ordering::Relaxed);
     let mut all = Seen::default();
@@ -549,5 +558,98 @@ fn a_planned_restart_in_request_mode_refuses_nothing() {
         &all.failed[..all.failed.len().min(5)]
     );
     assert!(all.ok > 1000, "traffic ran throughout: {all:?}");
+    assert!(
+        all.closed_by_server > 0,
+        "the old lbd closed its keep-alive connections with Connection: close: {all:?}"
+    );
     drop(listener);
+}
+
+/// Sends `raw` on a new connection to `addr` and returns everything the server answers
+/// until it closes (or 3 s pass; every case here ends with the server closing).
+fn exchange(addr: SocketAddr, raw: &[u8]) -> String {
+    use std::io::{Read as _, Write as _};
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(3)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    // No half-close: a server may take a read EOF as the client leaving.
+    s.write_all(raw).unwrap();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Finding 5: request framing towards backends. Before: a GET with a Content-Length body
+/// was forwarded with it, and a backend that ignores GET bodies answered the body as a
+/// second request the proxy never saw; bad chunk sizes got 502; HTTP/1.1 without a Host was
+/// forwarded. Now each is refused with one 400 that closes the connection, and well-framed
+/// requests (a chunked POST) still pass.
+#[test]
+fn request_mode_refuses_requests_a_backend_could_read_differently() {
+    if !require_root("request_mode_refuses_requests_a_backend_could_read_differently") {
+        return;
+    }
+    let mut t = Topology::new("hf", "skb").unwrap();
+    t.start_lbd().unwrap();
+    let addr = t.req_vip();
+    let smuggled = "GET /smuggled HTTP/1.1\r\nHost: lb\r\n\r\n";
+    let cases: Vec<(&str, String, &str)> = vec![
+        (
+            "GET with a Content-Length body (a request inside)",
+            format!(
+                "GET / HTTP/1.1\r\nHost: lb\r\nContent-Length: {}\r\n\r\n{smuggled}",
+                smuggled.len()
+            ),
+            "HTTP/1.1 400",
+        ),
+        (
+            "GET with a chunked body",
+            "GET / HTTP/1.1\r\nHost: lb\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n".into(),
+            "HTTP/1.1 400",
+        ),
+        (
+            "a bad chunk size",
+            "POST / HTTP/1.1\r\nHost: lb\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n".into(),
+            "HTTP/1.1 400",
+        ),
+        (
+            "HTTP/1.1 without Host",
+            "GET / HTTP/1.1\r\n\r\n".into(),
+            "HTTP/1.1 400",
+        ),
+        (
+            "HTTP/1.1 with two Hosts",
+            "GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n".into(),
+            "HTTP/1.1 400",
+        ),
+        (
+            "a well-framed chunked POST",
+            "POST / HTTP/1.1\r\nHost: lb\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n".into(),
+            "HTTP/1.1 200",
+        ),
+        (
+            "HTTP/1.0 without Host",
+            "GET / HTTP/1.0\r\n\r\n".into(),
+            "HTTP/1.0 200",
+        ),
+    ];
+    let results = t
+        .in_client(move || {
+            cases
+                .into_iter()
+                .map(|(name, raw, want)| (name, exchange(addr, raw.as_bytes()), want))
+                .collect::<Vec<_>>()
+        })
+        .unwrap();
+    for (name, answer, want) in results {
+        let responses = answer.lines().filter(|l| l.starts_with("HTTP/1.")).count();
+        eprintln!(
+            "{name}: {} ({responses} response(s))",
+            answer.lines().next().unwrap_or("<nothing>")
+        );
+        assert!(
+            answer.starts_with(want),
+            "{name}: want {want}, got {answer:?}"
+        );
+        assert_eq!(responses, 1, "{name}: exactly one answer, got {answer:?}");
+    }
 }

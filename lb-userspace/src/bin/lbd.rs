@@ -252,7 +252,8 @@ async fn run(
         tokio::select! {
             Some(req) = rx.recv() => {
                 let (reply, command, ok) = control::handle_line(&mut daemon, &req.line);
-                tracing::info!(command, ok, line = %req.line, "control command");
+                // Escaped: a CR or a newline in a command must not forge log lines.
+                tracing::info!(command, ok, line = %req.line.escape_debug(), "control command");
                 let _ = req.reply.send(reply);
                 // `set state … maint` stops a backend's checks; `ready` restarts them.
                 checker.reconcile(&daemon.state);

@@ -28,7 +28,17 @@ pub enum Command {
 impl Command {
     /// Parses one line. A known command with bad arguments is an `Err` with the reason.
     pub fn parse(line: &str) -> Result<Command, String> {
-        let words: Vec<&str> = line.split_whitespace().collect();
+        // Words are separated by ASCII spaces and tabs only: any other control or Unicode
+        // space (a CR, a vertical tab, U+00A0) is refused rather than read as a separator.
+        if let Some(c) = line.chars().find(|c| {
+            (c.is_control() && *c != '\t') || (c.is_whitespace() && !matches!(c, ' ' | '\t'))
+        }) {
+            return Err(format!(
+                "unexpected character {:?} in the command (words are separated by spaces or tabs)",
+                c
+            ));
+        }
+        let words: Vec<&str> = line.split([' ', '\t']).filter(|w| !w.is_empty()).collect();
         Ok(match words.as_slice() {
             ["help"] => Command::Help(cmd::help::Help),
             ["show", "services"] => Command::ShowServices(cmd::show_services::ShowServices),
@@ -115,4 +125,30 @@ pub fn handle_line(d: &mut Daemon, line: &str) -> (String, &'static str, bool) {
 /// Splits `SERVICE/POOL[/BACKEND]`.
 pub fn split_path(path: &str) -> Vec<&str> {
     path.split('/').collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_ascii_spaces_and_tabs_separate_words() {
+        assert!(Command::parse("show services").is_ok());
+        assert!(Command::parse("  show\tservices ").is_ok());
+        for bad in [
+            "show\rservices",
+            "show services\r\nset weight web/k8s 0",
+            "show\u{0b}services",
+            "show\u{a0}services",
+            "show\u{2028}services",
+            "show services\u{1b}[2J",
+        ] {
+            let e = Command::parse(bad).err();
+            assert!(
+                e.as_deref()
+                    .is_some_and(|e| e.contains("unexpected character")),
+                "{bad:?}: {e:?}"
+            );
+        }
+    }
 }
