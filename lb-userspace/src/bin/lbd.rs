@@ -86,8 +86,20 @@ fn main() -> ExitCode {
             Err(ExitCode::from(2))
         }
     };
+    // Check and run also check the host (interfaces, local VIPs): before run touches the
+    // kernel. Down must work whatever the host looks like now.
+    let load_here = |path: &PathBuf| {
+        let c = load(path)?;
+        match c.check_host(path) {
+            Ok(()) => Ok(c),
+            Err(e) => {
+                eprintln!("{e}");
+                Err(ExitCode::from(2))
+            }
+        }
+    };
     match cli.cmd {
-        Cmd::Check { config } => match load(&config) {
+        Cmd::Check { config } => match load_here(&config) {
             Ok(c) => {
                 print!("{config}: ok\n{c}", config = config.display());
                 ExitCode::SUCCESS
@@ -120,7 +132,7 @@ fn main() -> ExitCode {
             }
         }
         Cmd::Run { config } => {
-            let c = match load(&config) {
+            let c = match load_here(&config) {
                 Ok(c) => c,
                 Err(code) => return code,
             };
