@@ -429,6 +429,8 @@ mod tests {
     fn state() -> State {
         let cfg = config::Config::parse(
             r#"
+[daemon]
+interfaces = ["eth0"]
 [[service]]
 name = "web"
 vip = "10.99.0.10"
@@ -514,6 +516,8 @@ backends = ["10.20.0.21:8080", { addr = "10.20.0.22:8080", weight = 3 }]
         };
         let cfg = config::Config::parse(
             r#"
+[daemon]
+interfaces = ["eth0"]
 [[service]]
 name = "api"
 vip = "10.99.0.11"
