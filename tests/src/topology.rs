@@ -283,6 +283,18 @@ pool = "k8s"
         }
     }
 
+    /// `lbd down`: detaches the data plane and removes its pins (the next start is fresh).
+    pub fn lbd_down(&self) -> Result<()> {
+        let out = std::process::Command::new(&self.lbd_bin)
+            .args(["down", "--config"])
+            .arg(&self.config)
+            .output()?;
+        if !out.status.success() {
+            bail!("lbd down: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(())
+    }
+
     /// lbd's process id, while it runs.
     pub fn lbd_pid(&self) -> Option<u32> {
         self.lbd.as_ref().and_then(|c| c.0.as_ref()).map(|c| c.id())
