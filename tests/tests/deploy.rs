@@ -50,15 +50,18 @@ fn systemd_unit_passes_systemd_analyze_verify() {
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("lbd.service");
     std::fs::write(&path, unit).unwrap();
+    let socket = dir.join("lbd.socket");
+    std::fs::copy(deploy("lbd.socket"), &socket).unwrap();
     let out = Command::new("systemd-analyze")
         .arg("verify")
         .arg(&path)
+        .arg(&socket)
         .output()
         .unwrap();
     let _ = std::fs::remove_dir_all(&dir);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        out.status.success() && !stderr.contains("lbd.service:"),
+        out.status.success() && !stderr.contains("lbd.service:") && !stderr.contains("lbd.socket:"),
         "{stderr}"
     );
 }
