@@ -69,3 +69,71 @@ pub fn parse_mac(s: &str) -> Result<[u8; 6]> {
     v.try_into()
         .map_err(|_| anyhow::anyhow!("not a MAC address: {s:?}"))
 }
+
+/// Every frame that arrives on one interface of the calling thread's namespace (an
+/// AF_PACKET capture): what reached a client, in the security tests.
+pub struct Capture {
+    fd: OwnedFd,
+}
+
+impl Capture {
+    /// Opens a capture on `iface` whose reads give up after `timeout`.
+    pub fn open(iface: &str, timeout: std::time::Duration) -> Result<Capture> {
+        let c = std::ffi::CString::new(iface)?;
+        // SAFETY: a valid NUL-terminated string.
+        let ifindex = unsafe { libc::if_nametoindex(c.as_ptr()) } as i32;
+        if ifindex == 0 {
+            bail!("no interface {iface}");
+        }
+        let all = (libc::ETH_P_ALL as u16).to_be();
+        // SAFETY: plain socket call; the fd is owned below.
+        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, all as i32) };
+        if fd < 0 {
+            bail!("AF_PACKET socket: {}", std::io::Error::last_os_error());
+        }
+        // SAFETY: a fresh fd nobody else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: all-zero is a valid sockaddr_ll.
+        let mut sa: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        sa.sll_family = libc::AF_PACKET as u16;
+        sa.sll_protocol = all;
+        sa.sll_ifindex = ifindex;
+        let tv = libc::timeval {
+            tv_sec: timeout.as_secs() as libc::time_t,
+            tv_usec: timeout.subsec_micros() as libc::suseconds_t,
+        };
+        // SAFETY: valid pointers and sizes for both calls.
+        unsafe {
+            if libc::bind(
+                fd.as_raw_fd(),
+                &sa as *const libc::sockaddr_ll as *const libc::sockaddr,
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            ) != 0
+            {
+                bail!("bind: {}", std::io::Error::last_os_error());
+            }
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                &tv as *const libc::timeval as *const libc::c_void,
+                std::mem::size_of::<libc::timeval>() as u32,
+            );
+        }
+        Ok(Capture { fd })
+    }
+
+    /// The next frame (`None` when none came within the timeout).
+    pub fn next(&self, buf: &mut [u8]) -> Option<usize> {
+        // SAFETY: a valid buffer of the size passed.
+        let n = unsafe {
+            libc::recv(
+                self.fd.as_raw_fd(),
+                buf.as_mut_ptr() as *mut libc::c_void,
+                buf.len(),
+                0,
+            )
+        };
+        (n > 0).then_some(n as usize)
+    }
+}

@@ -10,7 +10,7 @@ use std::{
 use lb_tests::{
     http::{Client, get_in},
     packets::{self, ACK, RST_ACK, SYN},
-    raw::{RawSender, parse_mac},
+    raw::{Capture, RawSender, parse_mac},
     require_root,
     topology::{BACKENDS, LB_BACKEND_SIDE, Topology, VIP},
 };
@@ -69,11 +69,48 @@ fn hurt(t: &Topology, v: Vec<(Client, String)>) -> usize {
     .unwrap()
 }
 
+/// Counts, on the client namespace's `eth0`, the frames from the VIP that carry the spray's
+/// marks (the payload `injected`, or a RST with sequence number 1), until `stop`.
+fn count_injected(
+    t: &Topology,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<usize> {
+    let ns = t.client.name.clone();
+    let vip = ipv4(VIP);
+    std::thread::spawn(move || {
+        lb_tests::netns::Netns { name: ns }.enter_no_drop().unwrap();
+        let cap = Capture::open("eth0", Duration::from_millis(100)).unwrap();
+        let mut buf = vec![0u8; 2048];
+        let mut n = 0;
+        // Bounded: the spray takes about a second; stop is set right after it.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) && Instant::now() < deadline {
+            let Some(len) = cap.next(&mut buf) else {
+                continue;
+            };
+            let Ok(p) = etherparse::SlicedPacket::from_ethernet(&buf[..len]) else {
+                continue;
+            };
+            let (Some(etherparse::NetSlice::Ipv4(ip)), Some(etherparse::TransportSlice::Tcp(tcp))) =
+                (&p.net, &p.transport)
+            else {
+                continue;
+            };
+            let from_vip = ip.header().source() == vip && tcp.source_port() == 80;
+            let marked = tcp.payload().windows(8).any(|w| w == b"injected")
+                || (tcp.rst() && tcp.sequence_number() == 1);
+            n += (from_vip && marked) as usize;
+        }
+        n
+    })
+}
+
 /// Finding 1: segments claiming to be the backends' (source = backend address:port,
-/// destination = the SNAT address), sprayed from the client side over every SNAT port,
-/// first as data and then as RSTs. Before the fix: 127 k packets, every one of 20 idle
-/// victims hit (data injected, or reset). Now none gets through: all are dropped as coming
-/// from the wrong side, and every victim still works.
+/// destination = the SNAT address), sprayed from the client side over every SNAT port, first
+/// as data and then as RSTs, while 20 victims hold idle connections. Before the fix every one
+/// whose tuple matched a live flow was translated and delivered to its victim (40 of them
+/// here: 20 data segments and 20 RSTs; the issue's attacker reset all 20). Now none is: all
+/// are dropped as coming from the wrong side, and every victim still works.
 #[test]
 fn spoofed_return_traffic_sprayed_over_every_snat_port_reaches_no_client() {
     if !require_root("spoofed_return_traffic_sprayed_over_every_snat_port_reaches_no_client") {
@@ -88,6 +125,8 @@ fn spoofed_return_traffic_sprayed_over_every_snat_port_reaches_no_client() {
         (d.snat_port_min, d.snat_port_max)
     };
     let before = xdp_event(&t, "return_wrong_side");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let counter = count_injected(&t, stop.clone());
     let started = Instant::now();
     let sent = t
         .in_client(move || {
@@ -125,11 +164,15 @@ fn spoofed_return_traffic_sprayed_over_every_snat_port_reaches_no_client() {
     let took = started.elapsed();
     // Let the last frames drain through XDP before counting.
     std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let delivered = counter.join().unwrap();
     let dropped = xdp_event(&t, "return_wrong_side") - before;
     let hurt = hurt(&t, v);
     eprintln!(
-        "spoofed return spray: {sent} packets in {took:?}; victims hurt {hurt}/20; dropped as wrong side {dropped}"
+        "spoofed return spray: {sent} packets in {took:?}; delivered to clients {delivered}; \
+         victims hurt {hurt}/20; dropped as wrong side {dropped}"
     );
+    assert_eq!(delivered, 0, "spoofed segments reached clients");
     assert_eq!(
         hurt,
         0,
@@ -139,8 +182,8 @@ fn spoofed_return_traffic_sprayed_over_every_snat_port_reaches_no_client() {
     // Only the frames of the 20 live flows' tuples reach the side check (the others find no
     // flow): each of those is dropped there.
     assert!(
-        dropped >= 20.0,
-        "the victims' own tuples were refused as spoofed: {dropped}"
+        dropped >= 40.0,
+        "the victims' own tuples (data and RST) were refused as spoofed: {dropped}"
     );
 }
 
@@ -214,6 +257,8 @@ fn crafted_syns_from_the_client_side_open_no_flow() {
     ];
     const EACH: u16 = 200;
     let mut total = 0.0;
+    let mut missed = Vec::new();
+    let kinds = cases.len();
     for (name, reason, craft) in cases {
         let before = xdp_event(&t, reason);
         t.in_client(move || {
@@ -229,14 +274,17 @@ fn crafted_syns_from_the_client_side_open_no_flow() {
         std::thread::sleep(Duration::from_millis(100));
         let counted = xdp_event(&t, reason) - before;
         eprintln!("crafted SYNs, {name}: {EACH} sent, {counted} dropped as {reason}");
-        assert_eq!(
-            counted, EACH as f64,
-            "{name}: dropped and counted as {reason}"
-        );
         total += counted;
+        if counted != EACH as f64 {
+            missed.push(name);
+        }
     }
     let flows = metric(&t, "lb_backend_connections_total", "") - flows_before;
-    eprintln!("crafted SYNs: {total} dropped, {flows} flows created");
+    eprintln!(
+        "crafted SYNs: {} sent, {total} dropped, {flows} flows created",
+        EACH as usize * kinds
+    );
+    assert!(missed.is_empty(), "not all dropped and counted: {missed:?}");
     assert_eq!(flows, 0.0, "a crafted SYN opened a flow");
     // Real clients still get through.
     let (by, failed) = t.new_connections(20);
@@ -640,18 +688,18 @@ fn request_mode_refuses_requests_a_backend_could_read_differently() {
                 .collect::<Vec<_>>()
         })
         .unwrap();
+    let mut wrong = Vec::new();
     for (name, answer, want) in results {
         let responses = answer.lines().filter(|l| l.starts_with("HTTP/1.")).count();
         eprintln!(
             "{name}: {} ({responses} response(s))",
             answer.lines().next().unwrap_or("<nothing>")
         );
-        assert!(
-            answer.starts_with(want),
-            "{name}: want {want}, got {answer:?}"
-        );
-        assert_eq!(responses, 1, "{name}: exactly one answer, got {answer:?}");
+        if !answer.starts_with(want) || responses != 1 {
+            wrong.push(format!("{name}: want one {want}, got {answer:?}"));
+        }
     }
+    assert!(wrong.is_empty(), "{wrong:#?}");
 }
 
 /// lbd's resident memory (VmRSS, KiB).

@@ -209,6 +209,12 @@ async fn run(
     daemon.dataplane = Some(dp);
     daemon.sync_all().context("writing the data plane")?;
     dp = daemon.dataplane.take().context("data plane")?;
+    // Request-mode listeners before XDP attaches: a VIP that cannot be served stops lbd
+    // before it changes anything on the interfaces.
+    let mut proxies = proxy::Proxies::new(l.clone(), budget.request, listeners.clone(), inherited);
+    if let Some(e) = proxies.reconcile(&daemon).into_iter().next() {
+        return Err(e);
+    }
     // The filter before forwarding is turned on: no moment routes what is not ours.
     if d.forward_filter {
         host::forward_filter(&d.interfaces, &balancer_sources(&cfg))?;
@@ -222,11 +228,6 @@ async fn run(
         dp.attach(iface, d.xdp_mode)?;
     }
     daemon.dataplane = Some(dp);
-
-    let mut proxies = proxy::Proxies::new(l.clone(), budget.request, listeners.clone(), inherited);
-    if let Some(e) = proxies.reconcile(&daemon).into_iter().next() {
-        return Err(e);
-    }
 
     let (health_tx, mut health_rx) = mpsc::channel::<health::Event>(1024);
     let mut checker = health::Checker::new(health_tx);
