@@ -16,6 +16,16 @@ pub mod xdp;
 
 /// Root is needed for namespaces, XDP and BPF. Outside CI a non-root run skips with a reason;
 /// in CI (where tests run as root) a non-root run is a failure, never a silent skip.
+/// A process's resident memory (VmRSS, KiB; 0 when it is gone).
+pub fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
 pub fn require_root(test: &str) -> bool {
     // SAFETY: getuid has no preconditions.
     if unsafe { libc::getuid() } == 0 {

@@ -385,6 +385,27 @@ pool = "k8s"
         .expect("client thread")
     }
 
+    /// Opens `n` keep-alive connections through the VIP from the client namespace, one
+    /// request each: the connections with the backend that answered.
+    pub fn keepalive(&self, n: usize) -> Vec<(crate::http::Client, String)> {
+        let vip = self.vip();
+        self.in_client(move || {
+            (0..n)
+                .map(|_| {
+                    let mut c = crate::http::Client::connect(vip).unwrap();
+                    let name = c.get(false).unwrap();
+                    (c, name)
+                })
+                .collect()
+        })
+        .expect("client thread")
+    }
+
+    /// lbd's resident memory (VmRSS, KiB), while it runs.
+    pub fn lbd_rss_kib(&self) -> u64 {
+        self.lbd_pid().map_or(0, crate::rss_kib)
+    }
+
     /// Runs `f` on a thread inside the client namespace.
     pub fn in_client<T: Send + 'static>(
         &self,

@@ -14,16 +14,7 @@ use lb_common::{
     map_names,
     service::{ServiceKey, ServiceValue},
 };
-use lb_tests::{require_root, topology::Topology, traffic::Traffic};
-
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
-}
+use lb_tests::{require_root, rss_kib, topology::Topology, traffic::Traffic};
 
 fn percentile(v: &mut [f64], p: f64) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());

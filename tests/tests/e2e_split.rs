@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 
-use lb_tests::{check_share, http::Client, require_root, topology::Topology};
+use lb_tests::{check_share, require_root, topology::Topology};
 
 /// How many of the flows went to the legacy pool.
 fn legacy(by: &HashMap<String, usize>) -> usize {
@@ -31,18 +31,7 @@ fn split_follows_weights_and_keepalive_flows_keep_their_backend(mode: &str) {
     assert_eq!(by.len(), 4, "every backend takes flows: {by:?}");
 
     // 20 keep-alive connections opened before the change.
-    let vip = t.vip();
-    let kept: Vec<(Client, String)> = t
-        .in_client(move || {
-            (0..20)
-                .map(|_| {
-                    let mut c = Client::connect(vip).unwrap();
-                    let name = c.get(false).unwrap();
-                    (c, name)
-                })
-                .collect()
-        })
-        .unwrap();
+    let kept = t.keepalive(20);
 
     t.control("set split web legacy=50 k8s=50").unwrap();
     let backends = t.control("show backends web").unwrap();

@@ -43,21 +43,6 @@ fn ipv4(s: &str) -> [u8; 4] {
     s.parse::<std::net::Ipv4Addr>().unwrap().octets()
 }
 
-/// 20 idle keep-alive connections through the VIP, each with the backend it answered from.
-fn victims(t: &Topology) -> Vec<(Client, String)> {
-    let vip = t.vip();
-    t.in_client(move || {
-        (0..20)
-            .map(|_| {
-                let mut c = Client::connect(vip).unwrap();
-                let name = c.get(false).unwrap();
-                (c, name)
-            })
-            .collect()
-    })
-    .unwrap()
-}
-
 /// How many of the victims no longer answer, or answer from another backend.
 fn hurt(t: &Topology, v: Vec<(Client, String)>) -> usize {
     t.in_client(move || {
@@ -118,7 +103,7 @@ fn spoofed_return_traffic_sprayed_over_every_snat_port_reaches_no_client() {
     }
     let mut t = Topology::new("sr", "skb").unwrap();
     t.start_lbd().unwrap();
-    let v = victims(&t);
+    let v = t.keepalive(20);
     let (lb_mac, client_mac) = (mac(&t.lb, "eth0"), mac(&t.client, "eth0"));
     let (lo, hi) = {
         let d = lb_common::Tunables::DEFAULT;
@@ -702,16 +687,6 @@ fn request_mode_refuses_requests_a_backend_could_read_differently() {
     assert!(wrong.is_empty(), "{wrong:#?}");
 }
 
-/// lbd's resident memory (VmRSS, KiB).
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
-}
-
 /// Finding 7: "RSS grew by 0.1–0.6 MB after each backend flap over a 10-minute soak (10.5 →
 /// 11.8 MB)". Each change that builds a new table (a flap, a weight) adds one 256 KiB table
 /// to the cache of the 8 most recent; beyond that nothing may grow. Backend flaps by health
@@ -724,8 +699,7 @@ fn memory_stays_flat_across_flaps_once_the_table_cache_is_full() {
     }
     let mut t = Topology::new("rss", "skb").unwrap();
     t.start_lbd().unwrap();
-    let pid = t.lbd_pid().unwrap();
-    let start = rss_kib(pid);
+    let start = t.lbd_rss_kib();
     // Real flaps: the health checks take a backend out and bring it back.
     let legacy_1 = |want: &'static str| {
         move |s: &str| {
@@ -752,7 +726,7 @@ fn memory_stays_flat_across_flaps_once_the_table_cache_is_full() {
         ))
         .unwrap();
         if i % 20 == 19 {
-            samples.push(rss_kib(pid));
+            samples.push(t.lbd_rss_kib());
         }
     }
     eprintln!(
