@@ -721,38 +721,44 @@ impl Config {
             });
         }
         let d = &raw.daemon;
-        let key_err = |msg: String| ConfigError::File {
-            path: path.into(),
-            msg,
-        };
+        // `[daemon]` values are plain (not spanned): their key's line is found in the text.
+        let key_err = |key: &str, msg: String| located(path, key_position(text, key), msg);
         if !(MIN_CONNTRACK..=MAX_CONNTRACK).contains(&d.conntrack_max) {
-            return Err(key_err(format!(
-                "daemon.conntrack_max = {} is out of range {MIN_CONNTRACK}-{MAX_CONNTRACK}",
-                d.conntrack_max
-            )));
+            return Err(key_err(
+                "conntrack_max",
+                format!(
+                    "daemon.conntrack_max = {} is out of range {MIN_CONNTRACK}-{MAX_CONNTRACK}",
+                    d.conntrack_max
+                ),
+            ));
         }
         if connection_services > 0 && d.interfaces.is_empty() {
             return Err(key_err(
+                "interfaces",
                 "daemon.interfaces is empty: connection-mode services need the interfaces the XDP program attaches to".into(),
             ));
         }
         if let Some(i) = d.interfaces.iter().find(|i| {
             i.is_empty() || i.len() > 15 || i.contains(['/', ' ']) || *i == "." || *i == ".."
         }) {
-            return Err(key_err(format!(
-                "daemon.interfaces: {i:?} is not an interface name"
-            )));
+            return Err(key_err(
+                "interfaces",
+                format!("daemon.interfaces: {i:?} is not an interface name"),
+            ));
         }
         let l = &d.limits;
-        if l.control_connections == 0
-            || l.metrics_connections == 0
-            || l.request_connections == 0
-            || l.control_idle_timeout.is_zero()
-            || l.metrics_timeout.is_zero()
-            || l.request_header_timeout.is_zero()
-        {
+        let zero = [
+            ("control_connections", l.control_connections == 0),
+            ("metrics_connections", l.metrics_connections == 0),
+            ("request_connections", l.request_connections == 0),
+            ("control_idle_timeout", l.control_idle_timeout.is_zero()),
+            ("metrics_timeout", l.metrics_timeout.is_zero()),
+            ("request_header_timeout", l.request_header_timeout.is_zero()),
+        ];
+        if let Some((key, _)) = zero.iter().find(|(_, z)| *z) {
             return Err(key_err(
-                "daemon.limits: every connection cap and timeout must be above zero".into(),
+                key,
+                format!("daemon.limits.{key} must be above zero"),
             ));
         }
         Ok(Config {
@@ -767,18 +773,22 @@ impl Config {
     /// `run` touches the kernel): every interface exists, and every request-mode VIP is a
     /// local address (it is bound with an ordinary socket). `path` labels the errors.
     pub fn check_host(&self, path: &Path) -> Result<(), ConfigError> {
-        let err = |msg: String| ConfigError::File {
-            path: path.into(),
-            msg,
+        // The file again, only to point at the value at fault.
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        let at = |needle: String, msg: String| {
+            located(path, text.find(&needle).map(|p| line_col(&text, p)), msg)
         };
         for i in &self.daemon.interfaces {
-            let c = std::ffi::CString::new(i.as_str())
-                .map_err(|_| err(format!("daemon.interfaces: {i:?} is not an interface name")))?;
-            // SAFETY: a valid NUL-terminated string.
-            if unsafe { libc::if_nametoindex(c.as_ptr()) } == 0 {
-                return Err(err(format!(
-                    "daemon.interfaces: no interface {i:?} on this host"
-                )));
+            let missing = match std::ffi::CString::new(i.as_str()) {
+                // SAFETY: a valid NUL-terminated string.
+                Ok(c) => (unsafe { libc::if_nametoindex(c.as_ptr()) }) == 0,
+                Err(_) => true,
+            };
+            if missing {
+                return Err(at(
+                    format!("{i:?}"),
+                    format!("daemon.interfaces: no interface {i:?} on this host"),
+                ));
             }
         }
         for s in self.services.iter().filter(|s| s.mode == Mode::Request) {
@@ -787,15 +797,50 @@ impl Config {
             let probe = std::net::TcpListener::bind(SocketAddr::new(s.vip, 0));
             if let Err(e) = probe {
                 if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) {
-                    return Err(err(format!(
-                        "service {:?}: request-mode vip {} is not an address of this host (request mode listens on it)",
-                        s.name, s.vip
-                    )));
+                    return Err(at(
+                        format!("\"{}\"", s.vip),
+                        format!(
+                            "service {:?}: request-mode vip {} is not an address of this host (request mode listens on it)",
+                            s.name, s.vip
+                        ),
+                    ));
                 }
             }
         }
         Ok(())
     }
+}
+
+/// An error at `pos` (line, column) when known, else one naming only the file.
+fn located(path: &Path, pos: Option<(usize, usize)>, msg: String) -> ConfigError {
+    match pos {
+        Some((line, col)) => ConfigError::At {
+            path: path.into(),
+            line,
+            col,
+            msg,
+        },
+        None => ConfigError::File {
+            path: path.into(),
+            msg,
+        },
+    }
+}
+
+/// Where `key = …` is set in `text` (its first setting), as line and column.
+fn key_position(text: &str, key: &str) -> Option<(usize, usize)> {
+    let mut offset = 0;
+    for line in text.split_inclusive('\n') {
+        let indent = line.len() - line.trim_start().len();
+        let rest = &line[indent..];
+        if let Some(after) = rest.strip_prefix(key) {
+            if after.trim_start().starts_with('=') {
+                return Some(line_col(text, offset + indent));
+            }
+        }
+        offset += line.len();
+    }
+    None
 }
 
 /// 1-based line and column of byte offset `pos`.
@@ -947,7 +992,7 @@ backends = [{ addr = "10.20.0.21:8080", name = "k8s-a" }]
 
     #[test]
     fn values_check_would_pass_but_run_cannot_use_are_refused_where_they_stand() {
-        // (change to GOOD, line of the error or 0 for a whole-file one, what it says)
+        // (change to GOOD, line of the error, what it says)
         let cases: &[(&str, &str, usize, &str)] = &[
             ("port = 80", "port = 0", 8, "port must be 1-65535"),
             (
@@ -989,26 +1034,32 @@ backends = [{ addr = "10.20.0.21:8080", name = "k8s-a" }]
             (
                 "interfaces = [\"eth0\"]",
                 "interfaces = []",
-                0,
+                3,
                 "daemon.interfaces is empty",
             ),
             (
                 "interfaces = [\"eth0\"]",
                 "interfaces = [\"\"]",
-                0,
+                3,
                 "not an interface name",
             ),
             (
                 "interfaces = [\"eth0\"]",
                 "interfaces = [\"eth0\"]\nconntrack_max = 0",
-                0,
+                4,
                 "conntrack_max",
             ),
             (
                 "interfaces = [\"eth0\"]",
                 "interfaces = [\"eth0\"]\nconntrack_max = 4294967295",
-                0,
+                4,
                 "conntrack_max",
+            ),
+            (
+                "interfaces = [\"eth0\"]",
+                "interfaces = [\"eth0\"]\n[daemon.limits]\nmetrics_timeout = \"0s\"",
+                5,
+                "metrics_timeout must be above zero",
             ),
         ];
         for (from, to, line, what) in cases {
@@ -1016,9 +1067,7 @@ backends = [{ addr = "10.20.0.21:8080", name = "k8s-a" }]
             assert_ne!(text, GOOD, "{from}");
             let e = err(&text);
             assert!(e.contains(what), "{to}: {e}");
-            if *line > 0 {
-                assert!(e.starts_with(&format!("lb.toml:{line}:")), "{to}: {e}");
-            }
+            assert!(e.starts_with(&format!("lb.toml:{line}:")), "{to}: {e}");
         }
     }
 
