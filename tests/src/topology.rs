@@ -315,6 +315,15 @@ pool = "k8s"
         Ok(())
     }
 
+    /// Adds `lines` to the config's `[daemon]` table (before lbd starts).
+    pub fn daemon_keys(&self, lines: &str) {
+        let cfg = self.config_text();
+        let at = cfg.find("\npin_dir = ").expect("the [daemon] table");
+        let end = at + 1 + cfg[at + 1..].find('\n').expect("a line");
+        let text = format!("{}\n{lines}{}", &cfg[..end], &cfg[end..]);
+        std::fs::write(&self.config, text).expect("writing the config");
+    }
+
     /// The config file's text.
     pub fn config_text(&self) -> String {
         std::fs::read_to_string(&self.config).unwrap_or_default()

@@ -180,6 +180,9 @@ fn end_to_end() {
     ideal.lb.enter().unwrap();
     let mut fwd = Dataplane::load(&LoadOptions::default()).unwrap();
     std::thread::sleep(Duration::from_millis(500));
+    // The "direct" baseline is the host routing the client straight to a backend, which
+    // lbd's forward filter refuses: this bench host is a router on purpose.
+    t.daemon_keys("forward_filter = false");
     t.start_lbd().unwrap();
     t.control("set split web legacy=90 k8s=10").unwrap();
     t.control("set split web-req legacy=90 k8s=10").unwrap();
