@@ -8,7 +8,7 @@ use lb_common::{FAMILY_V4, FAMILY_V6, backend::BackendInfo, flow::IpBytes, servi
 
 use crate::{
     config::{Config, Mode},
-    dataplane::Dataplane,
+    dataplane::Kernel,
     metrics::{Labels, Metrics, Sampled, Value, backend_labels},
     state::{Keep, Service, State, StateError},
 };
@@ -35,7 +35,7 @@ pub fn service_key(s: &Service) -> ServiceKey {
 
 /// What a restarted daemon must keep from the pinned data plane: the ids its backends were
 /// written under and the table slots of its services.
-pub fn keep_from_dataplane(dp: &Dataplane) -> Result<Keep> {
+pub fn keep_from_dataplane(dp: &dyn Kernel) -> Result<Keep> {
     let mut keep = Keep::default();
     let mut seen = HashMap::new();
     for (id, addr) in dp.backends()? {
@@ -59,8 +59,8 @@ pub fn keep_from_dataplane(dp: &Dataplane) -> Result<Keep> {
 /// The daemon's single owner of state.
 pub struct Daemon {
     pub state: State,
-    /// `None` in tests of the control grammar that run without a kernel.
-    pub dataplane: Option<Dataplane>,
+    /// The data plane: the kernel's, or an in-memory one in tests.
+    pub kernel: Box<dyn Kernel>,
     /// Per service: the generation and buckets last published (what the kernel uses now).
     published: HashMap<String, (u32, std::sync::Arc<Vec<u32>>)>,
     /// Recently built tables, so that returning to a recent split skips the build.
@@ -73,10 +73,10 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    pub fn new(state: State, dataplane: Option<Dataplane>) -> Daemon {
+    pub fn new(state: State, kernel: Box<dyn Kernel>) -> Daemon {
         Daemon {
             state,
-            dataplane,
+            kernel,
             published: HashMap::new(),
             tables: crate::maglev::Cache::default(),
             metrics: Metrics::new(),
@@ -91,7 +91,7 @@ impl Daemon {
     }
 
     /// The table the kernel uses for a service (the one last published), or the one the
-    /// state gives when there is no data plane.
+    /// state gives before anything was published.
     pub fn live_table(&self, service: &str) -> Result<std::borrow::Cow<'_, [u32]>, StateError> {
         match self.published.get(service) {
             Some((_, t)) => Ok(std::borrow::Cow::Borrowed(t)),
@@ -117,6 +117,39 @@ impl Daemon {
         Ok(())
     }
 
+    /// Applies a health check's transition to the state and the table (unless it comes
+    /// from a check task that was since replaced); other events are ignored.
+    pub fn apply_health(&mut self, checker: &crate::health::Checker, ev: crate::health::Event) {
+        let crate::health::Event::Transition {
+            key,
+            task,
+            healthy,
+            reason,
+        } = ev
+        else {
+            return;
+        };
+        if !checker.is_current(&key, task) {
+            return;
+        }
+        let result = self.change(&key.service, |st| {
+            st.backend_mut(&key.service, &key.pool, &key.backend)?
+                .healthy = healthy;
+            Ok(())
+        });
+        let health = if healthy { "up" } else { "down" };
+        match result {
+            Ok(()) => tracing::warn!(
+                service = %key.service, pool = %key.pool, backend = %key.backend,
+                health, reason, "backend health changed"
+            ),
+            Err(e) => tracing::error!(
+                service = %key.service, pool = %key.pool, backend = %key.backend,
+                health, reason, error = %e, "could not apply a health change"
+            ),
+        }
+    }
+
     /// Replaces the whole configuration (SIGHUP): backend ids, slots, admin states and health
     /// of what is still configured are kept, so established flows and counters are untouched.
     /// On any error the previous state is restored and stays in force.
@@ -136,41 +169,37 @@ impl Daemon {
     /// map but no longer configured, then clears backend slots nothing refers to any more.
     pub fn sync_all(&mut self) -> Result<()> {
         let names: Vec<String> = self.state.services.keys().cloned().collect();
-        if let Some(dp) = self.dataplane.as_mut() {
-            let wanted: Vec<ServiceKey> = self
-                .state
-                .services
-                .values()
-                .filter(|s| s.config.mode == Mode::Connection)
-                .map(service_key)
-                .collect();
-            for k in dp.service_keys() {
-                if !wanted.contains(&k) {
-                    dp.remove_service(&k)?;
-                }
+        let wanted: Vec<ServiceKey> = self
+            .state
+            .services
+            .values()
+            .filter(|s| s.config.mode == Mode::Connection)
+            .map(service_key)
+            .collect();
+        for (k, _) in self.kernel.services() {
+            if !wanted.contains(&k) {
+                self.kernel.remove_service(&k)?;
             }
-            for s in self.state.services.values() {
-                for p in &s.pools {
-                    for b in &p.backends {
-                        let (addr, family) = ip_bytes(b.addr.ip());
-                        dp.set_backend(
-                            b.id,
-                            Some(BackendInfo {
-                                addr,
-                                port: b.addr.port().to_be(),
-                                family,
-                                flags: BackendInfo::VALID,
-                                _pad: 0,
-                            }),
-                        )?;
-                    }
+        }
+        for s in self.state.services.values() {
+            for p in &s.pools {
+                for b in &p.backends {
+                    let (addr, family) = ip_bytes(b.addr.ip());
+                    self.kernel.set_backend(
+                        b.id,
+                        Some(BackendInfo {
+                            addr,
+                            port: b.addr.port().to_be(),
+                            family,
+                            flags: BackendInfo::VALID,
+                            _pad: 0,
+                        }),
+                    )?;
                 }
             }
         }
-        if let Some(dp) = self.dataplane.as_mut() {
-            let rules = crate::guard::rules(&self.state, crate::guard::host_route);
-            dp.set_sources(&rules)?;
-        }
+        let rules = crate::guard::rules(&self.state, crate::guard::host_route);
+        self.kernel.set_sources(&rules)?;
         for n in names {
             self.sync_service(&n)?;
         }
@@ -185,11 +214,9 @@ impl Daemon {
         // so clearing its slot breaks none of them.
         let live: std::collections::HashSet<u32> =
             self.state.backends().map(|(_, _, b)| b.id).collect();
-        if let Some(dp) = self.dataplane.as_mut() {
-            for (id, _) in dp.backends()? {
-                if !live.contains(&id) {
-                    dp.set_backend(id, None)?;
-                }
+        for (id, _) in self.kernel.backends()? {
+            if !live.contains(&id) {
+                self.kernel.set_backend(id, None)?;
             }
         }
         Ok(())
@@ -216,13 +243,10 @@ impl Daemon {
         let slot = svc.slot;
         let (snat, _) = ip_bytes(svc.config.snat.context("connection service without snat")?);
         let entries = self.state.table_entries(name)?;
-        let Some(dp) = self.dataplane.as_mut() else {
-            return Ok(());
-        };
         let (built, fresh) = self.tables.get_or_build(&entries, lb_common::TABLE_SIZE);
         let mut table = crate::dataplane::empty_table();
         table.buckets.copy_from_slice(&built);
-        let generation = dp.publish_table(&key, slot, snat, &table)?;
+        let generation = self.kernel.publish_table(&key, slot, snat, &table)?;
         self.metrics
             .table_build
             .observe(started.elapsed().as_secs_f64());
@@ -353,10 +377,10 @@ impl Daemon {
                         .find(|x| x.id == b.id)
                         .map_or(0.0, |x| x.share);
                     share.samples.push((l.clone(), Value::Gauge(sh)));
-                    let st = match (&self.dataplane, s.config.mode) {
-                        (Some(dp), Mode::Connection) => dp.backend_stats(b.id).unwrap_or_default(),
-                        _ => continue,
-                    };
+                    if s.config.mode != Mode::Connection {
+                        continue;
+                    }
+                    let st = self.kernel.backend_stats(b.id).unwrap_or_default();
                     conns
                         .samples
                         .push((l.clone(), Value::Counter(st.new_flows)));
@@ -397,7 +421,8 @@ impl Daemon {
             pool_weight,
             generation,
         ];
-        if let Some(dp) = &self.dataplane {
+        {
+            let dp = &self.kernel;
             if let Ok(stats) = dp.xdp_stats() {
                 // One labelled counter per `Stat` index.
                 let counters = |name, help, label: &'static str, which: &[(&str, Stat)]| Sampled {

@@ -3,11 +3,9 @@
 //! random offset and jitters its interval so that checks of many backends do not align.
 //! A task only reports *transitions*; the daemon applies them to the state and the table.
 
-use std::{
-    collections::HashMap,
-    net::SocketAddr,
-    time::{Duration, Instant},
-};
+use std::{collections::HashMap, net::SocketAddr, sync::Arc, time::Duration};
+
+use tokio::time::Instant;
 
 use bytes::Bytes;
 use http_body_util::Empty;
@@ -80,11 +78,24 @@ impl Spec {
     }
 }
 
+/// A check's outcome: `Err` says what failed.
+pub type ProbeResult = Result<(), String>;
+
+/// A stand-in for the network check, for tests: the backend's address → the outcome (it
+/// may take its time: the check's timeout applies as to a real one).
+pub type FakeProbe = Arc<
+    dyn Fn(SocketAddr) -> std::pin::Pin<Box<dyn std::future::Future<Output = ProbeResult> + Send>>
+        + Send
+        + Sync,
+>;
+
 /// The running check tasks. Dropping it stops them all.
 pub struct Checker {
     tasks: HashMap<BackendKey, (Spec, u64, AbortHandle)>,
     events: mpsc::Sender<Event>,
     next_task: u64,
+    /// `None`: real checks over the network.
+    fake: Option<FakeProbe>,
 }
 
 impl Drop for Checker {
@@ -102,6 +113,17 @@ impl Checker {
             tasks: HashMap::new(),
             events,
             next_task: 1,
+            fake: None,
+        }
+    }
+
+    /// Like [`Checker::new`], with every check answered by `probe` instead of the network.
+    pub fn with_fake_probe(events: mpsc::Sender<Event>, probe: FakeProbe) -> Checker {
+        Checker {
+            tasks: HashMap::new(),
+            events,
+            next_task: 1,
+            fake: Some(probe),
         }
     }
 
@@ -140,6 +162,7 @@ impl Checker {
                 spec.clone(),
                 healthy,
                 self.events.clone(),
+                self.fake.clone(),
             ))
             .abort_handle();
             self.tasks.insert(key, (spec, task, handle));
@@ -210,14 +233,27 @@ fn jittered(d: Duration) -> Duration {
     d.mul_f64(rand::rng().random_range(0.9..1.1))
 }
 
-async fn run(key: BackendKey, task: u64, spec: Spec, healthy: bool, events: mpsc::Sender<Event>) {
+async fn run(
+    key: BackendKey,
+    task: u64,
+    spec: Spec,
+    healthy: bool,
+    events: mpsc::Sender<Event>,
+    fake: Option<FakeProbe>,
+) {
     let mut verdict = Verdict::new(healthy, spec.rise, spec.fall);
     // A random first offset: a reload must not fire every check at the same instant.
     let first = spec.interval.mul_f64(rand::rng().random_range(0.0..1.0));
     tokio::time::sleep(first).await;
     loop {
         let started = Instant::now();
-        let result = match tokio::time::timeout(spec.timeout, probe(&spec)).await {
+        let check = async {
+            match &fake {
+                Some(f) => f(spec.addr).await,
+                None => probe(&spec).await,
+            }
+        };
+        let result = match tokio::time::timeout(spec.timeout, check).await {
             Ok(r) => r,
             Err(_) => Err(format!("timeout after {:?}", spec.timeout)),
         };
@@ -373,7 +409,7 @@ mod tests {
             pool: "legacy".into(),
             backend: "b".into(),
         };
-        let h = tokio::spawn(run(key.clone(), 7, spec(a, CheckKind::Tcp), true, tx));
+        let h = tokio::spawn(run(key.clone(), 7, spec(a, CheckKind::Tcp), true, tx, None));
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
         loop {
             let ev = tokio::time::timeout_at(deadline, rx.recv())

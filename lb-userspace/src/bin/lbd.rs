@@ -200,15 +200,13 @@ async fn run(
     };
     opts.tunables.snat_port_min = d.snat_ports.0;
     opts.tunables.snat_port_max = d.snat_ports.1;
-    let mut dp = Dataplane::load(&opts)?;
+    let dp = Dataplane::load(&opts)?;
     // A restart: keep the backend ids and table slots the pinned maps already use.
     let keep = daemon::keep_from_dataplane(&dp)?;
     let state = State::from_config_keeping(&cfg, &keep)?;
     // Tables first, then attach: the first packet already finds a complete configuration.
-    let mut daemon = Daemon::new(state, None);
-    daemon.dataplane = Some(dp);
+    let mut daemon = Daemon::new(state, Box::new(dp));
     daemon.sync_all().context("writing the data plane")?;
-    dp = daemon.dataplane.take().context("data plane")?;
     // Request-mode listeners before XDP attaches: a VIP that cannot be served stops lbd
     // before it changes anything on the interfaces.
     let mut proxies = proxy::Proxies::new(l.clone(), budget.request, listeners.clone(), inherited);
@@ -225,9 +223,8 @@ async fn run(
     }
     for iface in &d.interfaces {
         host::prepare_interface(iface)?;
-        dp.attach(iface, d.xdp_mode)?;
+        daemon.kernel.attach(iface, d.xdp_mode)?;
     }
-    daemon.dataplane = Some(dp);
 
     let (health_tx, mut health_rx) = mpsc::channel::<health::Event>(1024);
     let mut checker = health::Checker::new(health_tx);
@@ -283,7 +280,7 @@ async fn run(
                         tracing::info!("ready: every backend checked once");
                     }
                 }
-                apply_health(&mut daemon, &checker, ev);
+                daemon.apply_health(&checker, ev);
             }
             Some(s) = scrape_rx.recv() => { let _ = s.reply.send(daemon.scrape()); }
             _ = hup.recv() => {
@@ -322,38 +319,6 @@ fn balancer_sources(cfg: &Config) -> Vec<std::net::IpAddr> {
     out.sort();
     out.dedup();
     out
-}
-
-/// Applies a health transition (unless it comes from a check task that was since replaced).
-fn apply_health(daemon: &mut Daemon, checker: &health::Checker, ev: health::Event) {
-    let health::Event::Transition {
-        key,
-        task,
-        healthy,
-        reason,
-    } = ev
-    else {
-        return;
-    };
-    if !checker.is_current(&key, task) {
-        return;
-    }
-    let result = daemon.change(&key.service, |st| {
-        st.backend_mut(&key.service, &key.pool, &key.backend)?
-            .healthy = healthy;
-        Ok(())
-    });
-    let health = if healthy { "up" } else { "down" };
-    match result {
-        Ok(()) => tracing::warn!(
-            service = %key.service, pool = %key.pool, backend = %key.backend,
-            health, reason, "backend health changed"
-        ),
-        Err(e) => tracing::error!(
-            service = %key.service, pool = %key.pool, backend = %key.backend,
-            health, reason, error = %e, "could not apply a health change"
-        ),
-    }
 }
 
 /// SIGHUP: re-read the config file; apply it whole or keep the running one.

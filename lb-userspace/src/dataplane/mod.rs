@@ -4,6 +4,9 @@
 //! Pin layout (versioned so that an incompatible map layout is never misread):
 //! `pin_dir/v1/maps/<MAP>` and `pin_dir/v1/links/<interface>`.
 
+mod kernel;
+pub use kernel::{FakeKernel, FakeState, Kernel, Write};
+
 use std::{
     collections::HashMap as StdHashMap,
     path::{Path, PathBuf},

@@ -32,11 +32,12 @@ impl ShowStat {
         let mut rows = Vec::new();
         for (s, p, b) in d.state.backends() {
             let share = shares.get(&b.id).copied().unwrap_or(0.0);
-            let st = match &d.dataplane {
-                Some(dp) if s.config.mode == crate::config::Mode::Connection => dp
+            let st = if s.config.mode == crate::config::Mode::Connection {
+                d.kernel
                     .backend_stats(b.id)
-                    .map_err(|e| format!("reading counters: {e}"))?,
-                _ => BackendStats::default(),
+                    .map_err(|e| format!("reading counters: {e}"))?
+            } else {
+                BackendStats::default()
             };
             rows.push(serde_json::json!({
                 "service": s.config.name,

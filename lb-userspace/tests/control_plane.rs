@@ -1,0 +1,404 @@
+//! The control plane in process, without root: the daemon over an in-memory data plane
+//! (`FakeKernel`), the control grammar, health transitions from fake probes in virtual time,
+//! reloads and restart adoption. What needs a real kernel (the XDP path, real checks, pins,
+//! kill -9) stays in the namespace tests under `tests/`.
+
+use std::{
+    collections::{HashMap, HashSet},
+    net::SocketAddr,
+    path::Path,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use lb_userspace::{
+    config::Config,
+    control::handle_line,
+    daemon::{Daemon, keep_from_dataplane},
+    dataplane::{FakeKernel, Write},
+    health::{Checker, Event, FakeProbe},
+    state::State,
+};
+
+const CONFIG: &str = r#"
+[daemon]
+interfaces = ["eth0"]
+
+[[service]]
+name = "web"
+vip = "10.99.0.10"
+port = 80
+snat = "10.20.0.1"
+
+[service.health]
+interval = "100ms"
+timeout = "50ms"
+rise = 2
+fall = 2
+
+[[service.pool]]
+name = "legacy"
+weight = 90
+backends = ["10.20.0.11:8080", "10.20.0.12:8080"]
+
+[[service.pool]]
+name = "k8s"
+weight = 10
+backends = ["10.20.0.21:8080", "10.20.0.22:8080"]
+"#;
+
+fn config(text: &str) -> Config {
+    Config::parse(text, Path::new("lb.toml")).unwrap()
+}
+
+/// A daemon over a fresh fake kernel, its tables published; and the kernel to look at.
+fn daemon(text: &str) -> (Daemon, FakeKernel) {
+    let kernel = FakeKernel::default();
+    let state = State::from_config(&config(text)).unwrap();
+    let mut d = Daemon::new(state, Box::new(kernel.clone()));
+    d.sync_all().unwrap();
+    (d, kernel)
+}
+
+/// Buckets per backend id in the live table of service index 0 (`web`).
+fn buckets(k: &FakeKernel) -> HashMap<u32, usize> {
+    let st = k.state();
+    let mut by = HashMap::new();
+    for id in st.table(0).expect("web's table is published") {
+        *by.entry(*id).or_insert(0) += 1;
+    }
+    by
+}
+
+fn id(d: &Daemon, backend: &str) -> u32 {
+    d.state
+        .backends()
+        .find(|(_, _, b)| b.name == backend)
+        .map(|(_, _, b)| b.id)
+        .unwrap()
+}
+
+fn run(d: &mut Daemon, line: &str) -> String {
+    let (reply, _, ok) = handle_line(d, line);
+    assert!(ok, "{line}: {reply}");
+    reply
+}
+
+#[test]
+fn every_bad_command_is_an_error_that_changes_nothing() {
+    let (mut d, k) = daemon(CONFIG);
+    let before = format!("{:?}", d.state);
+    let writes = k.state().writes.len();
+    let bad = [
+        "",
+        "   ",
+        "frobnicate",
+        "show",
+        "show nothing",
+        "show table",
+        "show table nosuch",
+        "show backends nosuch",
+        "show stat xml",
+        "explain web",
+        "explain web 1.2.3.4",
+        "explain nosuch 1.2.3.4:5",
+        "set",
+        "set weight",
+        "set weight web/legacy",
+        "set weight web/legacy -1",
+        "set weight web/legacy 1001",
+        "set weight web/legacy 1.5",
+        "set weight web/nosuch 10",
+        "set weight nosuch/legacy 10",
+        "set weight web/legacy/10.20.0.99:8080 10",
+        "set weight web 10",
+        "set split web",
+        "set split web legacy=50",
+        "set split web legacy=50 k8s",
+        "set split web legacy=50 k8s=x",
+        "set split web legacy=50 k8s=2000",
+        "set split web legacy=50 k8s=50 nosuch=1",
+        "set split web legacy=50 legacy=50",
+        "set split nosuch legacy=50 k8s=50",
+        "set state web/legacy/10.20.0.11:8080",
+        "set state web/legacy/10.20.0.11:8080 sleeping",
+        "set state web/legacy 10.20.0.11:8080 drain",
+        "set state web/legacy/10.20.0.99:8080 drain",
+        "set\rweight web/legacy 0",
+        "set weight web/legacy 0\u{0}",
+        "set\u{a0}weight web/legacy 0",
+    ];
+    for line in bad {
+        let (reply, _, ok) = handle_line(&mut d, line);
+        assert!(!ok && reply.starts_with("error: "), "{line:?}: {reply}");
+        assert!(
+            reply.ends_with("\n\n"),
+            "{line:?}: a reply ends with an empty line"
+        );
+        assert_eq!(
+            format!("{:?}", d.state),
+            before,
+            "{line:?} changed the state"
+        );
+        assert_eq!(
+            k.state().writes.len(),
+            writes,
+            "{line:?} wrote to the kernel"
+        );
+    }
+}
+
+#[test]
+fn a_split_is_published_whole_in_one_table_swap() {
+    let (mut d, k) = daemon(CONFIG);
+    let generation = d.generation("web");
+    let writes = k.state().writes.len();
+    run(&mut d, "set split web legacy=50 k8s=50");
+    let st = k.state();
+    let new: Vec<&Write> = st.writes[writes..].iter().collect();
+    assert_eq!(
+        new,
+        vec![&Write::Publish {
+            id: 0,
+            generation: generation + 1
+        }],
+        "one table write for the whole split"
+    );
+    drop(st);
+    let by = buckets(&k);
+    let total = lb_common::TABLE_SIZE as f64;
+    for (name, want) in [
+        ("10.20.0.11:8080", 0.25),
+        ("10.20.0.12:8080", 0.25),
+        ("10.20.0.21:8080", 0.25),
+        ("10.20.0.22:8080", 0.25),
+    ] {
+        let got = by[&id(&d, name)] as f64 / total;
+        assert!((got - want).abs() < 1e-4, "{name}: {got}");
+    }
+}
+
+#[test]
+fn drain_and_maint_take_a_backend_out_of_new_flows_and_ready_brings_it_back() {
+    let (mut d, k) = daemon(CONFIG);
+    let b = id(&d, "10.20.0.21:8080");
+    assert!(buckets(&k).contains_key(&b));
+    for state in ["drain", "maint"] {
+        run(
+            &mut d,
+            &format!("set state web/k8s/10.20.0.21:8080 {state}"),
+        );
+        let by = buckets(&k);
+        assert!(!by.contains_key(&b), "{state}: still in the table");
+        // The pool's other backend takes the whole k8s share.
+        let other = by[&id(&d, "10.20.0.22:8080")] as f64 / lb_common::TABLE_SIZE as f64;
+        assert!((other - 0.10).abs() < 1e-4, "{state}: {other}");
+    }
+    run(&mut d, "set state web/k8s/10.20.0.21:8080 ready");
+    assert!(buckets(&k).contains_key(&b));
+}
+
+#[test]
+fn a_change_the_kernel_refuses_is_rolled_back_whole() {
+    let (mut d, k) = daemon(CONFIG);
+    let before = format!("{:?}", d.state);
+    let table = buckets(&k);
+    k.state().fail_next_write = true;
+    let (reply, _, ok) = handle_line(&mut d, "set split web legacy=0 k8s=100");
+    assert!(!ok && reply.contains("data plane"), "{reply}");
+    assert_eq!(format!("{:?}", d.state), before);
+    assert_eq!(buckets(&k), table, "the kernel still has the old table");
+    // The next command works.
+    run(&mut d, "set split web legacy=0 k8s=100");
+}
+
+#[test]
+fn a_reload_keeps_ids_and_runtime_state_and_clears_removed_backends_after_the_table() {
+    let (mut d, k) = daemon(CONFIG);
+    run(&mut d, "set state web/legacy/10.20.0.12:8080 drain");
+    let kept = id(&d, "10.20.0.11:8080");
+    let removed = id(&d, "10.20.0.22:8080");
+    let writes = k.state().writes.len();
+    d.reload(&config(&CONFIG.replace(r#", "10.20.0.22:8080""#, "")))
+        .unwrap();
+    assert_eq!(id(&d, "10.20.0.11:8080"), kept, "ids stay");
+    let drained = d
+        .state
+        .backends()
+        .find(|(_, _, b)| b.name == "10.20.0.12:8080")
+        .unwrap()
+        .2
+        .state;
+    assert_eq!(drained.to_string(), "drain", "admin states stay");
+    let st = k.state();
+    let new = &st.writes[writes..];
+    let publish = new
+        .iter()
+        .position(|w| matches!(w, Write::Publish { .. }))
+        .unwrap();
+    let clear = new
+        .iter()
+        .position(|w| *w == Write::Backend(removed, None))
+        .expect("the removed backend's slot is cleared");
+    assert!(
+        publish < clear,
+        "cleared only once no table names it: {new:?}"
+    );
+    drop(st);
+    assert!(!buckets(&k).contains_key(&removed));
+
+    // A reload the kernel refuses is rolled back whole: the running config stays in force.
+    let before = format!("{:?}", d.state);
+    let table = buckets(&k);
+    k.state().fail_next_write = true;
+    let err = d
+        .reload(&config(&CONFIG.replace("weight = 10", "weight = 500")))
+        .unwrap_err();
+    assert!(format!("{err:#}").contains("old one stays"), "{err:#}");
+    assert_eq!(format!("{:?}", d.state), before);
+    assert_eq!(buckets(&k), table);
+}
+
+#[test]
+fn a_restarted_daemon_adopts_the_ids_and_table_index_it_finds_in_the_kernel() {
+    let (mut d, k) = daemon(CONFIG);
+    // Reorder the config: a fresh start would number the backends differently.
+    let reordered = CONFIG.replace(
+        r#"["10.20.0.11:8080", "10.20.0.12:8080"]"#,
+        r#"["10.20.0.12:8080", "10.20.0.11:8080"]"#,
+    );
+    let ids: Vec<(String, u32)> = d
+        .state
+        .backends()
+        .map(|(_, _, b)| (b.name.clone(), b.id))
+        .collect();
+    run(&mut d, "set split web legacy=50 k8s=50");
+    let generation = d.generation("web");
+    drop(d);
+    let keep = keep_from_dataplane(&k).unwrap();
+    let state = State::from_config_keeping(&config(&reordered), &keep).unwrap();
+    for (name, id) in &ids {
+        let now = state
+            .backends()
+            .find(|(_, _, b)| &b.name == name)
+            .unwrap()
+            .2
+            .id;
+        assert_eq!(now, *id, "{name} keeps its id");
+    }
+    let mut d = Daemon::new(state, Box::new(k.clone()));
+    d.sync_all().unwrap();
+    assert_eq!(
+        d.generation("web"),
+        generation + 1,
+        "the same table index, next generation"
+    );
+}
+
+/// A fake network: the addresses in `down` fail their checks, those in `slow` answer after
+/// a second (past any timeout here).
+#[derive(Clone, Default)]
+struct Net {
+    down: Arc<Mutex<HashSet<SocketAddr>>>,
+    slow: Arc<Mutex<HashSet<SocketAddr>>>,
+}
+
+impl Net {
+    fn probe(&self) -> FakeProbe {
+        let net = self.clone();
+        Arc::new(move |addr| {
+            let down = net.down.lock().unwrap().contains(&addr);
+            let slow = net.slow.lock().unwrap().contains(&addr);
+            Box::pin(async move {
+                if slow {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                if down {
+                    Err("connect: Connection refused".into())
+                } else {
+                    Ok(())
+                }
+            })
+        })
+    }
+}
+
+/// Runs the daemon's health loop (as lbd's owner task does) until `until` holds on the
+/// daemon or `limit` of virtual time passes; returns how long it took.
+async fn health_until(
+    d: &mut Daemon,
+    checker: &Checker,
+    rx: &mut tokio::sync::mpsc::Receiver<Event>,
+    limit: Duration,
+    until: impl Fn(&Daemon) -> bool,
+) -> Duration {
+    let started = tokio::time::Instant::now();
+    while !until(d) {
+        let left = limit.saturating_sub(started.elapsed());
+        match tokio::time::timeout(left, rx.recv()).await {
+            Ok(Some(ev)) => d.apply_health(checker, ev),
+            _ => panic!("condition not met within {limit:?}"),
+        }
+    }
+    started.elapsed()
+}
+
+fn healthy(d: &Daemon, name: &str) -> bool {
+    d.state
+        .backends()
+        .find(|(_, _, b)| b.name == name)
+        .unwrap()
+        .2
+        .healthy
+}
+
+#[tokio::test(start_paused = true)]
+async fn health_fall_and_rise_move_a_backend_out_of_and_back_into_the_table_in_virtual_time() {
+    let (mut d, k) = daemon(CONFIG);
+    let (tx, mut rx) = tokio::sync::mpsc::channel(1024);
+    let net = Net::default();
+    let mut checker = Checker::with_fake_probe(tx, net.probe());
+    checker.reconcile(&d.state);
+    let b = "10.20.0.21:8080";
+    let bid = id(&d, b);
+    // interval 100 ms (±10 %), first check within one interval, fall 2: down within
+    // 100 + 2 × 110 ms; rise 2: up within the same.
+    let bound = Duration::from_millis(100 + 2 * 110 + 1);
+
+    net.down.lock().unwrap().insert(b.parse().unwrap());
+    let took = health_until(&mut d, &checker, &mut rx, Duration::from_secs(5), |d| {
+        !healthy(d, b)
+    })
+    .await;
+    assert!(took <= bound, "down after {took:?}");
+    assert!(!buckets(&k).contains_key(&bid), "out of the table");
+
+    net.down.lock().unwrap().clear();
+    let took = health_until(&mut d, &checker, &mut rx, Duration::from_secs(5), |d| {
+        healthy(d, b)
+    })
+    .await;
+    assert!(took <= bound, "up after {took:?}");
+    assert!(buckets(&k).contains_key(&bid), "back in the table");
+
+    // A backend that answers too slowly fails by timeout, like one that refuses.
+    net.slow.lock().unwrap().insert(b.parse().unwrap());
+    let took = health_until(&mut d, &checker, &mut rx, Duration::from_secs(5), |d| {
+        !healthy(d, b)
+    })
+    .await;
+    assert!(
+        took <= bound + Duration::from_millis(2 * 50),
+        "slow: down after {took:?}"
+    );
+
+    // maint stops its checks: it stays as it is whatever the network says.
+    run(&mut d, &format!("set state web/k8s/{b} maint"));
+    checker.reconcile(&d.state);
+    net.slow.lock().unwrap().clear();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    while let Ok(ev) = rx.try_recv() {
+        d.apply_health(&checker, ev);
+    }
+    assert!(!healthy(&d, b), "no check ran while in maint");
+}
