@@ -16,6 +16,35 @@ use lb_common::{
 };
 use lb_tests::{require_root, rss_kib, topology::Topology, traffic::Traffic};
 
+/// Fills lbd's conntrack map to its capacity with flows no packet will match (sources in
+/// the benchmarking range 198.18.0.0/15), as a busy balancer's would be; returns the
+/// capacity.
+fn fill_conntrack(t: &Topology) -> u32 {
+    use lb_common::{conntrack::CtValue, flow::FlowKey};
+    let md = MapData::from_pin(t.maps_dir().join(map_names::CONNTRACK)).unwrap();
+    let capacity = md.info().unwrap().max_entries();
+    let mut ct: HashMap<MapData, FlowKey, CtValue> =
+        HashMap::try_from(aya::maps::Map::LruHashMap(md)).unwrap();
+    for i in 0..capacity {
+        let key = FlowKey {
+            src: lb_common::flow::v4([
+                198,
+                18 + (i >> 24) as u8 % 2,
+                (i >> 16) as u8,
+                (i >> 8) as u8,
+            ]),
+            dst: lb_common::flow::v4([10, 99, 0, 10]),
+            sport: (i as u16).to_be(),
+            dport: 80u16.to_be(),
+            proto: lb_common::PROTO_TCP,
+            family: lb_common::FAMILY_V4,
+            _pad: 0,
+        };
+        ct.insert(key, CtValue::default(), 0).unwrap();
+    }
+    capacity
+}
+
 fn percentile(v: &mut [f64], p: f64) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     v[((v.len() - 1) as f64 * p).round() as usize]
@@ -92,6 +121,54 @@ fn control_plane() {
     let rss_load = rss_kib(pid);
     let report = traffic.stop().unwrap();
 
+    // A full conntrack map: scrapes must stay cheap and never delay a command (the entry
+    // count walks every key, so it runs off lbd's owner task).
+    let capacity = fill_conntrack(&t);
+    let metrics_ns = t.lb.name.clone();
+    let scraping = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let seen = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let scraper = {
+        let (scraping, seen) = (scraping.clone(), seen.clone());
+        std::thread::spawn(move || {
+            let mut took = Vec::new();
+            let deadline = Instant::now() + Duration::from_secs(60);
+            // Back to back until told to stop (bounded by the deadline).
+            while scraping.load(std::sync::atomic::Ordering::Relaxed) && Instant::now() < deadline {
+                let started = Instant::now();
+                let (status, body) = lb_tests::http::get_in(&metrics_ns, 9091, "/metrics");
+                took.push(started.elapsed().as_secs_f64() * 1e3);
+                assert!(status.contains("200"), "{status}");
+                let entries = body
+                    .lines()
+                    .find(|l| {
+                        l.strip_prefix("lb_conntrack_entries")
+                            .is_some_and(|r| r.starts_with([' ', '{']))
+                    })
+                    .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                    .unwrap_or(0.0);
+                seen.store(entries as u64, std::sync::atomic::Ordering::Relaxed);
+            }
+            took
+        })
+    };
+    // The count of a full map is refreshed in the background (at most 5 s old): wait for it
+    // while the scrapes answer the previous one.
+    let waited = Instant::now();
+    while (seen.load(std::sync::atomic::Ordering::Relaxed) as f64) < capacity as f64 * 0.99 {
+        assert!(
+            waited.elapsed() < Duration::from_secs(30),
+            "lb_conntrack_entries {} of a full map of {capacity}; lbd log:\n{}",
+            seen.load(std::sync::atomic::Ordering::Relaxed),
+            t.lbd_log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (mut busy_kernel, _): (Vec<f64>, Vec<f64>) = (0..changes)
+        .map(|i| change(if i % 2 == 0 { last + 2 } else { last }))
+        .unzip();
+    scraping.store(false, std::sync::atomic::Ordering::Relaxed);
+    let mut scrape_ms = scraper.join().unwrap();
+
     let mut md = String::new();
     writeln!(md, "## Control plane\n").unwrap();
     writeln!(md, "`lbd` release build in the namespace topology, 4 backends; `set split` on one control connection, 20 ms apart: {changes} to weights not used before (the table is built: the time is the build plus one map write), then {changes} back and forth between the last two (a rollback: lbd keeps its 8 most recent tables, so the time is one table copy and map write).\n").unwrap();
@@ -120,6 +197,21 @@ fn control_plane() {
         )
         .unwrap();
     }
+    writeln!(
+        md,
+        "| rollback while `/metrics` is scraped back to back, conntrack full ({capacity} entries) → new table live | {:.2} ms | {:.2} ms |",
+        percentile(&mut busy_kernel, 0.5),
+        percentile(&mut busy_kernel, 0.99)
+    )
+    .unwrap();
+    writeln!(
+        md,
+        "| one `/metrics` scrape with conntrack full ({} scrapes) | {:.2} ms | {:.2} ms |",
+        scrape_ms.len(),
+        percentile(&mut scrape_ms, 0.5),
+        percentile(&mut scrape_ms, 0.99)
+    )
+    .unwrap();
     writeln!(md, "\n| lbd memory (VmRSS) | KiB |\n|---|---|").unwrap();
     writeln!(
         md,

@@ -4,6 +4,7 @@
 //! Pin layout (versioned so that an incompatible map layout is never misread):
 //! `pin_dir/v1/maps/<MAP>` and `pin_dir/v1/links/<interface>`.
 
+mod counter;
 mod kernel;
 pub use kernel::{FakeKernel, FakeState, Kernel, Write};
 
@@ -250,8 +251,8 @@ pub struct Dataplane {
     xdp_stats: PerCpuArray<MapData, u64>,
     /// The source guard, replaced whole by `set_sources`.
     sources: LpmTrie<MapData, SourceAddr, SourceRule>,
-    /// Read only, to count live flows for metrics.
-    conntrack: HashMap<MapData, lb_common::flow::FlowKey, lb_common::conntrack::CtValue>,
+    /// Counts the conntrack map's entries off the caller's thread, for metrics.
+    conntrack: counter::Counter,
     conntrack_capacity: u32,
     /// When each service's slot last stopped being live.
     retired: StdHashMap<u32, Instant>,
@@ -307,11 +308,15 @@ impl Dataplane {
         let sources = LpmTrie::try_from(take(map_names::SOURCES)?)?;
         let ct = take(map_names::CONNTRACK)?;
         // An adopted map keeps the size it was created with, whatever the config says now.
-        let conntrack_capacity = match &ct {
-            aya::maps::Map::LruHashMap(d) | aya::maps::Map::HashMap(d) => d.info()?.max_entries(),
+        let (conntrack_capacity, conntrack_id) = match &ct {
+            aya::maps::Map::LruHashMap(d) | aya::maps::Map::HashMap(d) => {
+                let info = d.info()?;
+                (info.max_entries(), info.id())
+            }
             _ => bail!("map {} is not a hash map", map_names::CONNTRACK),
         };
-        let conntrack = HashMap::try_from(ct)?;
+        drop(ct);
+        let conntrack = counter::Counter::new(conntrack_id);
         Ok(Dataplane {
             ebpf,
             pin_dir: opts.pin_dir.clone(),
@@ -609,13 +614,11 @@ impl Dataplane {
 }
 
 impl Dataplane {
-    /// Live flows in the conntrack map, and its capacity. Counting walks the keys (one
-    /// syscall each, about a microsecond): fine at scrape intervals, not per packet.
+    /// Flows in the conntrack map (as of the last count, at most [`counter::STALE`] old: the
+    /// count walks every key, one syscall each, so it runs on a thread of its own and never
+    /// delays the caller), and the map's capacity.
     pub fn conntrack_fill(&self) -> (u64, u32) {
-        (
-            self.conntrack.keys().count() as u64,
-            self.conntrack_capacity,
-        )
+        (self.conntrack.get(), self.conntrack_capacity)
     }
 }
 
