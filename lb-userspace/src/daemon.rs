@@ -203,6 +203,12 @@ impl Daemon {
         for n in names {
             self.sync_service(&n)?;
         }
+        for (s, p, b) in self.state.backends() {
+            self.metrics.declare_backend(
+                &backend_labels(&s.config.name, &p.name, &b.name),
+                s.config.mode == Mode::Request,
+            );
+        }
         let services = &self.state.services;
         self.published.retain(|n, _| services.contains_key(n));
         self.views.retain(|n, _| {

@@ -196,6 +196,28 @@ impl Metrics {
         self.health_checks.get_or_create(&l).inc();
     }
 
+    /// Creates, at 0, every series of a backend that lbd records as things happen, so that
+    /// `rate()` and alerts see them from the first scrape: its health-check families, and in
+    /// request mode its request histogram and the codes lbd itself answers for it (200 from
+    /// the backend, 502 and 504 for its failures). Codes only the backend chooses appear
+    /// when first seen.
+    pub fn declare_backend(&self, labels: &Labels, request_mode: bool) {
+        let _ = self.health_check_duration.get_or_create(labels);
+        for result in ["ok", "fail"] {
+            let mut l = labels.clone();
+            l.push(("result", result.to_string()));
+            let _ = self.health_checks.get_or_create(&l);
+        }
+        if request_mode {
+            let _ = self.requests.duration.get_or_create(labels);
+            for code in ["200", "502", "504"] {
+                let mut l = labels.clone();
+                l.push(("code", code.to_string()));
+                let _ = self.requests.requests.get_or_create(&l);
+            }
+        }
+    }
+
     /// Encodes everything in the Prometheus/OpenMetrics text format, with `sampled` as the
     /// scrape-time families.
     pub fn encode(&self, sampled: Vec<Sampled>) -> String {

@@ -402,3 +402,28 @@ async fn health_fall_and_rise_move_a_backend_out_of_and_back_into_the_table_in_v
     }
     assert!(!healthy(&d, b), "no check ran while in maint");
 }
+
+#[test]
+fn every_series_known_from_the_config_is_exported_at_zero_from_the_first_scrape() {
+    let text = format!(
+        "{CONFIG}\n[[service]]\nname = \"api\"\nvip = \"127.0.0.1\"\nport = 8080\nmode = \"request\"\n[[service.pool]]\nname = \"k8s\"\nweight = 1\nbackends = [\"10.20.0.31:8080\"]\n"
+    );
+    let (d, _) = daemon(&text);
+    let scrape = d.scrape();
+    let conn = r#"service="web",pool="k8s",backend="10.20.0.21:8080""#;
+    let req = r#"service="api",pool="k8s",backend="10.20.0.31:8080""#;
+    for series in [
+        format!("lb_backend_connections_total{{{conn}}} 0"),
+        format!("lb_backend_packets_total{{{conn},direction=\"to_backend\"}} 0"),
+        format!("lb_backend_up{{{conn}}} 1"),
+        format!("lb_pool_weight{{service=\"web\",pool=\"k8s\"}} 10"),
+        format!("lb_health_checks_total{{{conn},result=\"fail\"}} 0"),
+        format!("lb_health_check_duration_seconds_count{{{conn}}} 0"),
+        format!("lb_backend_requests_total{{{req},code=\"200\"}} 0"),
+        format!("lb_backend_requests_total{{{req},code=\"502\"}} 0"),
+        format!("lb_backend_request_duration_seconds_count{{{req}}} 0"),
+        format!("lb_backend_up{{{req}}} 1"),
+    ] {
+        assert!(scrape.contains(&series), "missing {series}");
+    }
+}
