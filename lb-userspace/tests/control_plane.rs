@@ -416,7 +416,7 @@ fn every_series_known_from_the_config_is_exported_at_zero_from_the_first_scrape(
         format!("lb_backend_connections_total{{{conn}}} 0"),
         format!("lb_backend_packets_total{{{conn},direction=\"to_backend\"}} 0"),
         format!("lb_backend_up{{{conn}}} 1"),
-        format!("lb_pool_weight{{service=\"web\",pool=\"k8s\"}} 10"),
+        r#"lb_pool_weight{service="web",pool="k8s"} 10"#.to_string(),
         format!("lb_health_checks_total{{{conn},result=\"fail\"}} 0"),
         format!("lb_health_check_duration_seconds_count{{{conn}}} 0"),
         format!("lb_backend_requests_total{{{req},code=\"200\"}} 0"),
@@ -426,4 +426,29 @@ fn every_series_known_from_the_config_is_exported_at_zero_from_the_first_scrape(
     ] {
         assert!(scrape.contains(&series), "missing {series}");
     }
+}
+
+#[test]
+fn help_lists_every_command_of_the_grammar_and_names_are_the_metric_labels() {
+    let (mut d, _) = daemon(CONFIG);
+    let help = run(&mut d, "help");
+    for c in lb_userspace::control::COMMANDS {
+        let line = help
+            .lines()
+            .find(|l| l.trim_start().starts_with(c.name) && l.contains(c.args))
+            .unwrap_or_else(|| panic!("{} {} missing: {help}", c.name, c.args));
+        assert!(line.ends_with(c.about), "{line}");
+        // Each command's own errors and successes are counted under its name.
+        let (_, name, _) = handle_line(&mut d, c.name);
+        assert!(name == c.name || name == "invalid", "{}: {name}", c.name);
+    }
+    let (_, name, ok) = handle_line(&mut d, "show services");
+    assert_eq!((name, ok), ("show services", true));
+    let (_, name, ok) = handle_line(&mut d, "frobnicate");
+    assert_eq!((name, ok), ("unknown", false));
+    // Once in the loop above, once here.
+    assert!(
+        d.scrape()
+            .contains(r#"lb_control_commands_total{command="show services",result="ok"} 2"#)
+    );
 }

@@ -35,7 +35,8 @@ fn main() -> ExitCode {
     };
     let mut line = cli.words.join(" ");
     // The commands with a JSON form take a trailing `json` word; others answer in text.
-    let has_json = line.starts_with("show stat") || line.starts_with("explain ");
+    let words: Vec<&str> = line.split([' ', '\t']).filter(|w| !w.is_empty()).collect();
+    let has_json = lb_userspace::control::Spec::find(&words).is_some_and(|c| c.json);
     if cli.json && has_json && !line.ends_with(" json") {
         line.push_str(" json");
     }

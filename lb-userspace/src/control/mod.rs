@@ -28,56 +28,28 @@ pub enum Command {
 impl Command {
     /// Parses one line. A known command with bad arguments is an `Err` with the reason.
     pub fn parse(line: &str) -> Result<Command, String> {
+        Command::parse_named(line).1
+    }
+
+    /// Parses one line; also the name of the command it is (`None`: unknown), for the
+    /// per-command metric.
+    pub fn parse_named(line: &str) -> (Option<&'static str>, Result<Command, String>) {
         // Words are separated by ASCII spaces and tabs only: any other control or Unicode
         // space (a CR, a vertical tab, U+00A0) is refused rather than read as a separator.
         if let Some(c) = line.chars().find(|c| {
             (c.is_control() && *c != '\t') || (c.is_whitespace() && !matches!(c, ' ' | '\t'))
         }) {
-            return Err(format!(
-                "unexpected character {:?} in the command (words are separated by spaces or tabs)",
-                c
-            ));
+            return (
+                None,
+                Err(format!(
+                    "unexpected character {c:?} in the command (words are separated by spaces or tabs)"
+                )),
+            );
         }
         let words: Vec<&str> = line.split([' ', '\t']).filter(|w| !w.is_empty()).collect();
-        Ok(match words.as_slice() {
-            ["help"] => Command::Help(cmd::help::Help),
-            ["show", "services"] => Command::ShowServices(cmd::show_services::ShowServices),
-            ["show", "backends", rest @ ..] => {
-                Command::ShowBackends(cmd::show_backends::ShowBackends::parse(rest)?)
-            }
-            ["show", "table", rest @ ..] => {
-                Command::ShowTable(cmd::show_table::ShowTable::parse(rest)?)
-            }
-            ["show", "stat", rest @ ..] => {
-                Command::ShowStat(cmd::show_stat::ShowStat::parse(rest)?)
-            }
-            ["explain", rest @ ..] => Command::Explain(cmd::explain::Explain::parse(rest)?),
-            ["set", "weight", rest @ ..] => {
-                Command::SetWeight(cmd::set_weight::SetWeight::parse(rest)?)
-            }
-            ["set", "split", rest @ ..] => {
-                Command::SetSplit(cmd::set_split::SetSplit::parse(rest)?)
-            }
-            ["set", "state", rest @ ..] => {
-                Command::SetState(cmd::set_state::SetState::parse(rest)?)
-            }
-            _ => Command::Unknown(line.trim().to_string()),
-        })
-    }
-
-    /// The command's name for metrics (`lb_control_commands_total{command}`).
-    pub fn name(&self) -> &'static str {
-        match self {
-            Command::Help(_) => "help",
-            Command::ShowServices(_) => "show services",
-            Command::ShowBackends(_) => "show backends",
-            Command::ShowTable(_) => "show table",
-            Command::ShowStat(_) => "show stat",
-            Command::Explain(_) => "explain",
-            Command::SetWeight(_) => "set weight",
-            Command::SetSplit(_) => "set split",
-            Command::SetState(_) => "set state",
-            Command::Unknown(_) => "unknown",
+        match Spec::find(&words) {
+            Some(spec) => (Some(spec.name), (spec.parse)(&words[spec.words.len()..])),
+            None => (None, Ok(Command::Unknown(line.trim().to_string()))),
         }
     }
 
@@ -101,13 +73,10 @@ impl Command {
 
 /// Runs one line: the reply text, ending with the blank line that closes a reply.
 pub fn handle_line(d: &mut Daemon, line: &str) -> (String, &'static str, bool) {
-    let (name, result) = match Command::parse(line) {
-        Ok(cmd) => {
-            let name = cmd.name();
-            (name, cmd.execute(d))
-        }
-        // A known command with bad arguments.
-        Err(e) => ("invalid", Err(e)),
+    let (name, result) = match Command::parse_named(line) {
+        (name, Ok(cmd)) => (name.unwrap_or("unknown"), cmd.execute(d)),
+        // A known command with bad arguments (or a line with forbidden characters).
+        (_, Err(e)) => ("invalid", Err(e)),
     };
     d.metrics.command(name, result.is_ok());
     match result {
@@ -121,6 +90,120 @@ pub fn handle_line(d: &mut Daemon, line: &str) -> (String, &'static str, bool) {
         Err(e) => (format!("error: {e}\n\n"), name, false),
     }
 }
+
+/// One command of the grammar: the words that name it, its arguments and what it does (for
+/// `help`), whether it has a JSON form (a trailing `json` word, which `lbctl --json` adds),
+/// and its parser. [`COMMANDS`] is the only list: dispatch, `help`, the metric label and
+/// `lbctl` all read it.
+pub struct Spec {
+    pub name: &'static str,
+    pub words: &'static [&'static str],
+    pub args: &'static str,
+    pub about: &'static str,
+    pub json: bool,
+    parse: fn(&[&str]) -> Result<Command, String>,
+}
+
+impl Spec {
+    /// The command `words` start with (the longest match).
+    pub fn find(words: &[&str]) -> Option<&'static Spec> {
+        COMMANDS
+            .iter()
+            .filter(|s| words.starts_with(s.words))
+            .max_by_key(|s| s.words.len())
+    }
+}
+
+/// A command that takes no arguments.
+fn bare(rest: &[&str], name: &str, cmd: Command) -> Result<Command, String> {
+    if rest.is_empty() {
+        Ok(cmd)
+    } else {
+        Err(format!("`{name}` takes no arguments"))
+    }
+}
+
+/// The grammar, in `help`'s order.
+pub static COMMANDS: &[Spec] = &[
+    Spec {
+        name: "help",
+        words: &["help"],
+        args: "",
+        about: "this list",
+        json: false,
+        parse: |r| bare(r, "help", Command::Help(cmd::help::Help)),
+    },
+    Spec {
+        name: "show services",
+        words: &["show", "services"],
+        args: "",
+        about: "one line per service",
+        json: false,
+        parse: |r| {
+            bare(
+                r,
+                "show services",
+                Command::ShowServices(cmd::show_services::ShowServices),
+            )
+        },
+    },
+    Spec {
+        name: "show backends",
+        words: &["show", "backends"],
+        args: "[SERVICE]",
+        about: "service pool backend weight share state health",
+        json: false,
+        parse: |r| cmd::show_backends::ShowBackends::parse(r).map(Command::ShowBackends),
+    },
+    Spec {
+        name: "show stat",
+        words: &["show", "stat"],
+        args: "[json]",
+        about: "counters per backend (CSV with a '# ' header, or JSON)",
+        json: true,
+        parse: |r| cmd::show_stat::ShowStat::parse(r).map(Command::ShowStat),
+    },
+    Spec {
+        name: "show table",
+        words: &["show", "table"],
+        args: "SERVICE",
+        about: "buckets per backend, table generation",
+        json: false,
+        parse: |r| cmd::show_table::ShowTable::parse(r).map(Command::ShowTable),
+    },
+    Spec {
+        name: "explain",
+        words: &["explain"],
+        args: "SERVICE CLIENT_IP:PORT [json]",
+        about: "the backend a new flow from there gets, and why",
+        json: true,
+        parse: |r| cmd::explain::Explain::parse(r).map(Command::Explain),
+    },
+    Spec {
+        name: "set weight",
+        words: &["set", "weight"],
+        args: "SERVICE/POOL[/BACKEND] N",
+        about: "a pool's or a backend's weight (0-1000)",
+        json: false,
+        parse: |r| cmd::set_weight::SetWeight::parse(r).map(Command::SetWeight),
+    },
+    Spec {
+        name: "set split",
+        words: &["set", "split"],
+        args: "SERVICE POOL=N [POOL=N ...]",
+        about: "every pool's weight at once, atomically",
+        json: false,
+        parse: |r| cmd::set_split::SetSplit::parse(r).map(Command::SetSplit),
+    },
+    Spec {
+        name: "set state",
+        words: &["set", "state"],
+        args: "SERVICE/POOL/BACKEND ready|drain|maint",
+        about: "a backend's admin state",
+        json: false,
+        parse: |r| cmd::set_state::SetState::parse(r).map(Command::SetState),
+    },
+];
 
 /// Splits `SERVICE/POOL[/BACKEND]`.
 pub fn split_path(path: &str) -> Vec<&str> {

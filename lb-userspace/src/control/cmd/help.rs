@@ -3,18 +3,19 @@
 pub struct Help;
 
 impl Help {
+    /// The grammar, from [`crate::control::COMMANDS`].
     pub fn execute(self) -> String {
-        "commands:
-  help
-  show services
-  show backends [SERVICE]
-  show stat [json]                     (CSV with a '# ' header, or JSON)
-  show table SERVICE
-  explain SERVICE CLIENT_IP:PORT [json]  (the backend a new flow from there gets, and why)
-  set weight SERVICE/POOL N            (0-1000)
-  set weight SERVICE/POOL/BACKEND N    (0-1000)
-  set split SERVICE POOL=N [POOL=N ...]  (every pool, atomically)
-  set state SERVICE/POOL/BACKEND ready|drain|maint"
-            .into()
+        let usage =
+            |c: &crate::control::Spec| format!("{} {}", c.name, c.args).trim_end().to_string();
+        let width = crate::control::COMMANDS
+            .iter()
+            .map(|c| usage(c).len())
+            .max()
+            .unwrap_or(0);
+        let mut out = String::from("commands:");
+        for c in crate::control::COMMANDS {
+            out += &format!("\n  {:width$}  {}", usage(c), c.about);
+        }
+        out
     }
 }
