@@ -1,5 +1,56 @@
 //! The few host settings the balancer depends on, checked or set at start.
 
+/// What the daemon changes on the host besides the data plane: a trait, so that the run
+/// loop runs in process in tests with a host that changes nothing.
+pub trait Host: Send {
+    /// See [`reserve_snat_ports`].
+    fn reserve_snat_ports(&mut self, range: (u16, u16)) -> Result<()>;
+    /// See [`forward_filter`].
+    fn forward_filter(&mut self, interfaces: &[String], sources: &[std::net::IpAddr])
+    -> Result<()>;
+    /// See [`prepare_interface`].
+    fn prepare_interface(&mut self, iface: &str) -> Result<()>;
+}
+
+/// This host (sysctls under /proc/sys, nftables).
+pub struct RealHost;
+
+impl Host for RealHost {
+    fn reserve_snat_ports(&mut self, range: (u16, u16)) -> Result<()> {
+        reserve_snat_ports(range)
+    }
+    fn forward_filter(
+        &mut self,
+        interfaces: &[String],
+        sources: &[std::net::IpAddr],
+    ) -> Result<()> {
+        forward_filter(interfaces, sources)
+    }
+    fn prepare_interface(&mut self, iface: &str) -> Result<()> {
+        prepare_interface(iface)
+    }
+}
+
+/// A host that is left as it is (in-process tests); it records the interfaces it was
+/// asked to prepare.
+#[derive(Default)]
+pub struct NoHost {
+    pub prepared: Vec<String>,
+}
+
+impl Host for NoHost {
+    fn reserve_snat_ports(&mut self, _: (u16, u16)) -> Result<()> {
+        Ok(())
+    }
+    fn forward_filter(&mut self, _: &[String], _: &[std::net::IpAddr]) -> Result<()> {
+        Ok(())
+    }
+    fn prepare_interface(&mut self, iface: &str) -> Result<()> {
+        self.prepared.push(iface.to_string());
+        Ok(())
+    }
+}
+
 use anyhow::{Context as _, Result, bail};
 
 fn read(path: &str) -> Result<String> {

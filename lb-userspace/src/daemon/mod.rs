@@ -1,6 +1,9 @@
 //! The owner of the desired state and the only writer of the data plane. Control commands,
 //! health transitions and reloads all come through here, one at a time.
 
+mod run;
+pub use run::{Signal, run};
+
 use std::collections::HashMap;
 
 use anyhow::{Context as _, Result};

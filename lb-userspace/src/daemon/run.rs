@@ -1,0 +1,237 @@
+//! The daemon's run loop (lbd's `run`): one owner task that applies control commands,
+//! health transitions, scrapes and reloads in turn. `bin/lbd.rs` only parses arguments,
+//! sets up logging, loads the data plane and turns signals into [`Signal`]s; tests drive
+//! the same loop in process with a fake kernel and host.
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+};
+
+use anyhow::{Context as _, Result};
+use tokio::sync::mpsc;
+
+use super::{Daemon, keep_from_dataplane};
+use crate::{
+    admin, config::Config, control::server, dataplane::Kernel, health, host::Host, listener, proxy,
+    state::State,
+};
+
+/// What the owner loop is told from outside (lbd maps SIGHUP and SIGTERM/SIGINT to these).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Signal {
+    /// Re-read the config file and apply it whole, or keep the running one.
+    Reload,
+    /// Drain request mode and return; the data plane stays attached.
+    Stop,
+}
+
+/// Runs lbd until `signals` says stop (or closes): the data plane (`kernel`, already
+/// loaded) gets its tables and is attached, then health checks, the metrics endpoint, the
+/// control socket and the request-mode proxies run, every change going through one owner
+/// loop. `inherited` are listening sockets passed in by a supervisor. On stop, request mode
+/// drains; the data plane stays attached.
+pub async fn run(
+    cfg: Config,
+    path: PathBuf,
+    kernel: Box<dyn Kernel>,
+    host: &mut dyn Host,
+    inherited: HashMap<SocketAddr, std::net::TcpListener>,
+    mut signals: mpsc::Receiver<Signal>,
+) -> Result<()> {
+    let d = &cfg.daemon;
+    let nofile = listener::raise_nofile();
+    let l = &d.limits;
+    let request_services = cfg
+        .services
+        .iter()
+        .filter(|s| s.mode == crate::config::Mode::Request)
+        .count();
+    let budget = listener::budget(
+        nofile,
+        l.fd_reserve,
+        (
+            l.control_connections,
+            l.metrics_connections,
+            l.request_connections,
+        ),
+        request_services,
+    );
+    if budget.request < l.request_connections && request_services > 0 {
+        tracing::warn!(
+            nofile,
+            configured = l.request_connections,
+            using = budget.request,
+            "request-mode connection cap lowered to fit the descriptor limit (raise LimitNOFILE)"
+        );
+    }
+    let listeners = listener::Listeners::default();
+    host.reserve_snat_ports(d.snat_ports)?;
+    // A restart: keep the backend ids and table slots the pinned maps already use.
+    let keep = keep_from_dataplane(kernel.as_ref())?;
+    let state = State::from_config_keeping(&cfg, &keep)?;
+    // Tables first, then attach: the first packet already finds a complete configuration.
+    let mut daemon = Daemon::new(state, kernel);
+    daemon.sync_all().context("writing the data plane")?;
+    // Request-mode listeners before XDP attaches: a VIP that cannot be served stops lbd
+    // before it changes anything on the interfaces.
+    let mut proxies = proxy::Proxies::new(l.clone(), budget.request, listeners.clone(), inherited);
+    if let Some(e) = proxies.reconcile(&daemon).into_iter().next() {
+        return Err(e);
+    }
+    // The filter before forwarding is turned on: no moment routes what is not ours.
+    if d.forward_filter {
+        host.forward_filter(&d.interfaces, &balancer_sources(&cfg))?;
+    } else {
+        tracing::warn!(
+            "forward_filter = false: the host forwards whatever arrives on the balancer's interfaces, by its own rules"
+        );
+    }
+    for iface in &d.interfaces {
+        host.prepare_interface(iface)?;
+        daemon.kernel.attach(iface, d.xdp_mode)?;
+    }
+
+    let (health_tx, mut health_rx) = mpsc::channel::<health::Event>(1024);
+    let mut checker = health::Checker::new(health_tx);
+    checker.reconcile(&daemon.state);
+    tracing::info!(backends = checker.len(), "health checks started");
+    // Ready once every checked backend has been checked once (the data plane is attached).
+    let mut unchecked: std::collections::HashSet<health::BackendKey> =
+        checker.checked().cloned().collect();
+    let ready = Arc::new(AtomicBool::new(unchecked.is_empty()));
+    let (scrape_tx, mut scrape_rx) = mpsc::channel::<admin::Scrape>(16);
+    let mut admin_server = tokio::spawn(admin::serve(
+        d.metrics,
+        scrape_tx,
+        admin::Readiness {
+            checked: ready.clone(),
+            listeners: listeners.clone(),
+        },
+        listener::Cap::new("metrics", budget.metrics, &listeners),
+        l.metrics_timeout,
+    ));
+
+    let (tx, mut rx) = mpsc::channel::<server::Request>(64);
+    let socket = d.control_socket.clone();
+    let control_cap = listener::Cap::new("control", budget.control, &listeners);
+    let control_idle = l.control_idle_timeout;
+    let mut server =
+        tokio::spawn(async move { server::serve(&socket, tx, control_cap, control_idle).await });
+    daemon.listeners = listeners.clone();
+    tracing::info!("lbd running");
+    let mut running = cfg.clone();
+    let result = loop {
+        tokio::select! {
+            Some(req) = rx.recv() => {
+                let (reply, command, ok) = crate::control::handle_line(&mut daemon, &req.line);
+                // Escaped: a CR or a newline in a command must not forge log lines.
+                tracing::info!(command, ok, line = %req.line.escape_debug(), "control command");
+                let _ = req.reply.send(reply);
+                // `set state … maint` stops a backend's checks; `ready` restarts them.
+                checker.reconcile(&daemon.state);
+            }
+            Some(ev) = health_rx.recv() => {
+                if let health::Event::Checked { key, took, ok } = &ev {
+                    daemon.metrics.health_check(
+                        crate::metrics::backend_labels(&key.service, &key.pool, &key.backend),
+                        *took,
+                        *ok,
+                    );
+                    if unchecked.remove(key) && unchecked.is_empty() {
+                        ready.store(true, Ordering::Relaxed);
+                        tracing::info!("ready: every backend checked once");
+                    }
+                }
+                daemon.apply_health(&checker, ev);
+            }
+            Some(s) = scrape_rx.recv() => { let _ = s.reply.send(daemon.scrape()); }
+            signal = signals.recv() => match signal {
+                Some(Signal::Reload) => {
+                    reload(&mut daemon, &mut running, &path, host);
+                    checker.reconcile(&daemon.state);
+                    for e in proxies.reconcile(&daemon) {
+                        tracing::error!(error = format!("{e:#}"), "reload: a request-mode service cannot be served");
+                    }
+                }
+                Some(Signal::Stop) | None => {
+                    tracing::info!("stopping: draining request-mode connections, then exiting; the data plane stays attached");
+                    break Ok(());
+                }
+            },
+            r = &mut server => break r.context("control server").and_then(|r| r),
+            r = &mut admin_server => break r.context("metrics endpoint").and_then(|r| r),
+        }
+    };
+    let _ = std::fs::remove_file(&d.control_socket);
+    // Off the runtime's threads: the proxies drain on their own.
+    let started = std::time::Instant::now();
+    tokio::task::block_in_place(|| proxies.drain());
+    tracing::info!(
+        took_ms = started.elapsed().as_millis() as u64,
+        "request-mode proxies drained"
+    );
+    result
+}
+
+/// Sources of what the data plane hands the kernel to forward: the SNAT addresses (towards
+/// backends) and the VIPs (towards clients) of the connection-mode services.
+fn balancer_sources(cfg: &Config) -> Vec<std::net::IpAddr> {
+    let mut out: Vec<std::net::IpAddr> = cfg
+        .services
+        .iter()
+        .filter(|s| s.mode == crate::config::Mode::Connection)
+        .flat_map(|s| s.snat.into_iter().chain([s.vip]))
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// SIGHUP: re-read the config file; apply it whole or keep the running one.
+fn reload(daemon: &mut Daemon, running: &mut Config, path: &Path, host: &mut dyn Host) {
+    let cfg = match Config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "reload refused: invalid config; the running config stays in force");
+            daemon
+                .metrics
+                .reloads
+                .get_or_create(&vec![("result", "error".to_string())])
+                .inc();
+            return;
+        }
+    };
+    if running.daemon != cfg.daemon {
+        tracing::warn!("reload: [daemon] settings changed; they take effect on the next restart");
+    }
+    match daemon.reload(&cfg) {
+        Ok(()) => {
+            if cfg.daemon.forward_filter {
+                if let Err(e) = host.forward_filter(&cfg.daemon.interfaces, &balancer_sources(&cfg))
+                {
+                    tracing::error!(
+                        error = format!("{e:#}"),
+                        "reload: could not update the forward filter"
+                    );
+                }
+            }
+            tracing::info!(config = %path.display(), services = daemon.state.services.len(), "reloaded");
+            *running = cfg;
+            daemon
+                .metrics
+                .reloads
+                .get_or_create(&vec![("result", "ok".to_string())])
+                .inc();
+        }
+        Err(e) => tracing::error!(
+            error = format!("{e:#}"),
+            "reload failed; the running config stays in force"
+        ),
+    }
+}

@@ -1,0 +1,224 @@
+//! The whole daemon (`daemon::run`: owner loop, control socket, metrics endpoint, real TCP
+//! health checks) in process, without root: the data plane is a `FakeKernel`, the host a
+//! `NoHost`, the backends are listeners on 127.0.0.1.
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use lb_userspace::{
+    config::Config,
+    control::client::request,
+    daemon::{self, Signal},
+    dataplane::{FakeKernel, Write},
+    host::NoHost,
+};
+
+/// A backend for TCP health checks: accepts (and drops) connections until dropped.
+struct Backend {
+    addr: SocketAddr,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Backend {
+    fn start() -> Backend {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        l.set_nonblocking(true).unwrap();
+        let addr = l.local_addr().unwrap();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let s = stop.clone();
+        let thread = std::thread::spawn(move || {
+            while !s.load(std::sync::atomic::Ordering::Relaxed) {
+                if l.accept().is_err() {
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+            }
+        });
+        Backend {
+            addr,
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn config(dir: &Path, metrics: u16, backends: &[SocketAddr]) -> String {
+    let list: Vec<String> = backends.iter().map(|b| format!("\"{b}\"")).collect();
+    format!(
+        r#"[daemon]
+interfaces = ["test0"]
+control_socket = "{}"
+metrics = "127.0.0.1:{metrics}"
+pin_dir = "{}"
+forward_filter = false
+
+[[service]]
+name = "web"
+vip = "10.99.0.10"
+port = 80
+snat = "10.20.0.1"
+
+[service.health]
+check = "tcp"
+interval = "50ms"
+timeout = "40ms"
+rise = 1
+fall = 1
+
+[[service.pool]]
+name = "legacy"
+weight = 1
+backends = [{}]
+"#,
+        dir.join("lb.sock").display(),
+        dir.join("pins").display(),
+        list.join(", ")
+    )
+}
+
+/// Sends a control command from a blocking thread.
+async fn control(socket: &Path, line: &str) -> String {
+    let (socket, line) = (socket.to_path_buf(), line.to_string());
+    tokio::task::spawn_blocking(move || request(&socket, &line).unwrap())
+        .await
+        .unwrap()
+}
+
+/// Polls `show backends web` until `pred` holds (10 s at most).
+async fn wait_backends(socket: &Path, pred: impl Fn(&str) -> bool) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let now = control(socket, "show backends web").await;
+        if pred(&now) {
+            return now;
+        }
+        assert!(Instant::now() < deadline, "never reached; last:\n{now}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn get(port: u16, path: &str) -> String {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out
+}
+
+fn health_of<'a>(table: &'a str, backend: &SocketAddr) -> Option<&'a str> {
+    let b = backend.to_string();
+    table
+        .lines()
+        .find(|l| l.contains(&b))
+        .and_then(|l| l.split_whitespace().last())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_whole_daemon_runs_in_process_on_a_fake_kernel() {
+    let dir: PathBuf = std::env::temp_dir().join(format!("lb-run-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (a, b) = (Backend::start(), Backend::start());
+    let (addr_a, addr_b) = (a.addr, b.addr);
+    let metrics = free_port();
+    let path = dir.join("lb.toml");
+    std::fs::write(&path, config(&dir, metrics, &[addr_a, addr_b])).unwrap();
+    let cfg = Config::load(&path).unwrap();
+    let kernel = FakeKernel::default();
+    let (signals, rx) = tokio::sync::mpsc::channel(4);
+    let running = {
+        let (kernel, path) = (kernel.clone(), path.clone());
+        tokio::spawn(async move {
+            let mut host = NoHost::default();
+            daemon::run(
+                cfg,
+                path,
+                Box::new(kernel),
+                &mut host,
+                Default::default(),
+                rx,
+            )
+            .await
+        })
+    };
+    let socket = dir.join("lb.sock");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !socket.exists() {
+        assert!(Instant::now() < deadline, "no control socket");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(kernel.state().attached, vec!["test0".to_string()]);
+
+    // Both healthy; one stops answering: real checks take it out of the table.
+    wait_backends(&socket, |t| {
+        health_of(t, &addr_a) == Some("up") && health_of(t, &addr_b) == Some("up")
+    })
+    .await;
+    drop(b);
+    wait_backends(&socket, |t| health_of(t, &addr_b) == Some("down")).await;
+    let b_id = *kernel
+        .state()
+        .backends
+        .iter()
+        .find(|(_, a)| **a == addr_b)
+        .unwrap()
+        .0;
+    assert!(
+        !kernel.state().table(0).unwrap().contains(&b_id),
+        "a down backend has no bucket"
+    );
+
+    // The metrics endpoint answers from the same owner loop.
+    let text = tokio::task::spawn_blocking(move || get(metrics, "/metrics"))
+        .await
+        .unwrap();
+    assert!(text.contains("lb_backend_up{"), "{text}");
+    assert!(
+        text.contains(&format!(
+            "lb_backend_up{{service=\"web\",pool=\"legacy\",backend=\"{addr_b}\"}} 0"
+        )),
+        "{text}"
+    );
+
+    // A reload that drops the dead backend: its slot is cleared.
+    std::fs::write(&path, config(&dir, metrics, &[addr_a])).unwrap();
+    signals.send(Signal::Reload).await.unwrap();
+    wait_backends(&socket, |t| !t.contains(&addr_b.to_string())).await;
+    assert!(
+        kernel.state().writes.contains(&Write::Backend(b_id, None)),
+        "the removed backend's slot is cleared"
+    );
+
+    // Stop: run returns, the control socket is gone, the data plane was never detached.
+    signals.send(Signal::Stop).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(10), running)
+        .await
+        .expect("run returns on Stop")
+        .unwrap()
+        .unwrap();
+    assert!(!socket.exists());
+    assert_eq!(kernel.state().attached.len(), 1);
+    drop(a);
+    let _ = std::fs::remove_dir_all(&dir);
+}
