@@ -11,5 +11,7 @@ pub mod listener;
 pub mod maglev;
 pub mod metrics;
 pub mod proxy;
+pub mod server;
 pub mod state;
 pub mod swrr;
+pub mod view;

@@ -39,6 +39,15 @@ pub fn backend_labels(service: &str, pool: &str, backend: &str) -> Labels {
     ]
 }
 
+/// Request-mode metrics, shared by the registry and the proxies' workers.
+#[derive(Clone)]
+pub struct RequestMetrics {
+    /// `lb_backend_requests_total{service,pool,backend,code}`.
+    pub requests: Family<Labels, Counter>,
+    /// `lb_backend_request_duration_seconds{service,pool,backend}` (to response headers).
+    pub duration: Family<Labels, Histogram>,
+}
+
 /// One sample's value.
 #[derive(Clone, Debug)]
 pub enum Value {
@@ -103,7 +112,7 @@ pub struct Metrics {
     /// `lb_config_reloads_total{result}`.
     pub reloads: Family<Labels, Counter>,
     /// Request mode: `lb_backend_requests_total` and `lb_backend_request_duration_seconds`.
-    pub requests: crate::proxy::RequestMetrics,
+    pub requests: RequestMetrics,
 }
 
 impl Default for Metrics {
@@ -148,7 +157,7 @@ impl Metrics {
             "SIGHUP reloads, by result (ok or error).",
             reloads.clone(),
         );
-        let requests = crate::proxy::RequestMetrics {
+        let requests = RequestMetrics {
             requests: Family::default(),
             duration: Family::new_with_constructor(|| Histogram::new(duration_buckets())),
         };

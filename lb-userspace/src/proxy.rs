@@ -31,13 +31,13 @@ use hyper_util::{
     client::legacy::{Client, connect::HttpConnector},
     rt::{TokioExecutor, TokioIo, TokioTimer},
 };
-use prometheus_client::metrics::{counter::Counter, family::Family, histogram::Histogram};
 use tokio::sync::watch;
 
+pub use crate::view::{Upstream, View};
 use crate::{
     config::{Match, Route},
     listener::{Cap, Listeners, accept_loop},
-    metrics::{Labels, backend_labels},
+    metrics::{RequestMetrics, backend_labels},
     swrr::{Swrr, integer_weights},
 };
 
@@ -57,38 +57,6 @@ pub struct ClientLimits {
     pub cap: Cap,
     pub header_timeout: Duration,
     pub drain_timeout: Duration,
-}
-
-/// A backend that can take requests, with its share of them.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Upstream {
-    pub id: u32,
-    pub name: String,
-    pub pool: String,
-    pub addr: SocketAddr,
-    /// Fraction of requests (0–1) the weighted pick gives it.
-    pub share: f64,
-}
-
-/// What the proxy of one service balances over, as of the last change.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct View {
-    pub service: String,
-    /// Eligible backends only (healthy, ready, weight > 0, in a pool with weight).
-    pub upstreams: Vec<Upstream>,
-    /// Backends eligible within their pool, whatever the pool's weight: canary routes
-    /// send to a pool even when its weight is 0.
-    pub routable: Vec<Upstream>,
-    pub routes: Vec<Route>,
-}
-
-/// Request metrics, shared with the daemon's registry.
-#[derive(Clone)]
-pub struct RequestMetrics {
-    /// `lb_backend_requests_total{service,pool,backend,code}`.
-    pub requests: Family<Labels, Counter>,
-    /// `lb_backend_request_duration_seconds{service,pool,backend}` (to response headers).
-    pub duration: Family<Labels, Histogram>,
 }
 
 /// The pickers, rebuilt (keeping their rotation) when the view changes.
@@ -515,40 +483,31 @@ impl Proxies {
         }
     }
 
-    /// Starts a proxy for every request-mode service that has none (or moved to another
-    /// address) and stops those of services that are gone. Returns what could not start.
-    pub fn reconcile(&mut self, d: &crate::daemon::Daemon) -> Vec<anyhow::Error> {
-        let wanted: HashMap<String, SocketAddr> = d
-            .state
-            .services
-            .iter()
-            .filter(|(_, s)| s.config.mode == crate::config::Mode::Request)
-            .map(|(n, s)| (n.clone(), SocketAddr::new(s.config.vip, s.config.port)))
-            .collect();
-        self.running
-            .retain(|name, r| wanted.get(name) == Some(&r.addr));
+    /// Makes the running proxies match `wanted` (service → its address and where its views
+    /// come from): starts the missing ones (or those that moved to another address), stops
+    /// those no longer wanted. Returns what could not start.
+    pub fn reconcile(
+        &mut self,
+        wanted: Vec<(String, SocketAddr, watch::Receiver<Arc<View>>)>,
+        metrics: &RequestMetrics,
+    ) -> Vec<anyhow::Error> {
+        self.running.retain(|name, r| {
+            wanted
+                .iter()
+                .any(|(n, addr, _)| n == name && *addr == r.addr)
+        });
         let mut errors = Vec::new();
-        for (name, addr) in wanted {
+        for (name, addr, views) in wanted {
             if self.running.contains_key(&name) {
                 continue;
             }
-            let Some(views) = d.subscribe(&name) else {
-                continue;
-            };
             let limits = ClientLimits {
                 cap: Cap::new(&format!("request:{name}"), self.cap, &self.listeners),
                 header_timeout: self.limits.request_header_timeout,
                 drain_timeout: self.limits.drain_timeout,
             };
             let inherited = self.inherited.get(&addr).and_then(|l| l.try_clone().ok());
-            match start(
-                &name,
-                addr,
-                views,
-                d.metrics.requests.clone(),
-                limits,
-                inherited,
-            ) {
+            match start(&name, addr, views, metrics.clone(), limits, inherited) {
                 Ok(r) => {
                     tracing::info!(service = name, %addr, "request-mode proxy listening");
                     self.running.insert(name, r);

@@ -1,4 +1,4 @@
-//! The whole daemon (`daemon::run`: owner loop, control socket, metrics endpoint, real TCP
+//! The whole daemon (`server::run`: owner loop, control socket, metrics endpoint, real TCP
 //! health checks) in process, without root: the data plane is a `FakeKernel`, the host a
 //! `NoHost`, the backends are listeners on 127.0.0.1.
 
@@ -12,9 +12,9 @@ use std::{
 use lb_userspace::{
     config::Config,
     control::client::request,
-    daemon::{self, Signal},
     dataplane::{FakeKernel, Write},
     host::NoHost,
+    server::{self, Signal},
 };
 
 /// A backend for TCP health checks: accepts (and drops) connections until dropped.
@@ -151,7 +151,7 @@ async fn the_whole_daemon_runs_in_process_on_a_fake_kernel() {
         let (kernel, path) = (kernel.clone(), path.clone());
         tokio::spawn(async move {
             let mut host = NoHost::default();
-            daemon::run(
+            server::run(
                 cfg,
                 path,
                 Box::new(kernel),

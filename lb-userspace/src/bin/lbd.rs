@@ -6,9 +6,9 @@ use anyhow::Result;
 use clap::{Parser, Subcommand, ValueEnum};
 use lb_userspace::{
     config::Config,
-    daemon::{self, Signal},
     dataplane::{self, Dataplane, LoadOptions},
     host,
+    server::{self, Signal},
 };
 use tokio::{
     signal::unix::{SignalKind, signal},
@@ -182,5 +182,5 @@ async fn run(
             }
         }
     });
-    daemon::run(cfg, path, Box::new(dp), &mut host::RealHost, inherited, rx).await
+    server::run(cfg, path, Box::new(dp), &mut host::RealHost, inherited, rx).await
 }

@@ -428,7 +428,7 @@ impl Dataplane {
             );
         }
         let key = |ip: std::net::IpAddr, len: u8| {
-            let (addr, family) = crate::daemon::ip_bytes(ip);
+            let (addr, family) = ip_bytes(ip);
             LpmKey::new(
                 SourceAddr::HEADER_BITS + len as u32,
                 SourceAddr {
@@ -619,6 +619,17 @@ impl Dataplane {
     /// delays the caller), and the map's capacity.
     pub fn conntrack_fill(&self) -> (u64, u32) {
         (self.conntrack.get(), self.conntrack_capacity)
+    }
+}
+
+/// Wire bytes of an address in the data plane's layout.
+pub fn ip_bytes(ip: std::net::IpAddr) -> (lb_common::flow::IpBytes, u8) {
+    match ip {
+        std::net::IpAddr::V4(a) => (lb_common::flow::v4(a.octets()), lb_common::FAMILY_V4),
+        std::net::IpAddr::V6(a) => (
+            lb_common::flow::IpBytes::from_octets(a.octets()),
+            lb_common::FAMILY_V6,
+        ),
     }
 }
 

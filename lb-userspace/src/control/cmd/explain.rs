@@ -2,10 +2,7 @@ use std::net::SocketAddr;
 
 use lb_common::{NO_BACKEND, TABLE_SIZE, flow::FlowKey, hash};
 
-use crate::{
-    daemon::{Daemon, ip_bytes},
-    state::Service,
-};
+use crate::{daemon::Daemon, dataplane::ip_bytes, state::Service};
 
 /// `explain SERVICE CLIENT_IP:PORT [json]`: the backend a new flow from there gets, computed
 /// with the kernel's own hash (`lb_common::hash`) over the table the kernel uses.

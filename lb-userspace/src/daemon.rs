@@ -1,28 +1,17 @@
 //! The owner of the desired state and the only writer of the data plane. Control commands,
 //! health transitions and reloads all come through here, one at a time.
 
-mod run;
-pub use run::{Signal, run};
-
 use std::collections::HashMap;
 
 use anyhow::{Context as _, Result};
-use lb_common::{FAMILY_V4, FAMILY_V6, backend::BackendInfo, flow::IpBytes, service::ServiceKey};
+use lb_common::{backend::BackendInfo, service::ServiceKey};
 
 use crate::{
     config::{Config, Mode},
-    dataplane::Kernel,
+    dataplane::{Kernel, ip_bytes},
     metrics::{Labels, Metrics, Sampled, Value, backend_labels},
     state::{Keep, Service, State, StateError},
 };
-
-/// Wire bytes of an address in the data plane's layout.
-pub fn ip_bytes(ip: std::net::IpAddr) -> (IpBytes, u8) {
-    match ip {
-        std::net::IpAddr::V4(a) => (lb_common::flow::v4(a.octets()), FAMILY_V4),
-        std::net::IpAddr::V6(a) => (IpBytes::from_octets(a.octets()), FAMILY_V6),
-    }
-}
 
 /// The data plane's key for a connection-mode service.
 pub fn service_key(s: &Service) -> ServiceKey {
@@ -70,7 +59,7 @@ pub struct Daemon {
     tables: crate::maglev::Cache,
     pub metrics: Metrics,
     /// Request-mode services: where their proxies get each change.
-    views: HashMap<String, tokio::sync::watch::Sender<std::sync::Arc<crate::proxy::View>>>,
+    views: HashMap<String, tokio::sync::watch::Sender<std::sync::Arc<crate::view::View>>>,
     /// lbd's own listeners (control, metrics, request VIPs), for `/metrics`.
     pub listeners: crate::listener::Listeners,
 }
@@ -273,8 +262,8 @@ impl Daemon {
 
 impl Daemon {
     /// What a request-mode service's proxy balances over now.
-    fn request_view(&self, name: &str) -> Result<crate::proxy::View, StateError> {
-        use crate::proxy::{Upstream, View};
+    fn request_view(&self, name: &str) -> Result<crate::view::View, StateError> {
+        use crate::view::{Upstream, View};
         let svc = self.state.service(name)?;
         let shares = self.state.shares(name)?;
         let mut upstreams = Vec::new();
@@ -312,11 +301,35 @@ impl Daemon {
         })
     }
 
+    /// Every request-mode service: its name, its listening address, and a receiver of its
+    /// views (what the proxies reconcile against).
+    pub fn request_services(
+        &self,
+    ) -> Vec<(
+        String,
+        std::net::SocketAddr,
+        tokio::sync::watch::Receiver<std::sync::Arc<crate::view::View>>,
+    )> {
+        self.state
+            .services
+            .iter()
+            .filter(|(_, s)| s.config.mode == Mode::Request)
+            .filter_map(|(n, s)| {
+                let rx = self.views.get(n)?.subscribe();
+                Some((
+                    n.clone(),
+                    std::net::SocketAddr::new(s.config.vip, s.config.port),
+                    rx,
+                ))
+            })
+            .collect()
+    }
+
     /// A receiver of a request-mode service's views (`None` for other services).
     pub fn subscribe(
         &self,
         name: &str,
-    ) -> Option<tokio::sync::watch::Receiver<std::sync::Arc<crate::proxy::View>>> {
+    ) -> Option<tokio::sync::watch::Receiver<std::sync::Arc<crate::view::View>>> {
         self.views.get(name).map(|tx| tx.subscribe())
     }
 

@@ -1,4 +1,4 @@
-//! The daemon's run loop (lbd's `run`): one owner task that applies control commands,
+//! lbd's run loop: one owner task that applies control commands,
 //! health transitions, scrapes and reloads in turn. `bin/lbd.rs` only parses arguments,
 //! sets up logging, loads the data plane and turns signals into [`Signal`]s; tests drive
 //! the same loop in process with a fake kernel and host.
@@ -16,9 +16,15 @@ use std::{
 use anyhow::{Context as _, Result};
 use tokio::sync::mpsc;
 
-use super::{Daemon, keep_from_dataplane};
 use crate::{
-    admin, config::Config, control::server, dataplane::Kernel, health, host::Host, listener, proxy,
+    admin,
+    config::Config,
+    control::server,
+    daemon::{Daemon, keep_from_dataplane},
+    dataplane::Kernel,
+    health,
+    host::Host,
+    listener, proxy,
     state::State,
 };
 
@@ -81,7 +87,11 @@ pub async fn run(
     // Request-mode listeners before XDP attaches: a VIP that cannot be served stops lbd
     // before it changes anything on the interfaces.
     let mut proxies = proxy::Proxies::new(l.clone(), budget.request, listeners.clone(), inherited);
-    if let Some(e) = proxies.reconcile(&daemon).into_iter().next() {
+    if let Some(e) = proxies
+        .reconcile(daemon.request_services(), &daemon.metrics.requests)
+        .into_iter()
+        .next()
+    {
         return Err(e);
     }
     // The filter before forwarding is turned on: no moment routes what is not ours.
@@ -155,7 +165,7 @@ pub async fn run(
                 Some(Signal::Reload) => {
                     reload(&mut daemon, &mut running, &path, host);
                     checker.reconcile(&daemon.state);
-                    for e in proxies.reconcile(&daemon) {
+                    for e in proxies.reconcile(daemon.request_services(), &daemon.metrics.requests) {
                         tracing::error!(error = format!("{e:#}"), "reload: a request-mode service cannot be served");
                     }
                 }
