@@ -48,6 +48,17 @@ pub fn keep_from_dataplane(dp: &dyn Kernel) -> Result<Keep> {
     Ok(keep)
 }
 
+/// Why a change was refused; the state is as it was before it either way.
+#[derive(Debug, thiserror::Error)]
+pub enum ChangeError {
+    /// The state refused it: an unknown service, pool or backend, a weight out of range…
+    #[error(transparent)]
+    State(#[from] StateError),
+    /// The data plane refused the new table; the change was rolled back.
+    #[error("data plane: {0:#}")]
+    DataPlane(anyhow::Error),
+}
+
 /// The daemon's single owner of state.
 pub struct Daemon {
     pub state: State,
@@ -97,14 +108,14 @@ impl Daemon {
         &mut self,
         service: &str,
         f: impl FnOnce(&mut State) -> Result<(), StateError>,
-    ) -> Result<(), String> {
+    ) -> Result<(), ChangeError> {
         let mut next = self.state.clone();
-        f(&mut next).map_err(|e| e.to_string())?;
+        f(&mut next)?;
         let previous = std::mem::replace(&mut self.state, next);
         if let Err(e) = self.sync_service(service) {
             self.state = previous;
             let _ = self.sync_service(service);
-            return Err(format!("data plane: {e:#}"));
+            return Err(ChangeError::DataPlane(e));
         }
         Ok(())
     }

@@ -78,8 +78,23 @@ impl Spec {
     }
 }
 
-/// A check's outcome: `Err` says what failed.
-pub type ProbeResult = Result<(), String>;
+/// Why a check failed (its text goes into the transition's log line).
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    #[error("connect: {0}")]
+    Connect(#[source] std::io::Error),
+    #[error("http: {0}")]
+    Http(#[source] hyper::Error),
+    #[error("http request: {0}")]
+    Request(#[source] hyper::http::Error),
+    #[error("HTTP {0}")]
+    Status(hyper::StatusCode),
+    #[error("timeout after {0:?}")]
+    Timeout(Duration),
+}
+
+/// A check's outcome.
+pub type ProbeResult = Result<(), ProbeError>;
 
 /// A stand-in for the network check, for tests: the backend's address → the outcome (it
 /// may take its time: the check's timeout applies as to a real one).
@@ -255,7 +270,7 @@ async fn run(
         };
         let result = match tokio::time::timeout(spec.timeout, check).await {
             Ok(r) => r,
-            Err(_) => Err(format!("timeout after {:?}", spec.timeout)),
+            Err(_) => Err(ProbeError::Timeout(spec.timeout)),
         };
         let took = started.elapsed();
         let ok = result.is_ok();
@@ -287,21 +302,21 @@ async fn run(
     }
 }
 
-/// One check. `Err` says what failed.
-async fn probe(spec: &Spec) -> Result<(), String> {
+/// One check.
+async fn probe(spec: &Spec) -> ProbeResult {
     let stream = TcpStream::connect(spec.addr)
         .await
-        .map_err(|e| format!("connect: {e}"))?;
+        .map_err(ProbeError::Connect)?;
     match spec.kind {
         CheckKind::Tcp => Ok(()),
         CheckKind::Http => http_get(stream, spec).await,
     }
 }
 
-async fn http_get(stream: TcpStream, spec: &Spec) -> Result<(), String> {
+async fn http_get(stream: TcpStream, spec: &Spec) -> ProbeResult {
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
-        .map_err(|e| format!("http: {e}"))?;
+        .map_err(ProbeError::Http)?;
     // The connection task ends when `sender` is dropped below (or the peer closes).
     tokio::spawn(conn);
     let req = hyper::Request::get(spec.path.as_str())
@@ -309,15 +324,12 @@ async fn http_get(stream: TcpStream, spec: &Spec) -> Result<(), String> {
         .header(hyper::header::USER_AGENT, "lbd-health-check")
         .header(hyper::header::CONNECTION, "close")
         .body(Empty::<Bytes>::new())
-        .map_err(|e| format!("http request: {e}"))?;
-    let resp = sender
-        .send_request(req)
-        .await
-        .map_err(|e| format!("http: {e}"))?;
+        .map_err(ProbeError::Request)?;
+    let resp = sender.send_request(req).await.map_err(ProbeError::Http)?;
     if resp.status().is_success() {
         Ok(())
     } else {
-        Err(format!("HTTP {}", resp.status()))
+        Err(ProbeError::Status(resp.status()))
     }
 }
 
@@ -381,22 +393,26 @@ mod tests {
     async fn http_check_wants_a_2xx_on_the_configured_path() {
         let (l, a) = listener().await;
         let server = tokio::spawn(answer_once(l, "204 No Content"));
-        assert_eq!(probe(&spec(a, CheckKind::Http)).await, Ok(()));
+        assert!(probe(&spec(a, CheckKind::Http)).await.is_ok());
         assert_eq!(server.await.unwrap(), "GET /healthz HTTP/1.1\r\n");
 
         let (l, a) = listener().await;
         tokio::spawn(answer_once(l, "503 Service Unavailable"));
         let e = probe(&spec(a, CheckKind::Http)).await.unwrap_err();
-        assert!(e.contains("503"), "{e}");
+        assert!(
+            matches!(e, ProbeError::Status(s) if s.as_u16() == 503),
+            "{e}"
+        );
     }
 
     #[tokio::test]
     async fn tcp_check_fails_on_a_closed_port() {
         let (l, a) = listener().await;
-        assert_eq!(probe(&spec(a, CheckKind::Tcp)).await, Ok(()));
+        assert!(probe(&spec(a, CheckKind::Tcp)).await.is_ok());
         drop(l);
         let e = probe(&spec(a, CheckKind::Tcp)).await.unwrap_err();
-        assert!(e.starts_with("connect:"), "{e}");
+        assert!(matches!(e, ProbeError::Connect(_)), "{e}");
+        assert!(e.to_string().starts_with("connect:"), "{e}");
     }
 
     #[tokio::test]

@@ -16,7 +16,7 @@ use lb_userspace::{
     control::handle_line,
     daemon::{Daemon, keep_from_dataplane},
     dataplane::{FakeKernel, Write},
-    health::{Checker, Event, FakeProbe},
+    health::{Checker, Event, FakeProbe, ProbeError},
     state::State,
 };
 
@@ -314,7 +314,9 @@ impl Net {
                     tokio::time::sleep(Duration::from_secs(1)).await;
                 }
                 if down {
-                    Err("connect: Connection refused".into())
+                    Err(ProbeError::Connect(
+                        std::io::ErrorKind::ConnectionRefused.into(),
+                    ))
                 } else {
                     Ok(())
                 }

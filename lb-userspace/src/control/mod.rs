@@ -7,7 +7,40 @@ pub mod client;
 pub mod cmd;
 pub mod server;
 
-use crate::daemon::Daemon;
+use crate::{
+    daemon::{ChangeError, Daemon},
+    state::StateError,
+};
+
+/// Why a command failed: its text is what follows `error: ` in the reply. Kept typed up to
+/// the moment the reply is written.
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    /// The words do not make a command: wrong arguments, a value that does not parse.
+    #[error("{0}")]
+    Usage(String),
+    /// An empty line.
+    #[error("empty command (try 'help')")]
+    Empty,
+    /// No command starts with these words.
+    #[error("unknown command {0:?} (try 'help')")]
+    Unknown(String),
+    /// The state refused it (unknown service, pool or backend, a weight out of range…).
+    #[error(transparent)]
+    State(#[from] StateError),
+    /// The change was valid but could not be applied (it was rolled back).
+    #[error(transparent)]
+    Change(#[from] ChangeError),
+    /// Reading the data plane's counters failed.
+    #[error("reading counters: {0:#}")]
+    Counters(anyhow::Error),
+}
+
+impl From<String> for CommandError {
+    fn from(s: String) -> Self {
+        CommandError::Usage(s)
+    }
+}
 
 /// A parsed control command.
 #[derive(Debug, PartialEq)]
@@ -27,13 +60,13 @@ pub enum Command {
 
 impl Command {
     /// Parses one line. A known command with bad arguments is an `Err` with the reason.
-    pub fn parse(line: &str) -> Result<Command, String> {
+    pub fn parse(line: &str) -> Result<Command, CommandError> {
         Command::parse_named(line).1
     }
 
     /// Parses one line; also the name of the command it is (`None`: unknown), for the
     /// per-command metric.
-    pub fn parse_named(line: &str) -> (Option<&'static str>, Result<Command, String>) {
+    pub fn parse_named(line: &str) -> (Option<&'static str>, Result<Command, CommandError>) {
         // Words are separated by ASCII spaces and tabs only: any other control or Unicode
         // space (a CR, a vertical tab, U+00A0) is refused rather than read as a separator.
         if let Some(c) = line.chars().find(|c| {
@@ -41,20 +74,23 @@ impl Command {
         }) {
             return (
                 None,
-                Err(format!(
+                Err(CommandError::Usage(format!(
                     "unexpected character {c:?} in the command (words are separated by spaces or tabs)"
-                )),
+                ))),
             );
         }
         let words: Vec<&str> = line.split([' ', '\t']).filter(|w| !w.is_empty()).collect();
         match Spec::find(&words) {
-            Some(spec) => (Some(spec.name), (spec.parse)(&words[spec.words.len()..])),
+            Some(spec) => (
+                Some(spec.name),
+                (spec.parse)(&words[spec.words.len()..]).map_err(CommandError::Usage),
+            ),
             None => (None, Ok(Command::Unknown(line.trim().to_string()))),
         }
     }
 
     /// Runs the command against the daemon. `Err` is the error text (state unchanged).
-    pub fn execute(self, d: &mut Daemon) -> Result<String, String> {
+    pub fn execute(self, d: &mut Daemon) -> Result<String, CommandError> {
         match self {
             Command::Help(c) => Ok(c.execute()),
             Command::ShowServices(c) => Ok(c.execute(d)),
@@ -65,8 +101,8 @@ impl Command {
             Command::SetWeight(c) => c.execute(d),
             Command::SetSplit(c) => c.execute(d),
             Command::SetState(c) => c.execute(d),
-            Command::Unknown(l) if l.is_empty() => Err("empty command (try 'help')".into()),
-            Command::Unknown(l) => Err(format!("unknown command {l:?} (try 'help')")),
+            Command::Unknown(l) if l.is_empty() => Err(CommandError::Empty),
+            Command::Unknown(l) => Err(CommandError::Unknown(l)),
         }
     }
 }
@@ -226,7 +262,7 @@ mod tests {
             "show\u{2028}services",
             "show services\u{1b}[2J",
         ] {
-            let e = Command::parse(bad).err();
+            let e = Command::parse(bad).err().map(|e| e.to_string());
             assert!(
                 e.as_deref()
                     .is_some_and(|e| e.contains("unexpected character")),

@@ -2,6 +2,7 @@ use std::net::SocketAddr;
 
 use lb_common::{NO_BACKEND, TABLE_SIZE, flow::FlowKey, hash};
 
+use crate::control::CommandError;
 use crate::{daemon::Daemon, dataplane::ip_bytes, state::Service};
 
 /// `explain SERVICE CLIENT_IP:PORT [json]`: the backend a new flow from there gets, computed
@@ -53,18 +54,19 @@ impl Explain {
         })
     }
 
-    pub fn execute(self, d: &mut Daemon) -> Result<String, String> {
-        let svc = d.state.service(&self.service).map_err(|e| e.to_string())?;
+    pub fn execute(self, d: &mut Daemon) -> Result<String, CommandError> {
+        let svc = d.state.service(&self.service)?;
         if svc.config.mode != crate::config::Mode::Connection {
             return Err(format!(
                 "service {:?} is in request mode: each request is balanced, not each flow",
                 self.service
-            ));
+            )
+            .into());
         }
         let key = self.flow_key(svc)?;
         let h = hash::flow_hash(&key);
         let bucket = hash::bucket(&key);
-        let table = d.live_table(&self.service).map_err(|e| e.to_string())?;
+        let table = d.live_table(&self.service)?;
         let id = table[bucket as usize];
         let held = table.iter().filter(|&&b| b == id).count();
         let generation = d.generation(&self.service);

@@ -1,3 +1,4 @@
+use crate::control::CommandError;
 use crate::{daemon::Daemon, state::parse_weight};
 
 /// `set split SERVICE POOL=N [POOL=N …]`: all pools at once, atomically.
@@ -33,7 +34,7 @@ impl SetSplit {
         })
     }
 
-    pub fn execute(self, d: &mut Daemon) -> Result<String, String> {
+    pub fn execute(self, d: &mut Daemon) -> Result<String, CommandError> {
         d.change(&self.service, |st| st.set_split(&self.service, &self.split))?;
         Ok(String::new())
     }

@@ -1,3 +1,4 @@
+use crate::control::CommandError;
 use crate::{control::split_path, daemon::Daemon, state::AdminState};
 
 /// `set state SERVICE/POOL/BACKEND ready|drain|maint`.
@@ -29,7 +30,7 @@ impl SetState {
         }
     }
 
-    pub fn execute(self, d: &mut Daemon) -> Result<String, String> {
+    pub fn execute(self, d: &mut Daemon) -> Result<String, CommandError> {
         d.change(&self.service, |st| {
             st.backend_mut(&self.service, &self.pool, &self.backend)?
                 .state = self.state;

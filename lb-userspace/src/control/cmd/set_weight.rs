@@ -1,3 +1,4 @@
+use crate::control::CommandError;
 use crate::{control::split_path, daemon::Daemon, state::parse_weight};
 
 /// `set weight SERVICE/POOL N` or `set weight SERVICE/POOL/BACKEND N`.
@@ -34,7 +35,7 @@ impl SetWeight {
         }
     }
 
-    pub fn execute(self, d: &mut Daemon) -> Result<String, String> {
+    pub fn execute(self, d: &mut Daemon) -> Result<String, CommandError> {
         let service = self.service.clone();
         d.change(&service, |st| match &self.backend {
             None => st.set_pool_weight(&self.service, &self.pool, self.weight),

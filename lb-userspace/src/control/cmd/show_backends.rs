@@ -1,3 +1,4 @@
+use crate::control::CommandError;
 use crate::daemon::Daemon;
 
 /// `show backends [SERVICE]`: a table of every backend with its effective share.
@@ -17,18 +18,18 @@ impl ShowBackends {
         }
     }
 
-    pub fn execute(self, d: &mut Daemon) -> Result<String, String> {
+    pub fn execute(self, d: &mut Daemon) -> Result<String, CommandError> {
         let names: Vec<String> = match &self.service {
             Some(s) => {
-                d.state.service(s).map_err(|e| e.to_string())?;
+                d.state.service(s)?;
                 vec![s.clone()]
             }
             None => d.state.services.keys().cloned().collect(),
         };
         let mut out = String::from("service pool backend weight share state health\n");
         for name in names {
-            let svc = d.state.service(&name).map_err(|e| e.to_string())?;
-            let shares = d.state.shares(&name).map_err(|e| e.to_string())?;
+            let svc = d.state.service(&name)?;
+            let shares = d.state.shares(&name)?;
             for p in &svc.pools {
                 for b in &p.backends {
                     let share = shares

@@ -1,5 +1,6 @@
 use lb_common::stats::BackendStats;
 
+use crate::control::CommandError;
 use crate::daemon::Daemon;
 
 /// `show stat [json]`: one row per backend with its weights, state, health and the data
@@ -21,11 +22,11 @@ impl ShowStat {
         }
     }
 
-    pub fn execute(self, d: &mut Daemon) -> Result<String, String> {
+    pub fn execute(self, d: &mut Daemon) -> Result<String, CommandError> {
         // Shares once per service, not once per backend.
         let mut shares = std::collections::HashMap::new();
         for name in d.state.services.keys() {
-            for x in d.state.shares(name).map_err(|e| e.to_string())? {
+            for x in d.state.shares(name)? {
                 shares.insert(x.id, x.share);
             }
         }
@@ -35,7 +36,7 @@ impl ShowStat {
             let st = if s.config.mode == crate::config::Mode::Connection {
                 d.kernel
                     .backend_stats(b.id)
-                    .map_err(|e| format!("reading counters: {e}"))?
+                    .map_err(CommandError::Counters)?
             } else {
                 BackendStats::default()
             };

@@ -1,5 +1,6 @@
 use std::collections::HashMap;
 
+use crate::control::CommandError;
 use crate::daemon::Daemon;
 
 /// `show table SERVICE`: how many buckets each backend holds, and the table generation.
@@ -18,10 +19,10 @@ impl ShowTable {
         }
     }
 
-    pub fn execute(self, d: &mut Daemon) -> Result<String, String> {
-        let svc = d.state.service(&self.service).map_err(|e| e.to_string())?;
+    pub fn execute(self, d: &mut Daemon) -> Result<String, CommandError> {
+        let svc = d.state.service(&self.service)?;
         // The table the kernel uses, as published: no rebuild.
-        let table = d.live_table(&self.service).map_err(|e| e.to_string())?;
+        let table = d.live_table(&self.service)?;
         let mut counts: HashMap<u32, u32> = HashMap::new();
         for &id in table.iter() {
             *counts.entry(id).or_default() += 1;
