@@ -11,6 +11,7 @@ pub mod csum;
 pub mod flow;
 pub mod guard;
 pub mod hash;
+pub mod layout;
 pub mod service;
 pub mod stats;
 

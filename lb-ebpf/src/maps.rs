@@ -1,5 +1,6 @@
 //! Every map the data plane uses. Userspace writes services, ports, tables, backends and
-//! sources; the kernel writes the rest.
+//! sources; the kernel writes the rest. The pinned maps' sizes come from
+//! `lb_common::layout`, which userspace checks pinned maps against.
 
 use aya_ebpf::{
     Global,
@@ -7,60 +8,63 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    DEFAULT_CONNTRACK_MAX, MAX_BACKENDS, MAX_SERVICES, Tunables,
+    Tunables,
     backend::{BackendInfo, NextHop},
     conntrack::{CtValue, RnatValue},
     flow::FlowKey,
-    guard::{MAX_SOURCE_RULES, SourceAddr, SourceRule},
+    guard::{SourceAddr, SourceRule},
+    layout,
     service::{MaglevTable, PortServices, ServiceKey, ServiceValue},
-    stats::{BackendStats, STAT_COUNT},
+    stats::BackendStats,
 };
 
 /// (VIP, port, proto) → service id, live table slot, SNAT address.
 #[map]
 pub static LB_SERVICES: HashMap<ServiceKey, ServiceValue> =
-    HashMap::with_max_entries(MAX_SERVICES, 0);
+    HashMap::with_max_entries(layout::SERVICES.max_entries, 0);
 
 /// Destination port (host order) → the ids of the services on it, and their VIP if just one.
 #[map]
-pub static LB_PORTS: Array<PortServices> = Array::with_max_entries(65536, 0);
+pub static LB_PORTS: Array<PortServices> = Array::with_max_entries(layout::PORTS.max_entries, 0);
 
 /// `service id * 2 + slot` → the Maglev table (bucket → backend id) for that slot.
 #[map]
-pub static LB_TABLES: Array<MaglevTable> = Array::with_max_entries(MAX_SERVICES * 2, 0);
+pub static LB_TABLES: Array<MaglevTable> = Array::with_max_entries(layout::TABLES.max_entries, 0);
 
 /// Backend id → backend address and port (id 0 is never used).
 #[map]
-pub static LB_BACKENDS: Array<BackendInfo> = Array::with_max_entries(MAX_BACKENDS, 0);
+pub static LB_BACKENDS: Array<BackendInfo> =
+    Array::with_max_entries(layout::BACKENDS.max_entries, 0);
 
 /// Client-side 5-tuple (client → VIP) → chosen backend, SNAT port, state, last seen.
 #[map]
 pub static LB_CONNTRACK: LruHashMap<FlowKey, CtValue> =
-    LruHashMap::with_max_entries(DEFAULT_CONNTRACK_MAX, 0);
+    LruHashMap::with_max_entries(layout::CONNTRACK.max_entries, 0);
 
 /// Backend-side 5-tuple (backend → SNAT addr:port) → client, VIP and client-side L2.
 #[map]
 pub static LB_REVERSE_NAT: LruHashMap<FlowKey, RnatValue> =
-    LruHashMap::with_max_entries(DEFAULT_CONNTRACK_MAX, 0);
+    LruHashMap::with_max_entries(layout::REVERSE_NAT.max_entries, 0);
 
 /// Backend id → this CPU's cached fib lookup result towards that backend.
 #[map]
-pub static LB_NEXT_HOPS: PerCpuArray<NextHop> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
+pub static LB_NEXT_HOPS: PerCpuArray<NextHop> =
+    PerCpuArray::with_max_entries(layout::NEXT_HOPS.max_entries, 0);
 
 /// Backend id → this CPU's packet/byte/flow counters for that backend.
 #[map]
 pub static LB_BACKEND_STATS: PerCpuArray<BackendStats> =
-    PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
+    PerCpuArray::with_max_entries(layout::BACKEND_STATS.max_entries, 0);
 
 /// `Stat` index → this CPU's count of verdicts and reasons.
 #[map]
-pub static LB_XDP_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STAT_COUNT, 0);
+pub static LB_XDP_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(layout::XDP_STATS.max_entries, 0);
 
 /// Source prefix (family, address) → the only interface a new flow from it may arrive on
 /// (0 = none: martian sources, our own addresses). Sources not in it are ordinary clients.
 #[map]
 pub static LB_SOURCES: LpmTrie<SourceAddr, SourceRule> =
-    LpmTrie::with_max_entries(MAX_SOURCE_RULES, 0);
+    LpmTrie::with_max_entries(layout::SOURCES.max_entries, 0);
 
 /// Index 0 → this CPU's next SNAT port index within its port class (see `select`). Not
 /// pinned: after a restart allocation starts over, and finds the oldest ports anyway.

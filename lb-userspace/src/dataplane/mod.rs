@@ -123,85 +123,26 @@ pub fn ensure_bpffs(dir: &Path) -> Result<()> {
 }
 
 /// What each pinned map must look like for this build to use it: type, key size, value size,
-/// and the entry count (`None` where the config sets it: conntrack and reverse NAT).
-fn expected_maps() -> [(&'static str, MapType, usize, usize, Option<u32>); 10] {
-    use lb_common::{
-        conntrack::{CtValue, RnatValue},
-        flow::FlowKey,
-    };
-    use std::mem::size_of;
-    [
+/// and the entry count (`None` where the config sets it: conntrack and reverse NAT), from
+/// the one description the kernel crate is sized by.
+fn expected_maps() -> impl Iterator<Item = (&'static str, MapType, usize, usize, Option<u32>)> {
+    use lb_common::layout::MapKind;
+    lb_common::layout::PINNED.into_iter().map(|m| {
+        let ty = match m.kind {
+            MapKind::Hash => MapType::Hash,
+            MapKind::LruHash => MapType::LruHash,
+            MapKind::Array => MapType::Array,
+            MapKind::PerCpuArray => MapType::PerCpuArray,
+            MapKind::LpmTrie => MapType::LpmTrie,
+        };
         (
-            map_names::SERVICES,
-            MapType::Hash,
-            size_of::<ServiceKey>(),
-            size_of::<ServiceValue>(),
-            Some(lb_common::MAX_SERVICES),
-        ),
-        (
-            map_names::PORTS,
-            MapType::Array,
-            4,
-            size_of::<PortServices>(),
-            Some(65536),
-        ),
-        (
-            map_names::TABLES,
-            MapType::Array,
-            4,
-            size_of::<MaglevTable>(),
-            Some(lb_common::MAX_SERVICES * 2),
-        ),
-        (
-            map_names::BACKENDS,
-            MapType::Array,
-            4,
-            size_of::<BackendInfo>(),
-            Some(MAX_BACKENDS),
-        ),
-        (
-            map_names::CONNTRACK,
-            MapType::LruHash,
-            size_of::<FlowKey>(),
-            size_of::<CtValue>(),
-            None,
-        ),
-        (
-            map_names::REVERSE_NAT,
-            MapType::LruHash,
-            size_of::<FlowKey>(),
-            size_of::<RnatValue>(),
-            None,
-        ),
-        (
-            map_names::NEXT_HOPS,
-            MapType::PerCpuArray,
-            4,
-            size_of::<NextHop>(),
-            Some(MAX_BACKENDS),
-        ),
-        (
-            map_names::BACKEND_STATS,
-            MapType::PerCpuArray,
-            4,
-            size_of::<BackendStats>(),
-            Some(MAX_BACKENDS),
-        ),
-        (
-            map_names::XDP_STATS,
-            MapType::PerCpuArray,
-            4,
-            size_of::<u64>(),
-            Some(STAT_COUNT),
-        ),
-        (
-            map_names::SOURCES,
-            MapType::LpmTrie,
-            4 + size_of::<SourceAddr>(),
-            size_of::<SourceRule>(),
-            Some(lb_common::guard::MAX_SOURCE_RULES),
-        ),
-    ]
+            m.name,
+            ty,
+            m.key_size,
+            m.value_size,
+            (!m.sized_by_config).then_some(m.max_entries),
+        )
+    })
 }
 
 /// Refuses pinned maps this build would misread: a layout change without a version bump, or
