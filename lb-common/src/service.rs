@@ -52,10 +52,11 @@ impl PortServices {
 pub struct ServiceValue {
     /// Source address of packets towards backends (full-NAT).
     pub snat_addr: IpBytes,
-    /// Index of this service in [`crate::map_names::TABLES`] (`id * 2 + slot`).
+    /// Index of this service in [`crate::map_names::TABLES`] (`id * 2 + half`).
     pub id: u32,
-    /// Which of the service's two table slots is live (0 or 1).
-    pub slot: u32,
+    /// Which of the service's two tables is live (0 or 1): a new table is written into the
+    /// other half, then this entry is swapped to point at it.
+    pub half: u32,
     /// Table generation, bumped on every table change (for `show table` and metrics).
     pub generation: u32,
     /// Explicit padding.
@@ -68,7 +69,7 @@ impl ServiceValue {
     /// Index of the live table in [`crate::map_names::TABLES`].
     #[inline(always)]
     pub const fn table_index(&self) -> u32 {
-        self.id * 2 + (self.slot & 1)
+        self.id * 2 + (self.half & 1)
     }
 }
 

@@ -18,7 +18,7 @@ use lb_common::{
     stats::BackendStats,
 };
 
-/// (VIP, port, proto) → service id, live table slot, SNAT address.
+/// (VIP, port, proto) → service index, which of its two tables is live, SNAT address.
 #[map]
 pub static LB_SERVICES: HashMap<ServiceKey, ServiceValue> =
     HashMap::with_max_entries(layout::SERVICES.max_entries, 0);
@@ -27,7 +27,7 @@ pub static LB_SERVICES: HashMap<ServiceKey, ServiceValue> =
 #[map]
 pub static LB_PORTS: Array<PortServices> = Array::with_max_entries(layout::PORTS.max_entries, 0);
 
-/// `service id * 2 + slot` → the Maglev table (bucket → backend id) for that slot.
+/// `service index * 2 + half` → one of the service's two Maglev tables (bucket → backend id).
 #[map]
 pub static LB_TABLES: Array<MaglevTable> = Array::with_max_entries(layout::TABLES.max_entries, 0);
 
@@ -58,7 +58,8 @@ pub static LB_BACKEND_STATS: PerCpuArray<BackendStats> =
 
 /// `Stat` index → this CPU's count of verdicts and reasons.
 #[map]
-pub static LB_XDP_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(layout::XDP_STATS.max_entries, 0);
+pub static LB_XDP_STATS: PerCpuArray<u64> =
+    PerCpuArray::with_max_entries(layout::XDP_STATS.max_entries, 0);
 
 /// Source prefix (family, address) → the only interface a new flow from it may arrive on
 /// (0 = none: martian sources, our own addresses). Sources not in it are ordinary clients.

@@ -42,7 +42,7 @@ pub fn keep_from_dataplane(dp: &dyn Kernel) -> Result<Keep> {
             lb_common::PROTO_UDP => crate::config::Protocol::Udp,
             _ => crate::config::Protocol::Tcp,
         };
-        keep.slots_by_listener
+        keep.indexes_by_listener
             .insert((ip, u16::from_be(k.port), proto), v.id);
     }
     Ok(keep)
@@ -249,13 +249,13 @@ impl Daemon {
         }
         let started = std::time::Instant::now();
         let key = service_key(svc);
-        let slot = svc.slot;
+        let index = svc.index;
         let (snat, _) = ip_bytes(svc.config.snat.context("connection service without snat")?);
         let entries = self.state.table_entries(name)?;
         let (built, fresh) = self.tables.get_or_build(&entries, lb_common::TABLE_SIZE);
         let mut table = crate::dataplane::empty_table();
         table.buckets.copy_from_slice(&built);
-        let generation = self.kernel.publish_table(&key, slot, snat, &table)?;
+        let generation = self.kernel.publish_table(&key, index, snat, &table)?;
         self.metrics
             .table_build
             .observe(started.elapsed().as_secs_f64());

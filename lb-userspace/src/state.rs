@@ -89,9 +89,15 @@ impl Pool {
 pub struct Service {
     pub config: config::Service,
     pub pools: Vec<Pool>,
-    /// Index in the data plane's service slots (connection mode).
-    pub slot: u32,
+    /// Its index in the data plane (connection mode): its tables are `2 × index` and
+    /// `2 × index + 1`, its bit in the ports map is `index`.
+    pub index: ServiceIndex,
 }
+
+/// A connection-mode service's index in the data plane (0 ≤ index < `MAX_SERVICES`). Not to be
+/// confused with which of its two tables is live (`ServiceValue::half`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ServiceIndex(pub u32);
 
 /// Why a change was refused. Nothing was changed.
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -136,10 +142,10 @@ pub struct Keep {
     pub backend_ids: HashMap<(String, String), u32>,
     /// Backend id by address: ids found in the pinned backend map after a restart.
     pub backend_ids_by_addr: HashMap<SocketAddr, u32>,
-    /// Table slot by service name.
-    pub slots: HashMap<String, u32>,
-    /// Table slot by listener: slots found in the pinned service map after a restart.
-    pub slots_by_listener: HashMap<(IpAddr, u16, config::Protocol), u32>,
+    /// Service index by service name.
+    pub indexes: HashMap<String, u32>,
+    /// Service index by listener: indexes found in the pinned service map after a restart.
+    pub indexes_by_listener: HashMap<(IpAddr, u16, config::Protocol), u32>,
     /// Admin state and health by (service, backend name).
     pub runtime: HashMap<(String, String), (AdminState, bool)>,
 }
@@ -185,9 +191,9 @@ impl State {
             .iter()
             .map(|s| {
                 let slot = keep
-                    .slots
+                    .indexes
                     .get(&s.name)
-                    .or_else(|| keep.slots_by_listener.get(&(s.vip, s.port, s.protocol)))
+                    .or_else(|| keep.indexes_by_listener.get(&(s.vip, s.port, s.protocol)))
                     .copied()?;
                 (s.mode == Mode::Connection
                     && slot < lb_common::MAX_SERVICES
@@ -260,7 +266,7 @@ impl State {
                 Service {
                     config: s.clone(),
                     pools,
-                    slot,
+                    index: ServiceIndex(slot),
                 },
             );
         }
@@ -272,7 +278,7 @@ impl State {
         let mut k = Keep::default();
         for (name, s) in &self.services {
             if s.config.mode == Mode::Connection {
-                k.slots.insert(name.clone(), s.slot);
+                k.indexes.insert(name.clone(), s.index.0);
             }
             for p in &s.pools {
                 for b in &p.backends {
@@ -547,8 +553,8 @@ backends = ["10.20.0.11:8080"]
         // Kept: id, drain, health — even though pools were reordered and a service added.
         assert_eq!(id(&next, "10.20.0.21:8080"), id(&st, "10.20.0.21:8080"));
         assert_eq!(id(&next, "10.20.0.11:8080"), id(&st, "10.20.0.11:8080"));
-        assert_eq!(next.services["web"].slot, st.services["web"].slot);
-        assert_ne!(next.services["api"].slot, st.services["web"].slot);
+        assert_eq!(next.services["web"].index, st.services["web"].index);
+        assert_ne!(next.services["api"].index, st.services["web"].index);
         // New backends get ids never used before (the removed ones' ids are not reused).
         let old_ids: Vec<u32> = st.backends().map(|(_, _, b)| b.id).collect();
         for b in ["10.20.0.23:8080", "10.20.0.31:8080"] {

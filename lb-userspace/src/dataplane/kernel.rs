@@ -17,7 +17,7 @@ use lb_common::{
     stats::{BackendStats, STAT_COUNT},
 };
 
-use crate::config::XdpMode;
+use crate::{config::XdpMode, state::ServiceIndex};
 
 /// The data plane as the control plane uses it. Every write is whole (a backend slot, a
 /// service's table and entry, the source guard); reads are summed over CPUs.
@@ -35,7 +35,7 @@ pub trait Kernel: Send {
     fn publish_table(
         &mut self,
         key: &ServiceKey,
-        id: u32,
+        index: ServiceIndex,
         snat_addr: IpBytes,
         table: &MaglevTable,
     ) -> Result<u32>;
@@ -67,11 +67,11 @@ impl Kernel for super::Dataplane {
     fn publish_table(
         &mut self,
         key: &ServiceKey,
-        id: u32,
+        index: ServiceIndex,
         snat_addr: IpBytes,
         table: &MaglevTable,
     ) -> Result<u32> {
-        super::Dataplane::publish_table(self, key, id, snat_addr, table)
+        super::Dataplane::publish_table(self, key, index.0, snat_addr, table)
     }
     fn remove_service(&mut self, key: &ServiceKey) -> Result<()> {
         super::Dataplane::remove_service(self, key)
@@ -187,20 +187,21 @@ impl Kernel for FakeKernel {
     fn publish_table(
         &mut self,
         key: &ServiceKey,
-        id: u32,
+        index: ServiceIndex,
         snat_addr: IpBytes,
         table: &MaglevTable,
     ) -> Result<u32> {
+        let id = index.0;
         let mut st = self.state();
-        let (slot, generation) = match st.services.get(key).filter(|(v, _)| v.id == id) {
-            Some((v, _)) => ((v.slot + 1) & 1, v.generation.wrapping_add(1)),
+        let (half, generation) = match st.services.get(key).filter(|(v, _)| v.id == id) {
+            Some((v, _)) => ((v.half + 1) & 1, v.generation.wrapping_add(1)),
             None => (0, 1),
         };
         st.write(Write::Publish { id, generation })?;
         let value = ServiceValue {
             snat_addr,
             id,
-            slot,
+            half,
             generation,
             _pad: 0,
         };

@@ -48,9 +48,9 @@ pub const IDEAL_FORWARDER: &str = "lb_ideal_fwd";
 /// Version of the pin layout; bump when a map's key or value changes.
 pub const PIN_LAYOUT: &str = "v1";
 
-/// A packet sees a table slot for well under a microsecond; waiting this long before
-/// rewriting a slot that was live guarantees no packet still reads it.
-const SLOT_GRACE: Duration = Duration::from_millis(5);
+/// A packet reads a table half for well under a microsecond; waiting this long before
+/// rewriting a half that was live guarantees no packet still reads it.
+const HALF_GRACE: Duration = Duration::from_millis(5);
 
 /// How to load the program.
 #[derive(Clone, Debug)]
@@ -195,7 +195,7 @@ pub struct Dataplane {
     /// Counts the conntrack map's entries off the caller's thread, for metrics.
     conntrack: counter::Counter,
     conntrack_capacity: u32,
-    /// When each service's slot last stopped being live.
+    /// When each service's previous table half last stopped being live.
     retired: StdHashMap<u32, Instant>,
     /// Pinned links (kept so that dropping the Dataplane never detaches them).
     links: Vec<PinnedLink>,
@@ -427,7 +427,7 @@ impl Dataplane {
         self.services.get(key, 0).ok()
     }
 
-    /// Publishes a new table for a service atomically: the table goes into the slot that is
+    /// Publishes a new table for a service atomically: the table goes into the half that is
     /// not live, then the service entry is replaced (one atomic element swap) to point at it.
     /// Returns the new generation.
     pub fn publish_table(
@@ -438,23 +438,23 @@ impl Dataplane {
         table: &MaglevTable,
     ) -> Result<u32> {
         let current = self.service(key).filter(|v| v.id == id);
-        let (slot, generation) = match current {
-            Some(v) => ((v.slot + 1) & 1, v.generation.wrapping_add(1)),
+        let (half, generation) = match current {
+            Some(v) => ((v.half + 1) & 1, v.generation.wrapping_add(1)),
             None => (0, 1),
         };
         if let Some(t) = self.retired.get(&id) {
             let since = t.elapsed();
-            if since < SLOT_GRACE {
-                std::thread::sleep(SLOT_GRACE - since);
+            if since < HALF_GRACE {
+                std::thread::sleep(HALF_GRACE - since);
             }
         }
-        self.tables.set(id * 2 + slot, table, 0)?;
+        self.tables.set(id * 2 + half, table, 0)?;
         self.services.insert(
             key,
             ServiceValue {
                 snat_addr,
                 id,
-                slot,
+                half,
                 generation,
                 _pad: 0,
             },
