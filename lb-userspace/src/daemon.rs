@@ -66,6 +66,10 @@ pub struct Daemon {
     pub kernel: Box<dyn Kernel>,
     /// Per service: the generation and buckets last published (what the kernel uses now).
     published: HashMap<String, (u32, std::sync::Arc<Vec<u32>>)>,
+    /// Services whose new table waits for the grace of their previous one, and until when:
+    /// [`Daemon::publish_due`] publishes them (the latest state then, so a burst of changes
+    /// costs one publish).
+    pending: HashMap<String, tokio::time::Instant>,
     /// Recently built tables, so that returning to a recent split skips the build.
     tables: crate::maglev::Cache,
     pub metrics: Metrics,
@@ -81,6 +85,7 @@ impl Daemon {
             state,
             kernel,
             published: HashMap::new(),
+            pending: HashMap::new(),
             tables: crate::maglev::Cache::default(),
             metrics: Metrics::new(),
             views: HashMap::new(),
@@ -118,6 +123,35 @@ impl Daemon {
             return Err(ChangeError::DataPlane(e));
         }
         Ok(())
+    }
+
+    /// When the next deferred publish is due (`None`: nothing waits).
+    pub fn next_publish(&self) -> Option<tokio::time::Instant> {
+        self.pending.values().min().copied()
+    }
+
+    /// Publishes the tables whose grace has ended, from the state as it is now.
+    pub fn publish_due(&mut self) {
+        let now = tokio::time::Instant::now();
+        let due: Vec<String> = self
+            .pending
+            .iter()
+            .filter(|(_, t)| **t <= now)
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in due {
+            self.pending.remove(&name);
+            if !self.state.services.contains_key(&name) {
+                continue;
+            }
+            if let Err(e) = self.sync_service(&name) {
+                tracing::error!(
+                    service = name,
+                    error = format!("{e:#}"),
+                    "deferred table publish failed"
+                );
+            }
+        }
     }
 
     /// Applies a health check's transition to the state and the table (unless it comes
@@ -214,6 +248,7 @@ impl Daemon {
         }
         let services = &self.state.services;
         self.published.retain(|n, _| services.contains_key(n));
+        self.pending.retain(|n, _| services.contains_key(n));
         self.views.retain(|n, _| {
             services
                 .get(n)
@@ -250,6 +285,12 @@ impl Daemon {
         let started = std::time::Instant::now();
         let key = service_key(svc);
         let index = svc.index;
+        if let Some(until) = self.kernel.grace_until(index) {
+            // Its other half was live a moment ago: publish when it is safe, not now.
+            self.pending.insert(name.to_string(), until);
+            return Ok(());
+        }
+        self.pending.remove(name);
         let (snat, _) = ip_bytes(svc.config.snat.context("connection service without snat")?);
         let entries = self.state.table_entries(name)?;
         let (built, fresh) = self.tables.get_or_build(&entries, lb_common::TABLE_SIZE);

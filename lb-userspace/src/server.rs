@@ -136,13 +136,22 @@ pub async fn run(
     daemon.listeners = listeners.clone();
     tracing::info!("lbd running");
     let mut running = cfg.clone();
+    // Replies to commands whose table is not live yet (see the timer branch below).
+    let mut held: Vec<(tokio::sync::oneshot::Sender<String>, String)> = Vec::new();
     let result = loop {
+        let next_publish = daemon.next_publish();
         tokio::select! {
             Some(req) = rx.recv() => {
                 let (reply, command, ok) = crate::control::handle_line(&mut daemon, &req.line);
                 // Escaped: a CR or a newline in a command must not forge log lines.
                 tracing::info!(command, ok, line = %req.line.escape_debug(), "control command");
-                let _ = req.reply.send(reply);
+                // A reply means the kernel has the change: while a table waits for its
+                // grace, replies wait with it (that client's next line too; nothing else).
+                if daemon.next_publish().is_some() {
+                    held.push((req.reply, reply));
+                } else {
+                    let _ = req.reply.send(reply);
+                }
                 // `set state … maint` stops a backend's checks; `ready` restarts them.
                 checker.reconcile(&daemon.state);
             }
@@ -161,6 +170,20 @@ pub async fn run(
                 daemon.apply_health(&checker, ev);
             }
             Some(s) = scrape_rx.recv() => { let _ = s.reply.send(daemon.scrape()); }
+            // A table that had to wait for its other half's grace (back-to-back changes).
+            _ = async {
+                match next_publish {
+                    Some(t) => tokio::time::sleep_until(t).await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                daemon.publish_due();
+                if daemon.next_publish().is_none() {
+                    for (tx, reply) in held.drain(..) {
+                        let _ = tx.send(reply);
+                    }
+                }
+            }
             signal = signals.recv() => match signal {
                 Some(Signal::Reload) => {
                     reload(&mut daemon, &mut running, &path, host);

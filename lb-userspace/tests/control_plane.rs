@@ -454,3 +454,41 @@ fn help_lists_every_command_of_the_grammar_and_names_are_the_metric_labels() {
             .contains(r#"lb_control_commands_total{command="show services",result="ok"} 2"#)
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn changes_within_a_tables_grace_are_published_together_once_it_ends_without_blocking() {
+    let (mut d, k) = daemon(CONFIG);
+    k.state().grace = Some(Duration::from_millis(5));
+    // sync_all published at t=0: the table's other half is in its grace for 5 ms.
+    let generation = d.generation("web");
+    let writes = k.state().writes.len();
+    run(&mut d, "set split web legacy=50 k8s=50");
+    run(&mut d, "set split web legacy=0 k8s=100");
+    run(&mut d, "set split web legacy=20 k8s=80");
+    assert_eq!(
+        k.state().writes.len(),
+        writes,
+        "nothing written during the grace (and no command waited for it)"
+    );
+    assert_eq!(
+        d.generation("web"),
+        generation,
+        "the kernel still has the old table"
+    );
+    let due = d.next_publish().expect("a publish is scheduled");
+    tokio::time::sleep_until(due).await;
+    d.publish_due();
+    let st = k.state();
+    assert_eq!(
+        st.writes[writes..],
+        [Write::Publish {
+            id: 0,
+            generation: generation + 1
+        }],
+        "one publish for the three changes"
+    );
+    drop(st);
+    let k8s = buckets(&k)[&id(&d, "10.20.0.21:8080")] as f64 / lb_common::TABLE_SIZE as f64;
+    assert!((k8s - 0.40).abs() < 1e-4, "the last split is live: {k8s}");
+    assert_eq!(d.next_publish(), None);
+}

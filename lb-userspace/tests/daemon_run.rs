@@ -201,6 +201,39 @@ async fn the_whole_daemon_runs_in_process_on_a_fake_kernel() {
         "{text}"
     );
 
+    // Back-to-back changes: the second waits for the first table's grace without holding
+    // up the loop, and its reply still means the kernel has it.
+    kernel.state().grace = Some(Duration::from_secs(1));
+    control(&socket, "set weight web/legacy 10").await;
+    let generation = kernel
+        .state()
+        .services
+        .values()
+        .next()
+        .unwrap()
+        .0
+        .generation;
+    let started = Instant::now();
+    let reply = control(&socket, "set weight web/legacy 20").await;
+    assert!(!reply.starts_with("error"), "{reply}");
+    assert!(
+        started.elapsed() >= Duration::from_millis(20),
+        "the reply waited for the table"
+    );
+    assert_eq!(
+        kernel
+            .state()
+            .services
+            .values()
+            .next()
+            .unwrap()
+            .0
+            .generation,
+        generation + 1,
+        "the reply came once the table was live"
+    );
+    kernel.state().grace = None;
+
     // A reload that drops the dead backend: its slot is cleared.
     std::fs::write(&path, config(&dir, metrics, &[addr_a])).unwrap();
     signals.send(Signal::Reload).await.unwrap();

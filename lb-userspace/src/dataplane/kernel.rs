@@ -39,6 +39,10 @@ pub trait Kernel: Send {
         snat_addr: IpBytes,
         table: &MaglevTable,
     ) -> Result<u32>;
+    /// Until when the service at `index` may not get a new table (the half it would be
+    /// written into was live a moment ago and a packet may still read it); `None`: now. The
+    /// daemon schedules the publish for then instead of waiting.
+    fn grace_until(&self, index: ServiceIndex) -> Option<tokio::time::Instant>;
     /// Stops balancing a service (its flows' packets then go to the kernel's stack).
     fn remove_service(&mut self, key: &ServiceKey) -> Result<()>;
     /// Every service entry.
@@ -72,6 +76,9 @@ impl Kernel for super::Dataplane {
         table: &MaglevTable,
     ) -> Result<u32> {
         super::Dataplane::publish_table(self, key, index.0, snat_addr, table)
+    }
+    fn grace_until(&self, index: ServiceIndex) -> Option<tokio::time::Instant> {
+        super::Dataplane::grace_until(self, index.0)
     }
     fn remove_service(&mut self, key: &ServiceKey) -> Result<()> {
         super::Dataplane::remove_service(self, key)
@@ -116,6 +123,10 @@ pub struct FakeState {
     pub xdp_stats: Vec<u64>,
     /// When set, the next write fails (and is not applied), as a kernel out of memory would.
     pub fail_next_write: bool,
+    /// Emulates the real data plane's grace after a publish (`None`: no grace).
+    pub grace: Option<std::time::Duration>,
+    /// When each service index was last published (for `grace`).
+    pub published_at: HashMap<u32, tokio::time::Instant>,
 }
 
 impl FakeState {
@@ -197,7 +208,15 @@ impl Kernel for FakeKernel {
             Some((v, _)) => ((v.half + 1) & 1, v.generation.wrapping_add(1)),
             None => (0, 1),
         };
+        if let Some(until) = st
+            .grace
+            .and_then(|g| Some(*st.published_at.get(&id)? + g))
+            .filter(|u| *u > tokio::time::Instant::now())
+        {
+            bail!("publish during the grace period (until {until:?})");
+        }
         st.write(Write::Publish { id, generation })?;
+        st.published_at.insert(id, tokio::time::Instant::now());
         let value = ServiceValue {
             snat_addr,
             id,
@@ -207,6 +226,11 @@ impl Kernel for FakeKernel {
         };
         st.services.insert(*key, (value, table.buckets.to_vec()));
         Ok(generation)
+    }
+    fn grace_until(&self, index: ServiceIndex) -> Option<tokio::time::Instant> {
+        let st = self.state();
+        let until = *st.published_at.get(&index.0)? + st.grace?;
+        (until > tokio::time::Instant::now()).then_some(until)
     }
     fn remove_service(&mut self, key: &ServiceKey) -> Result<()> {
         let mut st = self.state();

@@ -11,7 +11,7 @@ pub use kernel::{FakeKernel, FakeState, Kernel, Write};
 use std::{
     collections::HashMap as StdHashMap,
     path::{Path, PathBuf},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use anyhow::{Context as _, Result, anyhow, bail};
@@ -196,7 +196,7 @@ pub struct Dataplane {
     conntrack: counter::Counter,
     conntrack_capacity: u32,
     /// When each service's previous table half last stopped being live.
-    retired: StdHashMap<u32, Instant>,
+    retired: StdHashMap<u32, tokio::time::Instant>,
     /// Pinned links (kept so that dropping the Dataplane never detaches them).
     links: Vec<PinnedLink>,
 }
@@ -442,11 +442,11 @@ impl Dataplane {
             Some(v) => ((v.half + 1) & 1, v.generation.wrapping_add(1)),
             None => (0, 1),
         };
-        if let Some(t) = self.retired.get(&id) {
-            let since = t.elapsed();
-            if since < HALF_GRACE {
-                std::thread::sleep(HALF_GRACE - since);
-            }
+        if let Some(until) = self.grace_until(id) {
+            bail!(
+                "service index {id}: its previous table half is in its grace period for {:?} more (publish after it)",
+                until.saturating_duration_since(tokio::time::Instant::now())
+            );
         }
         self.tables.set(id * 2 + half, table, 0)?;
         self.services.insert(
@@ -460,10 +460,18 @@ impl Dataplane {
             },
             0,
         )?;
-        self.retired.insert(id, Instant::now());
+        self.retired.insert(id, tokio::time::Instant::now());
         // After the service entry: a packet that sees the port's bit finds the service.
         self.sync_port(key.port)?;
         Ok(generation)
+    }
+
+    /// Until when the service at index `id` may not get a new table: the half it would be
+    /// written into stopped being live less than [`HALF_GRACE`] ago (a packet may still read
+    /// it). `None`: now.
+    pub fn grace_until(&self, id: u32) -> Option<tokio::time::Instant> {
+        let until = *self.retired.get(&id)? + HALF_GRACE;
+        (until > tokio::time::Instant::now()).then_some(until)
     }
 
     /// Stops balancing a service (its flows' packets then go to the kernel).
