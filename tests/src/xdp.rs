@@ -115,6 +115,14 @@ pub fn single_backend_service(
     let key = service_key(vip, port, proto);
     let mut t = empty_table();
     t.buckets = [backend; TABLE_SIZE as usize];
+    // As the daemon does: a table half that was live a moment ago is written after its grace.
+    if let Some(until) = dp.grace_until(svc_id) {
+        std::thread::sleep(
+            until
+                .into_std()
+                .saturating_duration_since(std::time::Instant::now()),
+        );
+    }
     dp.publish_table(&key, svc_id, v4(snat), &t).unwrap();
 }
 
