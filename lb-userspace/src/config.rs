@@ -617,12 +617,17 @@ impl Config {
                     if addr.port() == 0 {
                         return Err(at(span, format!("backend {bname}: port must be 1-65535")));
                     }
-                    if addr.ip() == vip || addr.ip().is_unspecified() || addr.ip().is_multicast() {
+                    // Connection mode: a backend on the VIP's address would get the balanced
+                    // packets back; request mode: on the VIP's own port, the proxy itself.
+                    let loops = match mode {
+                        Mode::Connection => addr.ip() == vip,
+                        Mode::Request => addr == SocketAddr::new(vip, port),
+                    };
+                    if loops || addr.ip().is_unspecified() || addr.ip().is_multicast() {
                         return Err(at(
                             span,
                             format!(
-                                "backend {bname}: {} cannot be a backend address (the VIP itself, unspecified or multicast)",
-                                addr.ip()
+                                "backend {bname}: {addr} cannot be a backend address (the service's own VIP, unspecified or multicast)"
                             ),
                         ));
                     }

@@ -4,11 +4,14 @@
 
 use std::{
     io::{Read as _, Write as _},
-    net::{SocketAddr, TcpListener, TcpStream},
+    net::{SocketAddr, TcpStream},
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
 
+mod common;
+
+use common::{Backend, free_port};
 use lb_userspace::{
     config::Config,
     control::client::request,
@@ -16,52 +19,6 @@ use lb_userspace::{
     host::NoHost,
     server::{self, Signal},
 };
-
-/// A backend for TCP health checks: accepts (and drops) connections until dropped.
-struct Backend {
-    addr: SocketAddr,
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Backend {
-    fn start() -> Backend {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        l.set_nonblocking(true).unwrap();
-        let addr = l.local_addr().unwrap();
-        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let s = stop.clone();
-        let thread = std::thread::spawn(move || {
-            while !s.load(std::sync::atomic::Ordering::Relaxed) {
-                if l.accept().is_err() {
-                    std::thread::sleep(Duration::from_millis(2));
-                }
-            }
-        });
-        Backend {
-            addr,
-            stop,
-            thread: Some(thread),
-        }
-    }
-}
-
-impl Drop for Backend {
-    fn drop(&mut self) {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 fn config(dir: &Path, metrics: u16, backends: &[SocketAddr]) -> String {
     let list: Vec<String> = backends.iter().map(|b| format!("\"{b}\"")).collect();
