@@ -236,7 +236,7 @@ fn every_command_works_and_every_bad_input_changes_nothing() {
 
     // lbctl: 0 on success, 1 on an error reply, 2 when the socket cannot be reached.
     let code = |args: &[&str]| {
-        Command::new(&lbctl)
+        Command::new(lbctl)
             .args(args)
             .output()
             .unwrap()
@@ -250,7 +250,7 @@ fn every_command_works_and_every_bad_input_changes_nothing() {
         Some(1)
     );
     assert_eq!(code(&["--socket", "/nonexistent/lb.sock", "help"]), Some(2));
-    let out = Command::new(&lbctl)
+    let out = Command::new(lbctl)
         .args(["--socket", sock, "--json", "show", "stat"])
         .output()
         .unwrap();
