@@ -62,19 +62,6 @@ pub mod map_names {
     /// Source guard (LPM trie): [`crate::guard::SourceAddr`] prefix →
     /// [`crate::guard::SourceRule`] (where SYNs from it may come from, if anywhere).
     pub const SOURCES: &str = "LB_SOURCES";
-    /// Every map, in the order userspace pins them.
-    pub const ALL: [&str; 10] = [
-        SERVICES,
-        PORTS,
-        TABLES,
-        BACKENDS,
-        CONNTRACK,
-        REVERSE_NAT,
-        NEXT_HOPS,
-        BACKEND_STATS,
-        XDP_STATS,
-        SOURCES,
-    ];
 }
 
 /// Name of the load-time global holding [`Tunables`].

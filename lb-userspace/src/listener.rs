@@ -245,7 +245,7 @@ pub fn budget(
         b.request = request.min(per_service.max(1));
     }
     if fixed > avail {
-        // Even control and metrics do not fit: halve them down to what does (one each at least).
+        // Even control and metrics do not fit: scale both down to what does (one each at least).
         b.control = (control * avail / fixed.max(1)).max(1);
         b.metrics = (metrics * avail / fixed.max(1)).max(1);
     }

@@ -218,7 +218,10 @@ impl Dataplane {
                 std::fs::create_dir_all(&maps)
                     .with_context(|| format!("creating {}", maps.display()))?;
                 std::fs::create_dir_all(links_dir(dir))?;
-                map_names::ALL.iter().map(|n| (*n, maps.join(n))).collect()
+                lb_common::layout::PINNED
+                    .iter()
+                    .map(|m| (m.name, maps.join(m.name)))
+                    .collect()
             }
             None => Vec::new(),
         };
