@@ -1,26 +1,25 @@
-//! The data plane seen from userspace: load the XDP object, attach it, pin it, and write its
-//! maps. Nothing else in the daemon touches kernel maps.
+//! The data plane seen from userspace: load the XDP object and attach it (here), its pins
+//! (`pins`), map writes (`writes`) and reads (`reads`); the control plane sees it through the
+//! `Kernel` trait (`kernel`). Nothing else in the daemon touches kernel maps.
 //!
 //! Pin layout (versioned so that an incompatible map layout is never misread):
 //! `pin_dir/v1/maps/<MAP>` and `pin_dir/v1/links/<interface>`.
 
 mod counter;
 mod kernel;
+mod pins;
+mod reads;
+mod writes;
 pub use kernel::{FakeKernel, FakeState, Kernel, Write};
+use pins::warn_other_layouts;
+pub use pins::{check_pinned_layout, ensure_bpffs, links_dir, maps_dir, remove_pins};
 
-use std::{
-    collections::HashMap as StdHashMap,
-    path::{Path, PathBuf},
-    time::Duration,
-};
+use std::{collections::HashMap as StdHashMap, path::PathBuf, time::Duration};
 
 use anyhow::{Context as _, Result, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{
-        Array, HashMap, MapData, MapInfo, MapType, PerCpuArray, PerCpuValues,
-        lpm_trie::{Key as LpmKey, LpmTrie},
-    },
+    maps::{Array, HashMap, MapData, PerCpuArray, lpm_trie::LpmTrie},
     programs::{
         Xdp, XdpMode,
         links::{FdLink, PinnedLink},
@@ -28,12 +27,12 @@ use aya::{
     util::nr_cpus,
 };
 use lb_common::{
-    MAX_BACKENDS, Tunables,
+    Tunables,
     backend::{BackendInfo, NextHop},
     guard::{SourceAddr, SourceRule},
     map_names,
     service::{MaglevTable, PortServices, ServiceKey, ServiceValue},
-    stats::{BackendStats, STAT_COUNT},
+    stats::BackendStats,
 };
 
 /// The compiled XDP object (built by build.rs from `lb-ebpf`).
@@ -72,110 +71,6 @@ impl Default for LoadOptions {
             conntrack_max: lb_common::DEFAULT_CONNTRACK_MAX,
         }
     }
-}
-
-/// Directory of this layout's pinned maps.
-pub fn maps_dir(pin_dir: &Path) -> PathBuf {
-    pin_dir.join(PIN_LAYOUT).join("maps")
-}
-
-/// Directory of this layout's pinned links.
-pub fn links_dir(pin_dir: &Path) -> PathBuf {
-    pin_dir.join(PIN_LAYOUT).join("links")
-}
-
-/// Makes sure `dir` is on a bpf filesystem, mounting one at `/sys/fs/bpf` if that is where
-/// it should be and nothing is mounted there (as Cilium and bpfman do).
-pub fn ensure_bpffs(dir: &Path) -> Result<()> {
-    const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
-    let is_bpffs = |p: &Path| -> bool {
-        let Ok(c) = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()) else {
-            return false;
-        };
-        // SAFETY: valid C string and an out-parameter of the right type.
-        let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-        unsafe { libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == BPF_FS_MAGIC }
-    };
-    let mut probe = dir.to_path_buf();
-    while !probe.exists() {
-        if !probe.pop() {
-            break;
-        }
-    }
-    if is_bpffs(&probe) {
-        return Ok(());
-    }
-    let root = Path::new("/sys/fs/bpf");
-    if dir.starts_with(root) && !is_bpffs(root) {
-        let status = std::process::Command::new("mount")
-            .args(["-t", "bpf", "bpf", "/sys/fs/bpf"])
-            .status()
-            .context("running mount -t bpf")?;
-        if status.success() {
-            tracing::info!("mounted a bpf filesystem at /sys/fs/bpf");
-            return Ok(());
-        }
-    }
-    bail!(
-        "pin_dir {} is not on a bpf filesystem: mount one first (`mount -t bpf bpf /sys/fs/bpf`) or point pin_dir at one",
-        dir.display()
-    )
-}
-
-/// What each pinned map must look like for this build to use it: type, key size, value size,
-/// and the entry count (`None` where the config sets it: conntrack and reverse NAT), from
-/// the one description the kernel crate is sized by.
-fn expected_maps() -> impl Iterator<Item = (&'static str, MapType, usize, usize, Option<u32>)> {
-    use lb_common::layout::MapKind;
-    lb_common::layout::PINNED.into_iter().map(|m| {
-        let ty = match m.kind {
-            MapKind::Hash => MapType::Hash,
-            MapKind::LruHash => MapType::LruHash,
-            MapKind::Array => MapType::Array,
-            MapKind::PerCpuArray => MapType::PerCpuArray,
-            MapKind::LpmTrie => MapType::LpmTrie,
-        };
-        (
-            m.name,
-            ty,
-            m.key_size,
-            m.value_size,
-            (!m.sized_by_config).then_some(m.max_entries),
-        )
-    })
-}
-
-/// Refuses pinned maps this build would misread: a layout change without a version bump, or
-/// pins left by something else. Maps that are not pinned yet are fine (they get created).
-pub fn check_pinned_layout(pin_dir: &Path) -> Result<()> {
-    let dir = maps_dir(pin_dir);
-    for (name, ty, key, value, entries) in expected_maps() {
-        let path = dir.join(name);
-        if !path.exists() {
-            continue;
-        }
-        let info = MapInfo::from_pin(&path)
-            .with_context(|| format!("reading pinned map {}", path.display()))?;
-        let found_ty = info.map_type().ok();
-        let mismatch = found_ty != Some(ty)
-            || info.key_size() as usize != key
-            || info.value_size() as usize != value
-            || entries.is_some_and(|n| n != info.max_entries());
-        if mismatch {
-            bail!(
-                "pinned map {} does not match this build (found {:?} key {} value {} entries {}, want {:?} key {key} value {value} entries {}): \
-                 refusing to misread it. Run `lbd down` to remove the old data plane (established flows through it are lost), then start again",
-                path.display(),
-                found_ty,
-                info.key_size(),
-                info.value_size(),
-                info.max_entries(),
-                ty,
-                entries.map_or("any".to_string(), |n| n.to_string()),
-            );
-        }
-    }
-    Ok(())
 }
 
 /// A loaded balancer: the program plus typed handles to its maps.
@@ -345,233 +240,6 @@ impl Dataplane {
             last_err.map(|e| e.to_string()).unwrap_or_default()
         ))
     }
-
-    /// Writes (or clears, with `None`) a backend slot, and forgets its cached next hop.
-    pub fn set_backend(&mut self, id: u32, info: Option<BackendInfo>) -> Result<()> {
-        if id == 0 || id >= MAX_BACKENDS {
-            bail!("backend id {id} out of range");
-        }
-        self.backends.set(id, info.unwrap_or_default(), 0)?;
-        let cpus = nr_cpus().map_err(|(_, e)| e)?;
-        self.next_hops.set(
-            id,
-            PerCpuValues::try_from(vec![NextHop::default(); cpus])?,
-            0,
-        )?;
-        Ok(())
-    }
-
-    /// Makes the source guard hold exactly `rules` (prefix, prefix length, rule): new ones are
-    /// written before stale ones are removed, so no moment lets a refused source through.
-    pub fn set_sources(&mut self, rules: &[(std::net::IpAddr, u8, SourceRule)]) -> Result<()> {
-        if rules.len() > lb_common::guard::MAX_SOURCE_RULES as usize {
-            bail!(
-                "{} source-guard prefixes, at most {} fit",
-                rules.len(),
-                lb_common::guard::MAX_SOURCE_RULES
-            );
-        }
-        let key = |ip: std::net::IpAddr, len: u8| {
-            let (addr, family) = ip_bytes(ip);
-            LpmKey::new(
-                SourceAddr::HEADER_BITS + len as u32,
-                SourceAddr {
-                    family: family as u32,
-                    _pad: 0,
-                    addr,
-                },
-            )
-        };
-        let wanted: Vec<(LpmKey<SourceAddr>, SourceRule)> = rules
-            .iter()
-            .map(|(ip, len, r)| (key(*ip, *len), *r))
-            .collect();
-        for (k, r) in &wanted {
-            self.sources
-                .insert(k, r, 0)
-                .context("writing the source guard")?;
-        }
-        let stale: Vec<LpmKey<SourceAddr>> = self
-            .sources
-            .keys()
-            .filter_map(|k| k.ok())
-            .filter(|k| {
-                !wanted
-                    .iter()
-                    .any(|(w, _)| w.prefix_len() == k.prefix_len() && w.data() == k.data())
-            })
-            .collect();
-        for k in stale {
-            self.sources
-                .remove(&k)
-                .context("pruning the source guard")?;
-        }
-        Ok(())
-    }
-
-    /// The source guard's entries (prefix length counts the address bits only).
-    pub fn sources(&self) -> Vec<(std::net::IpAddr, u8, SourceRule)> {
-        self.sources
-            .iter()
-            .filter_map(|r| r.ok())
-            .map(|(k, v)| {
-                let d = k.data();
-                (
-                    lb_common::flow::ip_addr(&d.addr, d.family as u8),
-                    (k.prefix_len() - SourceAddr::HEADER_BITS) as u8,
-                    v,
-                )
-            })
-            .collect()
-    }
-
-    /// The service's current value, if it is in the map.
-    pub fn service(&self, key: &ServiceKey) -> Option<ServiceValue> {
-        self.services.get(key, 0).ok()
-    }
-
-    /// Publishes a new table for a service atomically: the table goes into the half that is
-    /// not live, then the service entry is replaced (one atomic element swap) to point at it.
-    /// Returns the new generation.
-    pub fn publish_table(
-        &mut self,
-        key: &ServiceKey,
-        id: u32,
-        snat_addr: lb_common::flow::IpBytes,
-        table: &MaglevTable,
-    ) -> Result<u32> {
-        let current = self.service(key).filter(|v| v.id == id);
-        let (half, generation) = match current {
-            Some(v) => ((v.half + 1) & 1, v.generation.wrapping_add(1)),
-            None => (0, 1),
-        };
-        if let Some(until) = self.grace_until(id) {
-            bail!(
-                "service index {id}: its previous table half is in its grace period for {:?} more (publish after it)",
-                until.saturating_duration_since(tokio::time::Instant::now())
-            );
-        }
-        self.tables.set(id * 2 + half, table, 0)?;
-        self.services.insert(
-            key,
-            ServiceValue {
-                snat_addr,
-                id,
-                half,
-                generation,
-                _pad: 0,
-            },
-            0,
-        )?;
-        self.retired.insert(id, tokio::time::Instant::now());
-        // After the service entry: a packet that sees the port's bit finds the service.
-        self.sync_port(key.port)?;
-        Ok(generation)
-    }
-
-    /// Until when the service at index `id` may not get a new table: the half it would be
-    /// written into stopped being live less than [`HALF_GRACE`] ago (a packet may still read
-    /// it). `None`: now.
-    pub fn grace_until(&self, id: u32) -> Option<tokio::time::Instant> {
-        let until = *self.retired.get(&id)? + HALF_GRACE;
-        (until > tokio::time::Instant::now()).then_some(until)
-    }
-
-    /// Stops balancing a service (its flows' packets then go to the kernel).
-    pub fn remove_service(&mut self, key: &ServiceKey) -> Result<()> {
-        match self.services.remove(key) {
-            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
-            Err(e) => return Err(e.into()),
-        }
-        self.sync_port(key.port)
-    }
-
-    /// Rewrites a port's entry in the ports map from the services map (at most
-    /// `MAX_SERVICES` entries), whatever changed: the ids of every service on the port, and
-    /// their VIP when they share one IPv4 address.
-    fn sync_port(&mut self, port_be: u16) -> Result<()> {
-        let on_port: Vec<(ServiceKey, ServiceValue)> = self
-            .services()
-            .into_iter()
-            .filter(|(k, _)| k.port == port_be)
-            .collect();
-        let ids = on_port
-            .iter()
-            .fold(0u32, |m, (_, v)| m | 1u32.checked_shl(v.id).unwrap_or(0));
-        let v4 = |k: &ServiceKey| {
-            (k.family == lb_common::FAMILY_V4).then(|| u32::from_ne_bytes(k.addr.v4_octets()))
-        };
-        let only_v4 = match on_port.first().and_then(|(k, _)| v4(k)) {
-            Some(a) if on_port.iter().all(|(k, _)| v4(k) == Some(a)) => a,
-            _ => 0,
-        };
-        self.ports.set(
-            u16::from_be(port_be) as u32,
-            PortServices { ids, only_v4 },
-            0,
-        )?;
-        Ok(())
-    }
-
-    /// The ports map's entry for a port (host order).
-    pub fn port_services(&self, port: u16) -> Result<PortServices> {
-        Ok(self.ports.get(&(port as u32), 0)?)
-    }
-
-    /// Every service key in the map (to drop the ones no longer configured).
-    pub fn service_keys(&self) -> Vec<ServiceKey> {
-        self.services.keys().filter_map(|k| k.ok()).collect()
-    }
-
-    /// Every service entry in the map.
-    pub fn services(&self) -> Vec<(ServiceKey, ServiceValue)> {
-        self.services.iter().filter_map(|e| e.ok()).collect()
-    }
-
-    /// Every backend slot in use: id and address.
-    pub fn backends(&self) -> Result<Vec<(u32, std::net::SocketAddr)>> {
-        let mut out = Vec::new();
-        for id in 1..MAX_BACKENDS {
-            let b = self.backends.get(&id, 0)?;
-            if b.flags & BackendInfo::VALID == 0 {
-                continue;
-            }
-            let ip = lb_common::flow::ip_addr(&b.addr, b.family);
-            out.push((id, std::net::SocketAddr::new(ip, u16::from_be(b.port))));
-        }
-        Ok(out)
-    }
-
-    /// Counters of one backend, summed over CPUs.
-    pub fn backend_stats(&self, id: u32) -> Result<BackendStats> {
-        let per_cpu = self.backend_stats.get(&id, 0)?;
-        Ok(per_cpu.iter().fold(BackendStats::default(), |mut a, s| {
-            a.packets_to_backend += s.packets_to_backend;
-            a.bytes_to_backend += s.bytes_to_backend;
-            a.packets_to_client += s.packets_to_client;
-            a.bytes_to_client += s.bytes_to_client;
-            a.new_flows += s.new_flows;
-            a
-        }))
-    }
-
-    /// Verdict and reason counters, summed over CPUs (index = `Stat`).
-    pub fn xdp_stats(&self) -> Result<[u64; STAT_COUNT as usize]> {
-        let mut out = [0u64; STAT_COUNT as usize];
-        for (i, o) in out.iter_mut().enumerate() {
-            *o = self.xdp_stats.get(&(i as u32), 0)?.iter().sum();
-        }
-        Ok(out)
-    }
-}
-
-impl Dataplane {
-    /// Flows in the conntrack map (as of the last count, at most [`counter::STALE`] old: the
-    /// count walks every key, one syscall each, so it runs on a thread of its own and never
-    /// delays the caller), and the map's capacity.
-    pub fn conntrack_fill(&self) -> (u64, u32) {
-        (self.conntrack.get(), self.conntrack_capacity)
-    }
 }
 
 /// Wire bytes of an address in the data plane's layout.
@@ -596,43 +264,4 @@ pub fn empty_table() -> Box<MaglevTable> {
         }
         Box::from_raw(p)
     }
-}
-
-/// Pins of another layout version are not ours to read or remove; say they are there.
-fn warn_other_layouts(pin_dir: &Path) {
-    let Ok(entries) = std::fs::read_dir(pin_dir) else {
-        return;
-    };
-    for e in entries.flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        if name != PIN_LAYOUT && name.starts_with('v') {
-            tracing::warn!(
-                found = %e.path().display(),
-                ours = PIN_LAYOUT,
-                "pins of another layout version exist; this build ignores them (remove them with the lbd that made them)"
-            );
-        }
-    }
-}
-
-/// Detaches and removes everything pinned under `pin_dir/v1` (what `lbd down` does).
-pub fn remove_pins(pin_dir: &Path) -> Result<()> {
-    let links = links_dir(pin_dir);
-    if links.exists() {
-        for e in std::fs::read_dir(&links)? {
-            let path = e?.path();
-            // Unpinning drops the last reference: the kernel detaches the program.
-            PinnedLink::from_pin(&path)
-                .with_context(|| format!("opening {}", path.display()))?
-                .unpin()?;
-        }
-    }
-    let layout = pin_dir.join(PIN_LAYOUT);
-    if layout.exists() {
-        std::fs::remove_dir_all(&layout)
-            .with_context(|| format!("removing {}", layout.display()))?;
-    }
-    // The pin dir itself goes too if nothing else lives there.
-    let _ = std::fs::remove_dir(pin_dir);
-    Ok(())
 }

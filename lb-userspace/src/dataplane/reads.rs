@@ -1,0 +1,93 @@
+//! Map reads: what is in the maps now, and the counters summed over CPUs.
+
+use anyhow::Result;
+use lb_common::{
+    MAX_BACKENDS,
+    backend::BackendInfo,
+    guard::{SourceAddr, SourceRule},
+    service::{PortServices, ServiceKey, ServiceValue},
+    stats::{BackendStats, STAT_COUNT},
+};
+
+use super::Dataplane;
+
+impl Dataplane {
+    /// The source guard's entries (prefix length counts the address bits only).
+    pub fn sources(&self) -> Vec<(std::net::IpAddr, u8, SourceRule)> {
+        self.sources
+            .iter()
+            .filter_map(|r| r.ok())
+            .map(|(k, v)| {
+                let d = k.data();
+                (
+                    lb_common::flow::ip_addr(&d.addr, d.family as u8),
+                    (k.prefix_len() - SourceAddr::HEADER_BITS) as u8,
+                    v,
+                )
+            })
+            .collect()
+    }
+
+    /// The service's current value, if it is in the map.
+    pub fn service(&self, key: &ServiceKey) -> Option<ServiceValue> {
+        self.services.get(key, 0).ok()
+    }
+
+    /// The ports map's entry for a port (host order).
+    pub fn port_services(&self, port: u16) -> Result<PortServices> {
+        Ok(self.ports.get(&(port as u32), 0)?)
+    }
+
+    /// Every service key in the map (to drop the ones no longer configured).
+    pub fn service_keys(&self) -> Vec<ServiceKey> {
+        self.services.keys().filter_map(|k| k.ok()).collect()
+    }
+
+    /// Every service entry in the map.
+    pub fn services(&self) -> Vec<(ServiceKey, ServiceValue)> {
+        self.services.iter().filter_map(|e| e.ok()).collect()
+    }
+
+    /// Every backend slot in use: id and address.
+    pub fn backends(&self) -> Result<Vec<(u32, std::net::SocketAddr)>> {
+        let mut out = Vec::new();
+        for id in 1..MAX_BACKENDS {
+            let b = self.backends.get(&id, 0)?;
+            if b.flags & BackendInfo::VALID == 0 {
+                continue;
+            }
+            let ip = lb_common::flow::ip_addr(&b.addr, b.family);
+            out.push((id, std::net::SocketAddr::new(ip, u16::from_be(b.port))));
+        }
+        Ok(out)
+    }
+
+    /// Counters of one backend, summed over CPUs.
+    pub fn backend_stats(&self, id: u32) -> Result<BackendStats> {
+        let per_cpu = self.backend_stats.get(&id, 0)?;
+        Ok(per_cpu.iter().fold(BackendStats::default(), |mut a, s| {
+            a.packets_to_backend += s.packets_to_backend;
+            a.bytes_to_backend += s.bytes_to_backend;
+            a.packets_to_client += s.packets_to_client;
+            a.bytes_to_client += s.bytes_to_client;
+            a.new_flows += s.new_flows;
+            a
+        }))
+    }
+
+    /// Verdict and reason counters, summed over CPUs (index = `Stat`).
+    pub fn xdp_stats(&self) -> Result<[u64; STAT_COUNT as usize]> {
+        let mut out = [0u64; STAT_COUNT as usize];
+        for (i, o) in out.iter_mut().enumerate() {
+            *o = self.xdp_stats.get(&(i as u32), 0)?.iter().sum();
+        }
+        Ok(out)
+    }
+
+    /// Flows in the conntrack map (as of the last count, at most [`counter::STALE`] old: the
+    /// count walks every key, one syscall each, so it runs on a thread of its own and never
+    /// delays the caller), and the map's capacity.
+    pub fn conntrack_fill(&self) -> (u64, u32) {
+        (self.conntrack.get(), self.conntrack_capacity)
+    }
+}
