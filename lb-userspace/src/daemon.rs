@@ -48,6 +48,16 @@ pub fn keep_from_dataplane(dp: &dyn Kernel) -> Result<Keep> {
     Ok(keep)
 }
 
+/// What a connection-mode service's live table was published from: its key, index, SNAT
+/// address and the table's entries (backend ids and effective weights).
+#[derive(Clone, Debug, PartialEq)]
+struct Applied {
+    key: ServiceKey,
+    index: crate::state::ServiceIndex,
+    snat: lb_common::flow::IpBytes,
+    entries: Vec<crate::maglev::Entry>,
+}
+
 /// Why a change was refused; the state is as it was before it either way.
 #[derive(Debug, thiserror::Error)]
 pub enum ChangeError {
@@ -66,6 +76,9 @@ pub struct Daemon {
     pub kernel: Box<dyn Kernel>,
     /// Per service: the generation and buckets last published (what the kernel uses now).
     published: HashMap<String, (u32, std::sync::Arc<Vec<u32>>)>,
+    /// Per connection-mode service: what its live table was published from. A sync that
+    /// would publish the same again writes nothing.
+    applied: HashMap<String, Applied>,
     /// Services whose new table waits for the grace of their previous one, and until when:
     /// [`Daemon::publish_due`] publishes them (the latest state then, so a burst of changes
     /// costs one publish).
@@ -86,6 +99,7 @@ impl Daemon {
             kernel,
             published: HashMap::new(),
             pending: HashMap::new(),
+            applied: HashMap::new(),
             tables: crate::maglev::Cache::default(),
             metrics: Metrics::new(),
             views: HashMap::new(),
@@ -216,11 +230,18 @@ impl Daemon {
         for (k, _) in self.kernel.services() {
             if !wanted.contains(&k) {
                 self.kernel.remove_service(&k)?;
+                self.applied.retain(|_, a| a.key != k);
             }
         }
+        // Only what differs from the kernel's backend map is written.
+        let in_kernel: HashMap<u32, std::net::SocketAddr> =
+            self.kernel.backends()?.into_iter().collect();
         for s in self.state.services.values() {
             for p in &s.pools {
                 for b in &p.backends {
+                    if in_kernel.get(&b.id) == Some(&b.addr) {
+                        continue;
+                    }
                     let (addr, family) = ip_bytes(b.addr.ip());
                     self.kernel.set_backend(
                         b.id,
@@ -249,6 +270,7 @@ impl Daemon {
         let services = &self.state.services;
         self.published.retain(|n, _| services.contains_key(n));
         self.pending.retain(|n, _| services.contains_key(n));
+        self.applied.retain(|n, _| services.contains_key(n));
         self.views.retain(|n, _| {
             services
                 .get(n)
@@ -285,15 +307,29 @@ impl Daemon {
         let started = std::time::Instant::now();
         let key = service_key(svc);
         let index = svc.index;
+        let (snat, _) = ip_bytes(svc.config.snat.context("connection service without snat")?);
+        let entries = self.state.table_entries(name)?;
+        let plan = Applied {
+            key,
+            index,
+            snat,
+            entries,
+        };
+        if self.applied.get(name) == Some(&plan) {
+            // The kernel already has exactly this (a reload that left the service as it
+            // was, a health flap undone before its publish): nothing to write.
+            self.pending.remove(name);
+            return Ok(());
+        }
         if let Some(until) = self.kernel.grace_until(index) {
             // Its other half was live a moment ago: publish when it is safe, not now.
             self.pending.insert(name.to_string(), until);
             return Ok(());
         }
         self.pending.remove(name);
-        let (snat, _) = ip_bytes(svc.config.snat.context("connection service without snat")?);
-        let entries = self.state.table_entries(name)?;
-        let (built, fresh) = self.tables.get_or_build(&entries, lb_common::TABLE_SIZE);
+        let (built, fresh) = self
+            .tables
+            .get_or_build(&plan.entries, lb_common::TABLE_SIZE);
         let mut table = crate::dataplane::empty_table();
         table.buckets.copy_from_slice(&built);
         let generation = self.kernel.publish_table(&key, index, snat, &table)?;
@@ -308,6 +344,7 @@ impl Daemon {
             "table published"
         );
         self.published.insert(name.to_string(), (generation, built));
+        self.applied.insert(name.to_string(), plan);
         Ok(())
     }
 }

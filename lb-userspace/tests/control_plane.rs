@@ -492,3 +492,34 @@ async fn changes_within_a_tables_grace_are_published_together_once_it_ends_witho
     assert!((k8s - 0.40).abs() < 1e-4, "the last split is live: {k8s}");
     assert_eq!(d.next_publish(), None);
 }
+
+#[test]
+fn a_reload_writes_only_what_changed() {
+    let two = format!(
+        "{CONFIG}\n[[service]]\nname = \"api\"\nvip = \"10.99.0.11\"\nport = 80\nsnat = \"10.20.0.1\"\n[[service.pool]]\nname = \"p\"\nweight = 1\nbackends = [\"10.20.0.31:8080\"]\n"
+    );
+    let (mut d, k) = daemon(&two);
+    let writes = k.state().writes.len();
+    d.reload(&config(&two)).unwrap();
+    let same: Vec<Write> = k.state().writes[writes..]
+        .iter()
+        .filter(|w| !matches!(w, Write::Sources(_)))
+        .cloned()
+        .collect();
+    assert!(same.is_empty(), "an unchanged config wrote {same:?}");
+
+    // One service's split changes: only its table is published.
+    let web = d.state.services["web"].index.0;
+    let writes = k.state().writes.len();
+    d.reload(&config(&two.replace("weight = 90", "weight = 50")))
+        .unwrap();
+    let changed: Vec<Write> = k.state().writes[writes..]
+        .iter()
+        .filter(|w| !matches!(w, Write::Sources(_)))
+        .cloned()
+        .collect();
+    assert!(
+        matches!(changed.as_slice(), [Write::Publish { id, .. }] if *id == web),
+        "{changed:?}"
+    );
+}
