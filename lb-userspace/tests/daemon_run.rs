@@ -159,25 +159,9 @@ async fn the_whole_daemon_runs_in_process_on_a_fake_kernel() {
     );
 
     // Back-to-back changes: the second waits for the first table's grace without holding
-    // up the loop, and its reply still means the kernel has it.
+    // up the loop, and each reply means the kernel has the change.
     kernel.state().grace = Some(Duration::from_secs(1));
-    control(&socket, "set weight web/legacy 10").await;
-    let generation = kernel
-        .state()
-        .services
-        .values()
-        .next()
-        .unwrap()
-        .0
-        .generation;
-    let started = Instant::now();
-    let reply = control(&socket, "set weight web/legacy 20").await;
-    assert!(!reply.starts_with("error"), "{reply}");
-    assert!(
-        started.elapsed() >= Duration::from_millis(20),
-        "the reply waited for the table"
-    );
-    assert_eq!(
+    let generation = || {
         kernel
             .state()
             .services
@@ -185,8 +169,30 @@ async fn the_whole_daemon_runs_in_process_on_a_fake_kernel() {
             .next()
             .unwrap()
             .0
-            .generation,
-        generation + 1,
+            .generation
+    };
+    let g0 = generation();
+    let a_drain = format!("set state web/legacy/{addr_a} drain");
+    let reply = control(&socket, &a_drain).await;
+    assert!(!reply.starts_with("error"), "{reply}");
+    assert_eq!(
+        generation(),
+        g0 + 1,
+        "the reply came once the table was live"
+    );
+    // Within a second of that publish: this one must wait for its grace.
+    let started = Instant::now();
+    let a_ready = format!("set state web/legacy/{addr_a} ready");
+    let reply = control(&socket, &a_ready).await;
+    assert!(!reply.starts_with("error"), "{reply}");
+    assert!(
+        started.elapsed() >= Duration::from_millis(500),
+        "the reply waited for the table's grace: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        generation(),
+        g0 + 2,
         "the reply came once the table was live"
     );
     kernel.state().grace = None;
