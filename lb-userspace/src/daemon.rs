@@ -4,26 +4,15 @@
 use std::collections::HashMap;
 
 use anyhow::{Context as _, Result};
-use lb_common::{backend::BackendInfo, service::ServiceKey};
+use lb_common::service::ServiceKey;
 
 use crate::{
     config::{Config, Mode},
-    dataplane::{Kernel, ip_bytes},
-    metrics::{Labels, Metrics, Sampled, Value, backend_labels},
-    state::{Keep, Service, State, StateError},
+    dataplane::Kernel,
+    metrics::{Metrics, backend_labels},
+    plan::{ServicePlan, TablePlan},
+    state::{Keep, State, StateError},
 };
-
-/// The data plane's key for a connection-mode service.
-pub fn service_key(s: &Service) -> ServiceKey {
-    let (addr, family) = ip_bytes(s.config.vip);
-    ServiceKey {
-        addr,
-        port: s.config.port.to_be(),
-        proto: s.config.protocol.number(),
-        family,
-        _pad: 0,
-    }
-}
 
 /// What a restarted daemon must keep from the pinned data plane: the ids its backends were
 /// written under and the table slots of its services.
@@ -48,16 +37,6 @@ pub fn keep_from_dataplane(dp: &dyn Kernel) -> Result<Keep> {
     Ok(keep)
 }
 
-/// What a connection-mode service's live table was published from: its key, index, SNAT
-/// address and the table's entries (backend ids and effective weights).
-#[derive(Clone, Debug, PartialEq)]
-struct Applied {
-    key: ServiceKey,
-    index: crate::state::ServiceIndex,
-    snat: lb_common::flow::IpBytes,
-    entries: Vec<crate::maglev::Entry>,
-}
-
 /// Why a change was refused; the state is as it was before it either way.
 #[derive(Debug, thiserror::Error)]
 pub enum ChangeError {
@@ -78,7 +57,7 @@ pub struct Daemon {
     published: HashMap<String, (u32, std::sync::Arc<Vec<u32>>)>,
     /// Per connection-mode service: what its live table was published from. A sync that
     /// would publish the same again writes nothing.
-    applied: HashMap<String, Applied>,
+    applied: HashMap<String, TablePlan>,
     /// Services whose new table waits for the grace of their previous one, and until when:
     /// [`Daemon::publish_due`] publishes them (the latest state then, so a burst of changes
     /// costs one publish).
@@ -219,13 +198,14 @@ impl Daemon {
     /// Writes every backend and every connection-mode table; removes services that are in the
     /// map but no longer configured, then clears backend slots nothing refers to any more.
     pub fn sync_all(&mut self) -> Result<()> {
-        let names: Vec<String> = self.state.services.keys().cloned().collect();
-        let wanted: Vec<ServiceKey> = self
-            .state
+        let plan = crate::plan::plan(&self.state)?;
+        let wanted: Vec<ServiceKey> = plan
             .services
             .values()
-            .filter(|s| s.config.mode == Mode::Connection)
-            .map(service_key)
+            .filter_map(|p| match p {
+                ServicePlan::Table(t) => Some(t.key),
+                ServicePlan::Proxy(_) => None,
+            })
             .collect();
         for (k, _) in self.kernel.services() {
             if !wanted.contains(&k) {
@@ -236,30 +216,16 @@ impl Daemon {
         // Only what differs from the kernel's backend map is written.
         let in_kernel: HashMap<u32, std::net::SocketAddr> =
             self.kernel.backends()?.into_iter().collect();
-        for s in self.state.services.values() {
-            for p in &s.pools {
-                for b in &p.backends {
-                    if in_kernel.get(&b.id) == Some(&b.addr) {
-                        continue;
-                    }
-                    let (addr, family) = ip_bytes(b.addr.ip());
-                    self.kernel.set_backend(
-                        b.id,
-                        Some(BackendInfo {
-                            addr,
-                            port: b.addr.port().to_be(),
-                            family,
-                            flags: BackendInfo::VALID,
-                            _pad: 0,
-                        }),
-                    )?;
-                }
+        for (&id, &addr) in &plan.backends {
+            if in_kernel.get(&id) != Some(&addr) {
+                self.kernel
+                    .set_backend(id, Some(crate::plan::backend_info(addr)))?;
             }
         }
         let rules = crate::guard::rules(&self.state, crate::guard::host_route);
         self.kernel.set_sources(&rules)?;
-        for n in names {
-            self.sync_service(&n)?;
+        for (name, p) in plan.services {
+            self.apply(&name, p)?;
         }
         for (s, p, b) in self.state.backends() {
             self.metrics.declare_backend(
@@ -278,50 +244,55 @@ impl Daemon {
         });
         // Only now that no table names them: established flows carry their backend's address,
         // so clearing its slot breaks none of them.
-        let live: std::collections::HashSet<u32> =
-            self.state.backends().map(|(_, _, b)| b.id).collect();
         for (id, _) in self.kernel.backends()? {
-            if !live.contains(&id) {
+            if !plan.backends.contains_key(&id) {
                 self.kernel.set_backend(id, None)?;
             }
         }
         Ok(())
     }
 
-    /// Rebuilds and publishes one service's table (connection mode).
+    /// Brings one service's table or proxy view up to date with the state.
     pub fn sync_service(&mut self, name: &str) -> Result<()> {
-        let svc = self.state.service(name)?;
-        if svc.config.mode == Mode::Request {
-            let view = std::sync::Arc::new(self.request_view(name)?);
-            match self.views.get(name) {
-                Some(tx) => {
-                    tx.send_replace(view);
+        let p = crate::plan::service(&self.state, name)?;
+        self.apply(name, p)
+    }
+
+    /// Applies one service's plan: a proxy gets a new view only when it differs; a table is
+    /// published only when its plan differs from the live one's, and not within the grace of
+    /// its other half (then later, from the state as it is then).
+    fn apply(&mut self, name: &str, plan: ServicePlan) -> Result<()> {
+        let plan = match plan {
+            ServicePlan::Proxy(view) => {
+                match self.views.get(name) {
+                    Some(tx) => {
+                        tx.send_if_modified(|v| {
+                            let changed = **v != view;
+                            if changed {
+                                *v = std::sync::Arc::new(view);
+                            }
+                            changed
+                        });
+                    }
+                    None => {
+                        self.views.insert(
+                            name.to_string(),
+                            tokio::sync::watch::Sender::new(std::sync::Arc::new(view)),
+                        );
+                    }
                 }
-                None => {
-                    self.views
-                        .insert(name.to_string(), tokio::sync::watch::Sender::new(view));
-                }
+                return Ok(());
             }
-            return Ok(());
-        }
-        let started = std::time::Instant::now();
-        let key = service_key(svc);
-        let index = svc.index;
-        let (snat, _) = ip_bytes(svc.config.snat.context("connection service without snat")?);
-        let entries = self.state.table_entries(name)?;
-        let plan = Applied {
-            key,
-            index,
-            snat,
-            entries,
+            ServicePlan::Table(t) => t,
         };
+        let started = std::time::Instant::now();
         if self.applied.get(name) == Some(&plan) {
             // The kernel already has exactly this (a reload that left the service as it
             // was, a health flap undone before its publish): nothing to write.
             self.pending.remove(name);
             return Ok(());
         }
-        if let Some(until) = self.kernel.grace_until(index) {
+        if let Some(until) = self.kernel.grace_until(plan.index) {
             // Its other half was live a moment ago: publish when it is safe, not now.
             self.pending.insert(name.to_string(), until);
             return Ok(());
@@ -332,7 +303,9 @@ impl Daemon {
             .get_or_build(&plan.entries, lb_common::TABLE_SIZE);
         let mut table = crate::dataplane::empty_table();
         table.buckets.copy_from_slice(&built);
-        let generation = self.kernel.publish_table(&key, index, snat, &table)?;
+        let generation = self
+            .kernel
+            .publish_table(&plan.key, plan.index, plan.snat, &table)?;
         self.metrics
             .table_build
             .observe(started.elapsed().as_secs_f64());
@@ -350,46 +323,6 @@ impl Daemon {
 }
 
 impl Daemon {
-    /// What a request-mode service's proxy balances over now.
-    fn request_view(&self, name: &str) -> Result<crate::view::View, StateError> {
-        use crate::view::{Upstream, View};
-        let svc = self.state.service(name)?;
-        let shares = self.state.shares(name)?;
-        let mut upstreams = Vec::new();
-        let mut routable = Vec::new();
-        for p in &svc.pools {
-            let pool_total: u64 = p
-                .backends
-                .iter()
-                .filter(|b| b.eligible())
-                .map(|b| b.weight as u64)
-                .sum();
-            for b in p.backends.iter().filter(|b| b.eligible()) {
-                let up = |share| Upstream {
-                    id: b.id,
-                    name: b.name.clone(),
-                    pool: p.name.clone(),
-                    addr: b.addr,
-                    share,
-                };
-                routable.push(up(b.weight as f64 / pool_total as f64));
-                let share = shares
-                    .iter()
-                    .find(|s| s.id == b.id)
-                    .map_or(0.0, |s| s.share);
-                if share > 0.0 {
-                    upstreams.push(up(share));
-                }
-            }
-        }
-        Ok(View {
-            service: name.to_string(),
-            upstreams,
-            routable,
-            routes: svc.config.routes.clone(),
-        })
-    }
-
     /// Every request-mode service: its name, its listening address, and a receiver of its
     /// views (what the proxies reconcile against).
     pub fn request_services(
@@ -420,215 +353,5 @@ impl Daemon {
         name: &str,
     ) -> Option<tokio::sync::watch::Receiver<std::sync::Arc<crate::view::View>>> {
         self.views.get(name).map(|tx| tx.subscribe())
-    }
-
-    /// The metrics text for one scrape: the data plane's per-CPU counters summed now, plus the
-    /// state's weights, health and table generations.
-    pub fn scrape(&self) -> String {
-        use lb_common::stats::Stat;
-        let fam = |name, help| Sampled {
-            name,
-            help,
-            samples: Vec::new(),
-        };
-        let mut conns = fam(
-            "lb_backend_connections",
-            "New flows to the backend (connection mode).",
-        );
-        let mut packets = fam("lb_backend_packets", "Packets forwarded, by direction.");
-        let mut bytes = fam(
-            "lb_backend_bytes",
-            "Bytes forwarded (IP packets), by direction.",
-        );
-        let mut up = fam("lb_backend_up", "1 when health checks pass, 0 when not.");
-        let mut weight = fam(
-            "lb_backend_weight",
-            "Backend weight within its pool (0-1000).",
-        );
-        let mut share = fam(
-            "lb_backend_share",
-            "Configured share of new flows (0-1): pool share times backend share among eligible backends.",
-        );
-        let mut ready = fam(
-            "lb_backend_ready",
-            "1 when the admin state is ready (not drain or maint).",
-        );
-        let mut pool_weight = fam(
-            "lb_pool_weight",
-            "Pool weight in the service's split (0-1000).",
-        );
-        let mut generation = fam(
-            "lb_table_generation",
-            "Generation of the service's live table.",
-        );
-        for (name, s) in &self.state.services {
-            let shares = self.state.shares(name).unwrap_or_default();
-            for p in &s.pools {
-                pool_weight.samples.push((
-                    vec![("service", name.clone()), ("pool", p.name.clone())],
-                    Value::Gauge(p.weight as f64),
-                ));
-                for b in &p.backends {
-                    let l = backend_labels(name, &p.name, &b.name);
-                    up.samples
-                        .push((l.clone(), Value::Gauge(if b.healthy { 1.0 } else { 0.0 })));
-                    ready.samples.push((
-                        l.clone(),
-                        Value::Gauge(if b.state == crate::state::AdminState::Ready {
-                            1.0
-                        } else {
-                            0.0
-                        }),
-                    ));
-                    weight
-                        .samples
-                        .push((l.clone(), Value::Gauge(b.weight as f64)));
-                    let sh = shares
-                        .iter()
-                        .find(|x| x.id == b.id)
-                        .map_or(0.0, |x| x.share);
-                    share.samples.push((l.clone(), Value::Gauge(sh)));
-                    if s.config.mode != Mode::Connection {
-                        continue;
-                    }
-                    let st = self.kernel.backend_stats(b.id).unwrap_or_default();
-                    conns
-                        .samples
-                        .push((l.clone(), Value::Counter(st.new_flows)));
-                    let dir = |d: &str| {
-                        let mut l: Labels = l.clone();
-                        l.push(("direction", d.to_string()));
-                        l
-                    };
-                    packets
-                        .samples
-                        .push((dir("to_backend"), Value::Counter(st.packets_to_backend)));
-                    packets
-                        .samples
-                        .push((dir("to_client"), Value::Counter(st.packets_to_client)));
-                    bytes
-                        .samples
-                        .push((dir("to_backend"), Value::Counter(st.bytes_to_backend)));
-                    bytes
-                        .samples
-                        .push((dir("to_client"), Value::Counter(st.bytes_to_client)));
-                }
-            }
-            if s.config.mode == Mode::Connection {
-                generation.samples.push((
-                    vec![("service", name.clone())],
-                    Value::Gauge(self.generation(name) as f64),
-                ));
-            }
-        }
-        let mut out = vec![
-            conns,
-            packets,
-            bytes,
-            up,
-            ready,
-            weight,
-            share,
-            pool_weight,
-            generation,
-        ];
-        {
-            let dp = &self.kernel;
-            if let Ok(stats) = dp.xdp_stats() {
-                // One labelled counter per `Stat` index.
-                let counters = |name, help, label: &'static str, which: &[(&str, Stat)]| Sampled {
-                    name,
-                    help,
-                    samples: which
-                        .iter()
-                        .map(|(v, st)| {
-                            (
-                                vec![(label, v.to_string())],
-                                Value::Counter(stats[*st as usize]),
-                            )
-                        })
-                        .collect(),
-                };
-                out.push(counters(
-                    "lb_xdp_packets",
-                    "Packets seen by the XDP program, by verdict.",
-                    "action",
-                    &[
-                        ("aborted", Stat::Aborted),
-                        ("drop", Stat::Drop),
-                        ("pass", Stat::Pass),
-                        ("tx", Stat::Tx),
-                        ("redirect", Stat::Redirect),
-                    ],
-                ));
-                out.push(counters(
-                    "lb_xdp_events",
-                    "Why the XDP program did what it did (a packet can count once here besides its verdict).",
-                    "reason",
-                    &[
-                        ("not_ours", Stat::NotOurs),
-                        ("malformed", Stat::Malformed),
-                        ("fragment", Stat::Fragment),
-                        ("non_syn_without_flow", Stat::NonSynMiss),
-                        ("no_backend", Stat::NoBackend),
-                        ("next_hop_unresolved", Stat::FibPass),
-                        ("flow_not_created", Stat::FlowNotCreated),
-                        ("ttl_exceeded", Stat::TtlExceeded),
-                        ("new_flow", Stat::NewFlow),
-                        ("return_wrong_side", Stat::ReturnWrongSide),
-                        ("return_out_of_window", Stat::ReturnOutOfWindow),
-                        ("spoofed_source", Stat::SpoofedSource),
-                        ("bad_tcp_flags", Stat::BadTcpFlags),
-                        ("bad_tcp_header", Stat::BadTcpHeader),
-                    ],
-                ));
-            }
-            let (entries, capacity) = dp.conntrack_fill();
-            out.push(Sampled {
-                name: "lb_conntrack_entries",
-                help: "Flows in the connection-tracking table (live or not yet evicted).",
-                samples: vec![(Vec::new(), Value::Gauge(entries as f64))],
-            });
-            out.push(Sampled {
-                name: "lb_conntrack_capacity",
-                help: "Flows the connection-tracking table holds before evicting the least recent.",
-                samples: vec![(Vec::new(), Value::Gauge(capacity as f64))],
-            });
-        }
-        let listeners = self.listeners.snapshot();
-        if !listeners.is_empty() {
-            let per = |name, help, f: &dyn Fn(&crate::listener::ListenerStats) -> Value| Sampled {
-                name,
-                help,
-                samples: listeners
-                    .iter()
-                    .map(|(n, s)| (vec![("listener", n.clone())], f(s)))
-                    .collect(),
-            };
-            out.push(per(
-                "lb_listener_connections",
-                "Connections open now on each of lbd's listeners (control, metrics, request:SERVICE).",
-                &|s| Value::Gauge(s.open as f64),
-            ));
-            out.push(per(
-                "lb_listener_refused",
-                "Connections closed at once because the listener was at its cap ([daemon.limits]).",
-                &|s| Value::Counter(s.refused),
-            ));
-            out.push(per(
-                "lb_listener_accept_errors",
-                "Accepts that failed for want of descriptors or memory (the listener backs off and retries).",
-                &|s| Value::Counter(s.accept_errors),
-            ));
-        }
-        out.push(Sampled {
-            name: "lb_build_info",
-            help: "Always 1; the version of lbd.",
-            samples: vec![(
-                vec![("version", env!("CARGO_PKG_VERSION").to_string())],
-                Value::Gauge(1.0),
-            )],
-        });
-        self.metrics.encode(out)
     }
 }

@@ -114,6 +114,10 @@ pub enum StateError {
     SplitIncomplete { service: String, pools: String },
     #[error("too many backends: ids exhausted")]
     NoIds,
+    /// Config validation requires it; kept as an error so that losing that check can never
+    /// send flows from the unspecified address.
+    #[error("service {0:?} is in connection mode without a snat address")]
+    NoSnat(String),
 }
 
 /// Parses a weight argument.
