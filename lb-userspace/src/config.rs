@@ -70,6 +70,12 @@ fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     })
 }
 
+/// A path, or `""` for none.
+fn optional_path<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<PathBuf>, D::Error> {
+    let s = String::deserialize(d)?;
+    Ok((!s.is_empty()).then(|| PathBuf::from(s)))
+}
+
 fn port_range<'de, D: Deserializer<'de>>(d: D) -> Result<(u16, u16), D::Error> {
     let s = String::deserialize(d)?;
     let parsed = s
@@ -122,6 +128,10 @@ pub struct Daemon {
     pub forward_filter: bool,
     /// Connection caps and timeouts of lbd's own listeners.
     pub limits: Limits,
+    /// Where runtime changes (`set split`, `set weight`, `set state`) are kept across
+    /// restarts; `""` keeps them nowhere (they last until lbd stops).
+    #[serde(deserialize_with = "optional_path")]
+    pub state_file: Option<PathBuf>,
 }
 
 /// `[daemon.limits]`: what one client, or many, may hold of lbd. Past a cap a new connection
@@ -184,6 +194,7 @@ impl Default for Daemon {
             conntrack_max: lb_common::DEFAULT_CONNTRACK_MAX,
             forward_filter: true,
             limits: Limits::default(),
+            state_file: Some("/var/lib/lb/state.json".into()),
         }
     }
 }

@@ -37,6 +37,17 @@ pub fn keep_from_dataplane(dp: &dyn Kernel) -> Result<Keep> {
     Ok(keep)
 }
 
+/// Records the runtime values of `state` in the state file, if there is one.
+fn record(
+    store: &mut Option<crate::persist::Store>,
+    state: &State,
+) -> Result<(), crate::persist::SaveError> {
+    match store {
+        Some(store) => store.save(&crate::persist::Saved::of(state)).map(|_| ()),
+        None => Ok(()),
+    }
+}
+
 /// Why a change was refused; the state is as it was before it either way.
 #[derive(Debug, thiserror::Error)]
 pub enum ChangeError {
@@ -46,6 +57,10 @@ pub enum ChangeError {
     /// The data plane refused the new table; the change was rolled back.
     #[error("data plane: {0:#}")]
     DataPlane(anyhow::Error),
+    /// The change could not be recorded in the state file, so it was not made: a decision
+    /// a restart would undo is not accepted.
+    #[error(transparent)]
+    Persist(#[from] crate::persist::SaveError),
 }
 
 /// The daemon's single owner of state.
@@ -69,6 +84,9 @@ pub struct Daemon {
     views: HashMap<String, tokio::sync::watch::Sender<std::sync::Arc<crate::view::View>>>,
     /// lbd's own listeners (control, metrics, request VIPs), for `/metrics`.
     pub listeners: crate::listener::Listeners,
+    /// The state file, when there is one: every change to runtime values is recorded there
+    /// before it takes effect.
+    pub store: Option<crate::persist::Store>,
 }
 
 impl Daemon {
@@ -83,7 +101,14 @@ impl Daemon {
             metrics: Metrics::new(),
             views: HashMap::new(),
             listeners: Default::default(),
+            store: None,
         }
+    }
+
+    /// Records the runtime values of `state` in the state file (when there is one and they
+    /// differ from what it holds).
+    pub fn persist(&mut self) -> Result<(), crate::persist::SaveError> {
+        record(&mut self.store, &self.state)
     }
 
     /// The table generation last published for a service (0 = none yet).
@@ -109,10 +134,15 @@ impl Daemon {
     ) -> Result<(), ChangeError> {
         let mut next = self.state.clone();
         f(&mut next)?;
+        // Recorded first: a reply means the change survives a restart.
+        record(&mut self.store, &next)?;
         let previous = std::mem::replace(&mut self.state, next);
         if let Err(e) = self.sync_service(service) {
             self.state = previous;
             let _ = self.sync_service(service);
+            if let Err(e) = self.persist() {
+                tracing::error!(error = %e, "the state file keeps a change the data plane refused");
+            }
             return Err(ChangeError::DataPlane(e));
         }
         Ok(())
@@ -191,6 +221,11 @@ impl Daemon {
             self.state = previous;
             let _ = self.sync_all();
             return Err(e.context("applying the new config (the old one stays in force)"));
+        }
+        // The file now records the reloaded config's weights (and the kept admin states), so
+        // a restart after a reload starts where the reload left off.
+        if let Err(e) = self.persist() {
+            tracing::error!(error = %e, "reload applied, but the state file could not record it");
         }
         Ok(())
     }

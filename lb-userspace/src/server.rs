@@ -41,7 +41,8 @@ pub enum Signal {
 /// loaded) gets its tables and is attached, then health checks, the metrics endpoint, the
 /// control socket and the request-mode proxies run, every change going through one owner
 /// loop. `inherited` are listening sockets passed in by a supervisor. On stop, request mode
-/// drains; the data plane stays attached.
+/// drains; the data plane stays attached. Runtime values come from the state file unless
+/// `fresh`.
 pub async fn run(
     cfg: Config,
     path: PathBuf,
@@ -49,6 +50,7 @@ pub async fn run(
     host: &mut dyn Host,
     inherited: HashMap<SocketAddr, std::net::TcpListener>,
     mut signals: mpsc::Receiver<Signal>,
+    fresh: bool,
 ) -> Result<()> {
     let d = &cfg.daemon;
     let nofile = listener::raise_nofile();
@@ -80,9 +82,15 @@ pub async fn run(
     host.reserve_snat_ports(d.snat_ports)?;
     // A restart: keep the backend ids and table slots the pinned maps already use.
     let keep = keep_from_dataplane(kernel.as_ref())?;
-    let state = State::from_config_keeping(&cfg, &keep)?;
+    let mut state = State::from_config_keeping(&cfg, &keep)?;
+    let store = d.state_file.as_ref().map(|p| restore(p, &mut state, fresh));
     // Tables first, then attach: the first packet already finds a complete configuration.
     let mut daemon = Daemon::new(state, kernel);
+    daemon.store = store;
+    // What the file holds from now on is this state (restored values, dropped leftovers).
+    if let Err(e) = daemon.persist() {
+        tracing::error!(error = %e, "runtime changes will be refused until the state file can be written");
+    }
     daemon.sync_all().context("writing the data plane")?;
     // Request-mode listeners before XDP attaches: a VIP that cannot be served stops lbd
     // before it changes anything on the interfaces.
@@ -210,6 +218,37 @@ pub async fn run(
         "request-mode proxies drained"
     );
     result
+}
+
+/// Opens the state file and applies what it holds to `state` (unless `fresh`). A missing,
+/// unreadable or corrupt file is logged and lbd starts from the config; a corrupt one is set
+/// aside so that the next write does not destroy it.
+fn restore(path: &Path, state: &mut State, fresh: bool) -> crate::persist::Store {
+    let mut store = crate::persist::Store::new(path);
+    if fresh {
+        tracing::warn!(state_file = %path.display(), "--fresh: starting from the config; the state file will be overwritten");
+        return store;
+    }
+    match store.load() {
+        Ok(None) => {
+            tracing::info!(state_file = %path.display(), "no state file yet: starting from the config")
+        }
+        Ok(Some(saved)) => {
+            let r = saved.restore_into(state);
+            for what in &r.dropped {
+                tracing::warn!(state_file = %path.display(), dropped = %what, "state file entry not restored");
+            }
+            tracing::info!(state_file = %path.display(), restored = r.applied, dropped = r.dropped.len(), "runtime state restored");
+        }
+        Err(e @ crate::persist::LoadError::Read { .. }) => {
+            tracing::error!(error = %e, "state file unreadable: starting from the config")
+        }
+        Err(e) => {
+            let aside = store.set_aside();
+            tracing::error!(error = %e, set_aside = ?aside, "state file unusable: starting from the config");
+        }
+    }
+    store
 }
 
 /// Sources of what the data plane hands the kernel to forward: the SNAT addresses (towards

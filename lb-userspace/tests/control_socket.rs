@@ -69,6 +69,7 @@ interfaces = ["test0"]
 control_socket = "{sock}"
 metrics = "127.0.0.1:{metrics}"
 pin_dir = "{pins}"
+state_file = "{state}"
 
 [[service]]
 name = "web"
@@ -85,6 +86,7 @@ mode = "request"
         sock = dir.join("lb.sock").display(),
         metrics = free_port(),
         pins = dir.join("pins").display(),
+        state = dir.join("state.json").display(),
         req = free_port(),
     )
 }

@@ -29,6 +29,7 @@ control_socket = "{}"
 metrics = "127.0.0.1:{metrics}"
 pin_dir = "{}"
 forward_filter = false
+state_file = ""
 
 [[service]]
 name = "web"
@@ -115,6 +116,7 @@ async fn the_whole_daemon_runs_in_process_on_a_fake_kernel() {
                 &mut host,
                 Default::default(),
                 rx,
+                false,
             )
             .await
         })

@@ -177,6 +177,7 @@ xdp_mode = "{xdp_mode}"
 control_socket = "{sock}"
 metrics = "127.0.0.1:9091"
 pin_dir = "{pins}"
+state_file = "{state}"
 
 [[service]]
 name = "web"
@@ -201,6 +202,7 @@ pool = "k8s"
 "#,
             sock = self.socket.display(),
             pins = self.bpffs.join("lb").display(),
+            state = self.dir.join("state.json").display(),
         );
         std::fs::write(&self.config, cfg)?;
         Ok(())

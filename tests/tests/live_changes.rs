@@ -154,11 +154,29 @@ fn kill_9_and_restart_breaks_no_connection_and_lbd_down_removes_everything() {
         during > 10,
         "too little traffic while lbd was down: {during}"
     );
-    // The restarted lbd adopted the counters instead of resetting them (its config has the
-    // file's 90/10 split again: a restart reconciles with the config).
+    // The restarted lbd adopted the counters instead of resetting them.
     assert!(connections_of(&t, "legacy-1") >= counted_before);
     let log = t.lbd_log();
     assert!(log.contains("adopted the pinned XDP link"), "{log}");
+    // And the operator's 50/50 came back from the state file (the config says 90/10): the
+    // table and the traffic follow it.
+    let b = t.control("show backends web").unwrap();
+    assert!(b.contains("web k8s k8s-1 1 25.00% ready up"), "{b}");
+    let k8s = |t: &Topology| connections_of(t, "k8s-1") + connections_of(t, "k8s-2");
+    let legacy = |t: &Topology| connections_of(t, "legacy-1") + connections_of(t, "legacy-2");
+    let (k0, l0) = (k8s(&t), legacy(&t));
+    let (_, failed) = t.new_connections(400);
+    assert_eq!(failed, 0);
+    let (k, l) = (k8s(&t) - k0, legacy(&t) - l0);
+    let share = k as f64 / (k + l) as f64;
+    eprintln!(
+        "after kill -9 + restart: restored split legacy=50 k8s=50; 400 new connections: k8s {k}, legacy {l} ({:.1} % k8s)",
+        share * 100.0
+    );
+    assert!(
+        (0.4..=0.6).contains(&share),
+        "k8s took {share:.3} of new flows"
+    );
 
     // SIGTERM leaves the data plane running too.
     t.stop_lbd();

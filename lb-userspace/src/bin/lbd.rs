@@ -45,6 +45,10 @@ enum Cmd {
     Run {
         #[arg(long, default_value = "/etc/lb/lb.toml")]
         config: PathBuf,
+        /// Ignore the state file: weights and states from the config only (the file is
+        /// overwritten with them).
+        #[arg(long)]
+        fresh: bool,
     },
     /// Parse and validate the config, print a summary (exit 2 when invalid).
     Check {
@@ -121,7 +125,7 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Cmd::Run { config } => {
+        Cmd::Run { config, fresh } => {
             let c = match load_here(&config) {
                 Ok(c) => c,
                 Err(code) => return code,
@@ -139,7 +143,7 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match rt.block_on(run(c, config, inherited)) {
+            match rt.block_on(run(c, config, inherited, fresh)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!("{e:#}");
@@ -156,6 +160,7 @@ async fn run(
     cfg: Config,
     path: PathBuf,
     inherited: std::collections::HashMap<std::net::SocketAddr, std::net::TcpListener>,
+    fresh: bool,
 ) -> Result<()> {
     let d = &cfg.daemon;
     let mut opts = LoadOptions {
@@ -182,5 +187,14 @@ async fn run(
             }
         }
     });
-    server::run(cfg, path, Box::new(dp), &mut host::RealHost, inherited, rx).await
+    server::run(
+        cfg,
+        path,
+        Box::new(dp),
+        &mut host::RealHost,
+        inherited,
+        rx,
+        fresh,
+    )
+    .await
 }

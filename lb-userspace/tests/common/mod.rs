@@ -94,15 +94,21 @@ pub struct Lbd {
     pub kernel: FakeKernel,
     pub socket: PathBuf,
     signals: tokio::sync::mpsc::Sender<Signal>,
+    task: Option<tokio::task::JoinHandle<()>>,
     rt: Option<tokio::runtime::Runtime>,
 }
 
 impl Lbd {
     /// Starts it on the config file at `path` and waits for its control socket.
     pub fn start(path: &Path) -> Lbd {
+        Lbd::start_on(path, FakeKernel::default(), false)
+    }
+
+    /// Starts it over `kernel` (a clone of a stopped lbd's is what a restart finds pinned),
+    /// ignoring the state file if `fresh`.
+    pub fn start_on(path: &Path, kernel: FakeKernel, fresh: bool) -> Lbd {
         let cfg = Config::load(path).unwrap();
         let socket = cfg.daemon.control_socket.clone();
-        let kernel = FakeKernel::default();
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -110,10 +116,20 @@ impl Lbd {
             .unwrap();
         let (signals, rx) = tokio::sync::mpsc::channel(4);
         let (k, p) = (kernel.clone(), path.to_path_buf());
-        rt.spawn(async move {
+        // A stale socket from an lbd stopped a moment ago must not pass for the new one's.
+        let _ = std::fs::remove_file(&socket);
+        let task = rt.spawn(async move {
             let mut host = NoHost::default();
-            if let Err(e) =
-                server::run(cfg, p, Box::new(k), &mut host, Default::default(), rx).await
+            if let Err(e) = server::run(
+                cfg,
+                p,
+                Box::new(k),
+                &mut host,
+                Default::default(),
+                rx,
+                fresh,
+            )
+            .await
             {
                 panic!("lbd stopped: {e:#}");
             }
@@ -127,8 +143,17 @@ impl Lbd {
             kernel,
             socket,
             signals,
+            task: Some(task),
             rt: Some(rt),
         }
+    }
+
+    /// Sends SIGHUP's equivalent: reload the config file. Returns once the loop has taken it
+    /// (the next command is answered after the reload).
+    pub fn reload(&self) {
+        self.signals.blocking_send(Signal::Reload).unwrap();
+        // The owner loop handles one thing at a time: a command answered now comes after it.
+        self.control("help").unwrap();
     }
 
     /// One command; its reply (`Err` for an `error: ` reply).
@@ -145,6 +170,10 @@ impl Lbd {
 impl Drop for Lbd {
     fn drop(&mut self) {
         let _ = self.signals.try_send(Signal::Stop);
+        if let (Some(rt), Some(task)) = (&self.rt, self.task.take()) {
+            // A clean stop, as SIGTERM gives: the loop returns (and removes its socket).
+            let _ = rt.block_on(async { tokio::time::timeout(Duration::from_secs(5), task).await });
+        }
         if let Some(rt) = self.rt.take() {
             rt.shutdown_timeout(Duration::from_secs(5));
         }
