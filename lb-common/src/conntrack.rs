@@ -12,6 +12,19 @@ pub mod state {
     pub const CLOSING: u8 = 2;
 }
 
+/// Which of a flow's L4 signals (connect failures, time to first byte) have been taken: bits
+/// of [`CtValue::signals`] and [`RnatValue::signals`]. Each is taken once per flow, so only a
+/// flow's first few packets do any of this work.
+pub mod signal {
+    /// Forward: the client's first payload was seen (its time is in the reverse entry's
+    /// [`super::RnatValue::request_ns`]).
+    pub const REQUEST: u8 = 1;
+    /// Forward: a retransmission of the client's SYN was counted as a connect timeout.
+    pub const TIMEOUT: u8 = 2;
+    /// Return: the backend's first payload, or its reset, was seen: nothing more to measure.
+    pub const ANSWERED: u8 = 1;
+}
+
 /// Forward direction (client → VIP): where the flow goes and as whom.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -33,9 +46,11 @@ pub struct CtValue {
     /// The id of the service the flow belongs to: a hit counts only while that service
     /// still listens on the port ([`crate::map_names::PORTS`]).
     pub service_id: u8,
+    /// Bits of [`signal`] taken on the forward side.
+    pub signals: u8,
     /// Explicit padding, always zero; scalars rather than a byte array, whose zeroing the
     /// eBPF toolchain turns into a byte-at-a-time `memset` call (see [`IpBytes`]).
-    pub _pad2: u16,
+    pub _pad2: u8,
     /// Added to the client's TCP timestamp (TSval) on the way to the backend: it makes the
     /// timestamps a backend sees on one SNAT address:port follow the balancer's clock from
     /// flow to flow (see `lb-ebpf`'s `tcpts`). 0 when the flow has none.
@@ -69,9 +84,8 @@ pub struct RnatValue {
     pub local_mac: [u8; 6],
     /// One of [`state`].
     pub state: u8,
-    /// Explicit padding, always zero; scalars rather than `[u8; 7]`, whose zeroing the eBPF
-    /// toolchain turns into a byte-at-a-time `memset` call (see [`IpBytes`]).
-    pub _pad1: u8,
+    /// Bits of [`signal`] taken on the return side.
+    pub signals: u8,
     /// Explicit padding.
     pub _pad2: u16,
     /// The flow's [`CtValue::ts_delta`], taken back off the timestamp the backend echoes
@@ -94,9 +108,12 @@ pub struct RnatValue {
     pub wscale: u8,
     /// 1 once the backend's SYN-ACK has set `seq_next`.
     pub seq_synced: u8,
+    /// Monotonic ns (precise clock) of the client's first payload packet, 0 before it: the
+    /// start of the backend's time to first byte.
+    pub request_ns: u64,
 }
 
-const _: () = assert!(core::mem::size_of::<RnatValue>() == 88);
+const _: () = assert!(core::mem::size_of::<RnatValue>() == 96);
 
 /// Largest TCP window scale (RFC 7323).
 pub const MAX_WSCALE: u8 = 14;

@@ -12,7 +12,7 @@ use crate::{
     guard::{MAX_SOURCE_RULES, SourceAddr, SourceRule},
     map_names,
     service::{MaglevTable, PortServices, ServiceKey, ServiceValue},
-    stats::{BackendStats, STAT_COUNT},
+    stats::{BackendStats, L4Stats, STAT_COUNT},
 };
 
 /// The kind of a BPF map.
@@ -122,6 +122,13 @@ pub const BACKEND_STATS: MapLayout = map(
     size_of::<BackendStats>(),
     MAX_BACKENDS,
 );
+pub const BACKEND_L4: MapLayout = map(
+    map_names::BACKEND_L4,
+    MapKind::PerCpuArray,
+    4,
+    size_of::<L4Stats>(),
+    MAX_BACKENDS,
+);
 pub const XDP_STATS: MapLayout = map(
     map_names::XDP_STATS,
     MapKind::PerCpuArray,
@@ -138,7 +145,7 @@ pub const SOURCES: MapLayout = map(
 );
 
 /// Every pinned map, in the order userspace pins them.
-pub const PINNED: [MapLayout; 10] = [
+pub const PINNED: [MapLayout; 11] = [
     SERVICES,
     PORTS,
     TABLES,
@@ -147,6 +154,7 @@ pub const PINNED: [MapLayout; 10] = [
     REVERSE_NAT,
     NEXT_HOPS,
     BACKEND_STATS,
+    BACKEND_L4,
     XDP_STATS,
     SOURCES,
 ];

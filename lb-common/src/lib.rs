@@ -57,6 +57,8 @@ pub mod map_names {
     pub const NEXT_HOPS: &str = "LB_NEXT_HOPS";
     /// Per-CPU counters per backend: backend id → [`crate::stats::BackendStats`].
     pub const BACKEND_STATS: &str = "LB_BACKEND_STATS";
+    /// Per-CPU array: backend id → L4 signals (connect failures, time to first byte).
+    pub const BACKEND_L4: &str = "LB_BACKEND_L4";
     /// Per-CPU counters of XDP verdicts and reasons: [`crate::stats::Stat`] index → u64.
     pub const XDP_STATS: &str = "LB_XDP_STATS";
     /// Source guard (LPM trie): [`crate::guard::SourceAddr`] prefix →
@@ -137,6 +139,7 @@ mod pod {
     unsafe impl aya::Pod for crate::conntrack::CtValue {}
     unsafe impl aya::Pod for crate::conntrack::RnatValue {}
     unsafe impl aya::Pod for crate::stats::BackendStats {}
+    unsafe impl aya::Pod for crate::stats::L4Stats {}
     unsafe impl aya::Pod for crate::guard::SourceAddr {}
     unsafe impl aya::Pod for crate::guard::SourceRule {}
 }

@@ -18,6 +18,125 @@ pub struct BackendStats {
 
 const _: () = assert!(core::mem::size_of::<BackendStats>() == 40);
 
+/// Buckets of the time-to-first-byte histogram (see [`first_byte_bucket`]).
+pub const FIRST_BYTE_BUCKETS: usize = 40;
+
+/// log2 of the first bucket's upper bound in ns (2^15 ns = 32.8 µs).
+const FIRST_BYTE_MIN_LOG2: u32 = 15;
+
+/// Per-backend L4 signals, measured on the few packets that carry them (SYN retransmissions,
+/// the first payload each way, resets before the first byte).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct L4Stats {
+    /// New flows the backend refused or reset before sending its first payload byte.
+    pub connect_reset: u64,
+    /// New flows whose client had to retransmit its SYN (no SYN-ACK came in time).
+    pub connect_timeout: u64,
+    /// Sum of the time-to-first-byte samples, ns.
+    pub first_byte_sum_ns: u64,
+    /// Time-to-first-byte samples by bucket ([`first_byte_bucket`]).
+    pub first_byte: [u64; FIRST_BYTE_BUCKETS],
+}
+
+impl Default for L4Stats {
+    fn default() -> Self {
+        L4Stats {
+            connect_reset: 0,
+            connect_timeout: 0,
+            first_byte_sum_ns: 0,
+            first_byte: [0; FIRST_BYTE_BUCKETS],
+        }
+    }
+}
+
+const _: () = assert!(core::mem::size_of::<L4Stats>() == 24 + 8 * FIRST_BYTE_BUCKETS);
+
+impl L4Stats {
+    /// Adds another CPU's (or interval's) counts to these.
+    pub fn add(&mut self, o: &L4Stats) {
+        self.connect_reset += o.connect_reset;
+        self.connect_timeout += o.connect_timeout;
+        self.first_byte_sum_ns += o.first_byte_sum_ns;
+        let mut i = 0;
+        while i < FIRST_BYTE_BUCKETS {
+            self.first_byte[i] += o.first_byte[i];
+            i += 1;
+        }
+    }
+
+    /// Time-to-first-byte samples.
+    pub fn first_byte_count(&self) -> u64 {
+        let mut n = 0;
+        let mut i = 0;
+        while i < FIRST_BYTE_BUCKETS {
+            n += self.first_byte[i];
+            i += 1;
+        }
+        n
+    }
+}
+
+/// The histogram bucket of a time to first byte: below 2^15 ns (32.8 µs) bucket 0; then two
+/// buckets per power of two, split at 1.5 × 2^k (so neighbouring bounds differ by at most
+/// 1.5×, fine enough for a p99 ratio gate); the last bucket takes everything from 2^34 ns
+/// (17.2 s) on. Loop-free and without `leading_zeros` (no BPF instruction for it).
+#[inline(always)]
+pub const fn first_byte_bucket(ns: u64) -> usize {
+    if ns < 1 << FIRST_BYTE_MIN_LOG2 {
+        return 0;
+    }
+    let mut v = ns;
+    let mut log = 0u32;
+    if v >= 1 << 32 {
+        v >>= 32;
+        log += 32;
+    }
+    if v >= 1 << 16 {
+        v >>= 16;
+        log += 16;
+    }
+    if v >= 1 << 8 {
+        v >>= 8;
+        log += 8;
+    }
+    if v >= 1 << 4 {
+        v >>= 4;
+        log += 4;
+    }
+    if v >= 1 << 2 {
+        v >>= 2;
+        log += 2;
+    }
+    if v >= 1 << 1 {
+        log += 1;
+    }
+    // The bit after the leading one: the upper half of the octave.
+    let upper = ((ns >> (log - 1)) & 1) as usize;
+    let i = 1 + (log - FIRST_BYTE_MIN_LOG2) as usize * 2 + upper;
+    if i >= FIRST_BYTE_BUCKETS {
+        FIRST_BYTE_BUCKETS - 1
+    } else {
+        i
+    }
+}
+
+/// The upper bound of bucket `i` in ns (`None` for the last, which is unbounded).
+pub const fn first_byte_bound_ns(i: usize) -> Option<u64> {
+    if i == 0 {
+        return Some(1 << FIRST_BYTE_MIN_LOG2);
+    }
+    if i >= FIRST_BYTE_BUCKETS - 1 {
+        return None;
+    }
+    let k = FIRST_BYTE_MIN_LOG2 + ((i - 1) / 2) as u32;
+    Some(if (i - 1) & 1 == 0 {
+        (1u64 << k) + (1u64 << (k - 1))
+    } else {
+        1u64 << (k + 1)
+    })
+}
+
 /// Indexes into the per-CPU XDP counter array. The first five are the XDP verdicts (same
 /// numbers as the kernel's `XDP_*`), the rest say why a packet got its verdict.
 #[repr(u32)]
@@ -73,3 +192,49 @@ pub enum Stat {
 
 /// Number of entries in the per-CPU XDP counter array.
 pub const STAT_COUNT: u32 = 19;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_time_lands_below_its_buckets_bound_and_above_the_previous_one() {
+        let mut ns = 1u64;
+        while ns < 1 << 40 {
+            for t in [ns, ns + ns / 3, ns + ns / 2, ns * 2 - 1] {
+                let i = first_byte_bucket(t);
+                if let Some(hi) = first_byte_bound_ns(i) {
+                    assert!(t < hi, "{t} ns in bucket {i} bounded by {hi}");
+                }
+                if i > 0 {
+                    let lo = first_byte_bound_ns(i - 1).unwrap();
+                    assert!(t >= lo, "{t} ns in bucket {i} but below {lo}");
+                }
+            }
+            ns *= 2;
+        }
+    }
+
+    #[test]
+    fn the_buckets_span_50_us_to_10_s_with_at_most_1_5x_between_bounds() {
+        assert!(first_byte_bound_ns(0).unwrap() < 50_000);
+        let last = first_byte_bound_ns(FIRST_BYTE_BUCKETS - 2).unwrap();
+        assert!(last > 10_000_000_000, "{last}");
+        for i in 1..FIRST_BYTE_BUCKETS - 1 {
+            let (lo, hi) = (
+                first_byte_bound_ns(i - 1).unwrap() as f64,
+                first_byte_bound_ns(i).unwrap() as f64,
+            );
+            assert!(hi / lo <= 1.5 + 1e-9 && hi > lo, "bucket {i}: {lo}..{hi}");
+        }
+        assert_eq!(
+            first_byte_bucket(90_000_000),
+            first_byte_bucket(100_000_000)
+        );
+        assert_ne!(
+            first_byte_bucket(100_000_000),
+            first_byte_bucket(200_000_000)
+        );
+        assert_eq!(first_byte_bucket(u64::MAX), FIRST_BYTE_BUCKETS - 1);
+    }
+}

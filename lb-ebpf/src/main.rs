@@ -14,6 +14,7 @@ mod maps;
 mod nat;
 mod parse;
 mod select;
+mod signals;
 mod stats;
 mod tcpts;
 
@@ -132,6 +133,9 @@ fn to_backend(
         Some(e) => {
             if nat::ttl(pkt) <= 1 {
                 return Ok(Some(pass(Stat::TtlExceeded)));
+            }
+            if pkt.is_tcp() && e.signals & lb_common::conntrack::signal::REQUEST == 0 {
+                signals::from_client(pkt, e, syn);
             }
             if conntrack::observe(
                 &mut e.last_seen_ns,
@@ -295,6 +299,9 @@ fn to_client(
                     && seg.flags & (parse::TCP_SYN | parse::TCP_RST) == parse::TCP_SYN
                 {
                     e.seq_synced = 1;
+                }
+                if e.signals & lb_common::conntrack::signal::ANSWERED == 0 {
+                    signals::from_backend(e, &seg);
                 }
             }
             None => return Ok(drop(Stat::ReturnOutOfWindow)),

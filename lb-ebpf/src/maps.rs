@@ -15,7 +15,7 @@ use lb_common::{
     guard::{SourceAddr, SourceRule},
     layout,
     service::{MaglevTable, PortServices, ServiceKey, ServiceValue},
-    stats::BackendStats,
+    stats::{BackendStats, L4Stats},
 };
 
 /// (VIP, port, proto) → service index, which of its two tables is live, SNAT address.
@@ -55,6 +55,11 @@ pub static LB_NEXT_HOPS: PerCpuArray<NextHop> =
 #[map]
 pub static LB_BACKEND_STATS: PerCpuArray<BackendStats> =
     PerCpuArray::with_max_entries(layout::BACKEND_STATS.max_entries, 0);
+
+/// Backend id → this CPU's L4 signals for that backend: connect failures, time to first byte.
+#[map]
+pub static LB_BACKEND_L4: PerCpuArray<L4Stats> =
+    PerCpuArray::with_max_entries(layout::BACKEND_L4.max_entries, 0);
 
 /// `Stat` index → this CPU's count of verdicts and reasons.
 #[map]

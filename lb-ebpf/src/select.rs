@@ -191,7 +191,7 @@ pub fn new_flow(
         client_mac: eth.src_addr,
         local_mac: eth.dst_addr,
         state: st,
-        _pad1: 0,
+        signals: 0,
         _pad2: 0,
         ts_delta,
         backend_ifindex,
@@ -199,6 +199,7 @@ pub fn new_flow(
         backend_mac,
         wscale: wscale as u8,
         seq_synced: 0,
+        request_ns: 0,
     };
     alloc_snat_port(&mut f.rkey, &f.rval, t, now)?;
     f.ct = CtValue {
@@ -210,6 +211,7 @@ pub fn new_flow(
         snat_port: f.rkey.dport,
         state: st,
         service_id: svc.id as u8,
+        signals: 0,
         _pad2: 0,
         ts_delta,
     };

@@ -53,6 +53,11 @@ pub struct RequestMetrics {
 pub enum Value {
     Counter(u64),
     Gauge(f64),
+    /// Per-bucket counts (not cumulative) by upper bound, the last `+Inf`; sum of samples.
+    Histogram {
+        buckets: Vec<(f64, u64)>,
+        sum: f64,
+    },
 }
 
 /// A metric family read at scrape time.
@@ -78,6 +83,7 @@ impl Collector for Snapshot {
             let ty = match first {
                 Value::Counter(_) => MetricType::Counter,
                 Value::Gauge(_) => MetricType::Gauge,
+                Value::Histogram { .. } => MetricType::Histogram,
             };
             let mut m = encoder.encode_descriptor(f.name, f.help, None, ty)?;
             for (labels, v) in &f.samples {
@@ -85,6 +91,13 @@ impl Collector for Snapshot {
                 match v {
                     Value::Counter(c) => ConstCounter::new(*c).encode(e)?,
                     Value::Gauge(g) => ConstGauge::new(*g).encode(e)?,
+                    Value::Histogram { buckets, sum } => {
+                        let count = buckets.iter().map(|(_, n)| n).sum();
+                        let mut e = e;
+                        e.encode_histogram::<prometheus_client::encoding::NoLabelSet>(
+                            *sum, count, buckets, None,
+                        )?
+                    }
                 }
             }
         }

@@ -8,6 +8,24 @@ use crate::{
     metrics::{Labels, Sampled, Value, backend_labels},
 };
 
+/// The XDP program's time-to-first-byte buckets as a Prometheus histogram (seconds).
+fn first_byte_histogram(l4: &lb_common::stats::L4Stats) -> Value {
+    use lb_common::stats::first_byte_bound_ns;
+    let buckets = l4
+        .first_byte
+        .iter()
+        .enumerate()
+        .map(|(i, n)| {
+            let le = first_byte_bound_ns(i).map_or(f64::INFINITY, |ns| ns as f64 / 1e9);
+            (le, *n)
+        })
+        .collect();
+    Value::Histogram {
+        buckets,
+        sum: l4.first_byte_sum_ns as f64 / 1e9,
+    }
+}
+
 impl Daemon {
     /// The metrics text for one scrape: the data plane's per-CPU counters summed now, plus the
     /// state's weights, health and table generations.
@@ -48,6 +66,19 @@ impl Daemon {
             "lb_table_generation",
             "Generation of the service's live table.",
         );
+        let mut active = fam(
+            "lb_backend_active_flows",
+            "Flows to the backend in the connection-tracking table, neither closed nor expired (connection mode).",
+        );
+        let mut failures = fam(
+            "lb_backend_connect_failures",
+            "New flows the backend reset before its first payload byte (reason=reset) or whose SYN went unanswered until the client retransmitted it (reason=timeout); connection mode.",
+        );
+        let mut first_byte = fam(
+            "lb_backend_first_byte_seconds",
+            "Time from the client's first payload packet to the backend's first payload packet, measured in XDP (connection mode).",
+        );
+        let active_by_id = self.kernel.active_flows();
         for (name, s) in &self.state.services {
             let shares = self.state.shares(name).unwrap_or_default();
             for p in &s.pools {
@@ -99,6 +130,25 @@ impl Daemon {
                     bytes
                         .samples
                         .push((dir("to_client"), Value::Counter(st.bytes_to_client)));
+                    active.samples.push((
+                        l.clone(),
+                        Value::Gauge(active_by_id.get(&b.id).copied().unwrap_or(0) as f64),
+                    ));
+                    let l4 = self.kernel.backend_l4(b.id).unwrap_or_default();
+                    let reason = |r: &str| {
+                        let mut l: Labels = l.clone();
+                        l.push(("reason", r.to_string()));
+                        l
+                    };
+                    failures
+                        .samples
+                        .push((reason("reset"), Value::Counter(l4.connect_reset)));
+                    failures
+                        .samples
+                        .push((reason("timeout"), Value::Counter(l4.connect_timeout)));
+                    first_byte
+                        .samples
+                        .push((l.clone(), first_byte_histogram(&l4)));
                 }
             }
             if s.config.mode == Mode::Connection {
@@ -118,6 +168,9 @@ impl Daemon {
             share,
             pool_weight,
             generation,
+            active,
+            failures,
+            first_byte,
         ];
         {
             let dp = &self.kernel;

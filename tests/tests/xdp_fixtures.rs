@@ -758,3 +758,137 @@ fn crafted_syns_are_dropped_before_they_take_any_state() {
     );
     assert_eq!(f.stat(Stat::NewFlow), 2);
 }
+
+/// L4 signals, one packet sequence per row: what each backend's counters must say after
+/// it. Every flow goes to backend 1 (index 0); backend 2 must stay untouched throughout.
+#[test]
+fn connect_failures_and_time_to_first_byte_are_counted_per_backend() {
+    if !require_root("connect_failures_and_time_to_first_byte_are_counted_per_backend") {
+        return;
+    }
+    /// A step of a flow: a client segment (`true`) or a backend one.
+    enum Step {
+        Client(packets::Flags, (u32, u32), &'static [u8]),
+        Backend(packets::Flags, (u32, u32), &'static [u8]),
+        Syn,
+        SynAck,
+    }
+    use Step::*;
+    let req = (CLIENT_ISN + 1, BACKEND_ISN + 1);
+    // (name, steps, resets, timeouts, first-byte samples)
+    let rows: Vec<(&str, Vec<Step>, u64, u64, u64)> = vec![
+        (
+            "a RST answering the SYN (nothing listens)",
+            vec![Syn, Backend(RST_ACK, (0, CLIENT_ISN + 1), b"")],
+            1,
+            0,
+            0,
+        ),
+        (
+            "the SYN retransmitted twice while no SYN-ACK comes: one timeout",
+            vec![Syn, Syn, Syn],
+            0,
+            1,
+            0,
+        ),
+        (
+            "a request and its answer: one first-byte sample",
+            vec![
+                Syn,
+                SynAck,
+                Client(ACK, req, b""),
+                Client(ACK, req, b"GET / HTTP/1.1\r\n\r\n"),
+                Backend(
+                    ACK,
+                    (BACKEND_ISN + 1, CLIENT_ISN + 19),
+                    b"HTTP/1.1 200 OK\r\n",
+                ),
+                Backend(ACK, (BACKEND_ISN + 18, CLIENT_ISN + 19), b"more"),
+                Backend(RST_ACK, (BACKEND_ISN + 22, CLIENT_ISN + 19), b""),
+            ],
+            0,
+            0,
+            1,
+        ),
+        (
+            "accepted, then reset before the first byte",
+            vec![
+                Syn,
+                SynAck,
+                Client(ACK, req, b"GET / HTTP/1.1\r\n\r\n"),
+                Backend(RST_ACK, (BACKEND_ISN + 1, CLIENT_ISN + 19), b""),
+            ],
+            1,
+            0,
+            0,
+        ),
+        (
+            "the backend speaks first (a server-first protocol): no sample, no failure",
+            vec![
+                Syn,
+                SynAck,
+                Client(ACK, req, b""),
+                Backend(ACK, (BACKEND_ISN + 1, CLIENT_ISN + 1), b"220 ready\r\n"),
+                Client(ACK, (CLIENT_ISN + 1, BACKEND_ISN + 12), b"HELO\r\n"),
+                Backend(ACK, (BACKEND_ISN + 12, CLIENT_ISN + 7), b"250 ok\r\n"),
+            ],
+            0,
+            0,
+            0,
+        ),
+        (
+            "a clean close without data: nothing",
+            vec![
+                Syn,
+                SynAck,
+                Client(ACK, req, b""),
+                Client(FIN, req, b""),
+                Backend(FIN, (BACKEND_ISN + 1, CLIENT_ISN + 2), b""),
+            ],
+            0,
+            0,
+            0,
+        ),
+    ];
+    for (k, (name, steps, resets, timeouts, samples)) in rows.into_iter().enumerate() {
+        let mut f = Fixture::new();
+        let cport = 42000 + k as u16;
+        let mut port = 0;
+        for s in steps {
+            let (v, out) = match s {
+                Syn => f.run(&tcp((CLIENT, cport), (VIP, 80), SYN)),
+                SynAck => f.ret(&syn_ack(0, port)),
+                Client(flags, seq_ack, payload) => f.run(&tcp_seq(
+                    CLIENT_MAC,
+                    (CLIENT, cport),
+                    (VIP, 80),
+                    flags,
+                    seq_ack,
+                    payload,
+                )),
+                Backend(flags, seq_ack, payload) => {
+                    f.ret(&from_backend(0, port, flags, seq_ack, payload))
+                }
+            };
+            assert_eq!(v, XDP_REDIRECT, "{name}: every step is forwarded");
+            if port == 0 {
+                port = snat_port(&check(&out));
+            }
+        }
+        let l4 = f.dp.backend_l4(1).unwrap();
+        assert_eq!(
+            (l4.connect_reset, l4.connect_timeout, l4.first_byte_count()),
+            (resets, timeouts, samples),
+            "{name}"
+        );
+        assert_eq!(
+            f.dp.backend_l4(2).unwrap(),
+            Default::default(),
+            "{name}: another backend's counters moved"
+        );
+        if samples > 0 {
+            // BPF_PROG_TEST_RUN runs back to back: the sample is tiny but real.
+            assert!(l4.first_byte_sum_ns > 0, "{name}: {l4:?}");
+        }
+    }
+}

@@ -1,6 +1,10 @@
-//! The conntrack map's entry count for `/metrics`, counted on a thread of its own: walking
-//! the keys costs one syscall each (about a quarter second at 262 144 entries), which must
-//! never run on the daemon's owner task, where commands wait.
+//! The conntrack map's entry count and each backend's active flows, counted on a thread of
+//! its own: walking the map costs two syscalls per entry (about half a second at 262 144
+//! entries), which must never run on the daemon's owner task, where commands wait.
+//!
+//! Active flows come from the table itself rather than from opened-minus-closed counters in
+//! the XDP program: a flow that idles out or is evicted sends no packet that could count it
+//! closed, so counters would only ever drift up.
 
 use std::{
     sync::{
@@ -11,30 +15,68 @@ use std::{
 };
 
 use aya::maps::{HashMap, Map, MapData};
-use lb_common::{conntrack::CtValue, flow::FlowKey};
+use lb_common::{
+    PROTO_TCP, Tunables,
+    conntrack::{CtValue, state},
+    flow::FlowKey,
+};
 
 /// A count older than this starts a new one (the stale value is still answered).
-pub const STALE: Duration = Duration::from_secs(5);
+pub const STALE: Duration = Duration::from_secs(1);
 
-/// The last count of a map's entries, recounted in the background when it is stale.
+/// Whether a flow counts as active: not closing, and not idle past its timeout (the same rule
+/// as the XDP program's, on the same clock).
+pub fn is_active(ct: &CtValue, proto: u8, now_ns: u64, t: &Tunables) -> bool {
+    let timeout = if proto != PROTO_TCP {
+        t.udp_timeout_ns
+    } else if ct.state == state::ESTABLISHED {
+        t.tcp_established_timeout_ns
+    } else {
+        t.tcp_transient_timeout_ns
+    };
+    ct.state != state::CLOSING && now_ns.saturating_sub(ct.last_seen_ns) <= timeout
+}
+
+/// CLOCK_MONOTONIC in ns: the clock `bpf_ktime_get_coarse_ns` reads (coarsely).
+fn monotonic_ns() -> u64 {
+    // SAFETY: an out-parameter of the right type.
+    let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// The last count of a map's entries and of each backend's active flows, recounted in the
+/// background when it is stale.
 pub struct Counter {
     map_id: u32,
+    tunables: Tunables,
     count: Arc<AtomicU64>,
+    /// Backend id → active flows, as of the last count.
+    active: Arc<Mutex<std::collections::HashMap<u32, u64>>>,
     counting: Arc<AtomicBool>,
     counted_at: Arc<Mutex<Option<Instant>>>,
 }
 
 impl Counter {
-    /// Counts the entries of the hash map with kernel id `map_id` (a first count starts now).
-    pub fn new(map_id: u32) -> Counter {
+    /// Counts the entries of the conntrack map with kernel id `map_id`, judging flows alive
+    /// by `tunables`' timeouts (a first count starts now).
+    pub fn new(map_id: u32, tunables: Tunables) -> Counter {
         let c = Counter {
             map_id,
+            tunables,
             count: Arc::new(AtomicU64::new(0)),
+            active: Default::default(),
             counting: Arc::new(AtomicBool::new(false)),
             counted_at: Arc::new(Mutex::new(None)),
         };
         c.refresh();
         c
+    }
+
+    /// Active flows per backend id as of the last count (a recount starts when it is stale).
+    pub fn active(&self) -> std::collections::HashMap<u32, u64> {
+        self.get();
+        self.active.lock().map(|a| a.clone()).unwrap_or_default()
     }
 
     /// The last count; starts a recount when it is older than [`STALE`]. Never blocks.
@@ -55,9 +97,11 @@ impl Counter {
         if self.counting.swap(true, Ordering::AcqRel) {
             return;
         }
-        let (id, count, counting, at) = (
+        let (id, t, count, active, counting, at) = (
             self.map_id,
+            self.tunables,
             self.count.clone(),
+            self.active.clone(),
             self.counting.clone(),
             self.counted_at.clone(),
         );
@@ -73,10 +117,25 @@ impl Counter {
                             Map::LruHashMap(d),
                         )?)
                     })
-                    .map(|m| m.keys().count() as u64);
+                    .map(|m| {
+                        let now = monotonic_ns();
+                        let mut n = 0u64;
+                        let mut by_backend = std::collections::HashMap::new();
+                        // An entry evicted between its key and its lookup is an error: skipped.
+                        for (k, v) in m.iter().flatten() {
+                            n += 1;
+                            if is_active(&v, k.proto, now, &t) {
+                                *by_backend.entry(v.backend_id).or_insert(0u64) += 1;
+                            }
+                        }
+                        (n, by_backend)
+                    });
                 match n {
-                    Ok(n) => {
+                    Ok((n, by_backend)) => {
                         count.store(n, Ordering::Relaxed);
+                        if let Ok(mut a) = active.lock() {
+                            *a = by_backend;
+                        }
                         tracing::debug!(
                             entries = n,
                             took_ms = started.elapsed().as_millis() as u64,

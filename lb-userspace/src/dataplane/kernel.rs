@@ -14,7 +14,7 @@ use lb_common::{
     flow::IpBytes,
     guard::SourceRule,
     service::{MaglevTable, ServiceKey, ServiceValue},
-    stats::{BackendStats, STAT_COUNT},
+    stats::{BackendStats, L4Stats, STAT_COUNT},
 };
 
 use crate::{config::XdpMode, state::ServiceIndex};
@@ -53,6 +53,10 @@ pub trait Kernel: Send {
     fn xdp_stats(&self) -> Result<[u64; STAT_COUNT as usize]>;
     /// Flows in the conntrack map, and its capacity.
     fn conntrack_fill(&self) -> (u64, u32);
+    /// L4 signals of one backend: connect failures, time to first byte.
+    fn backend_l4(&self, id: u32) -> Result<L4Stats>;
+    /// Active flows per backend id (from a recent walk of the conntrack map; never blocks).
+    fn active_flows(&self) -> HashMap<u32, u64>;
 }
 
 impl Kernel for super::Dataplane {
@@ -95,6 +99,12 @@ impl Kernel for super::Dataplane {
     fn conntrack_fill(&self) -> (u64, u32) {
         super::Dataplane::conntrack_fill(self)
     }
+    fn backend_l4(&self, id: u32) -> Result<L4Stats> {
+        super::Dataplane::backend_l4(self, id)
+    }
+    fn active_flows(&self) -> HashMap<u32, u64> {
+        super::Dataplane::active_flows(self)
+    }
 }
 
 /// One write the control plane made, as [`FakeKernel`] records it.
@@ -120,6 +130,8 @@ pub struct FakeState {
     pub writes: Vec<Write>,
     /// Counters the reads return.
     pub backend_stats: HashMap<u32, BackendStats>,
+    pub backend_l4: HashMap<u32, L4Stats>,
+    pub active_flows: HashMap<u32, u64>,
     pub xdp_stats: Vec<u64>,
     /// When set, the next write fails (and is not applied), as a kernel out of memory would.
     pub fail_next_write: bool,
@@ -262,5 +274,16 @@ impl Kernel for FakeKernel {
     }
     fn conntrack_fill(&self) -> (u64, u32) {
         (0, lb_common::DEFAULT_CONNTRACK_MAX)
+    }
+    fn backend_l4(&self, id: u32) -> Result<L4Stats> {
+        Ok(self
+            .state()
+            .backend_l4
+            .get(&id)
+            .copied()
+            .unwrap_or_default())
+    }
+    fn active_flows(&self) -> HashMap<u32, u64> {
+        self.state().active_flows.clone()
     }
 }

@@ -84,6 +84,7 @@ pub struct Dataplane {
     backends: Array<MapData, BackendInfo>,
     next_hops: PerCpuArray<MapData, NextHop>,
     backend_stats: PerCpuArray<MapData, BackendStats>,
+    backend_l4: PerCpuArray<MapData, lb_common::stats::L4Stats>,
     xdp_stats: PerCpuArray<MapData, u64>,
     /// The source guard, replaced whole by `set_sources`.
     sources: LpmTrie<MapData, SourceAddr, SourceRule>,
@@ -143,6 +144,7 @@ impl Dataplane {
         let backends = Array::try_from(take(map_names::BACKENDS)?)?;
         let next_hops = PerCpuArray::try_from(take(map_names::NEXT_HOPS)?)?;
         let backend_stats = PerCpuArray::try_from(take(map_names::BACKEND_STATS)?)?;
+        let backend_l4 = PerCpuArray::try_from(take(map_names::BACKEND_L4)?)?;
         let xdp_stats = PerCpuArray::try_from(take(map_names::XDP_STATS)?)?;
         let sources = LpmTrie::try_from(take(map_names::SOURCES)?)?;
         let ct = take(map_names::CONNTRACK)?;
@@ -155,7 +157,7 @@ impl Dataplane {
             _ => bail!("map {} is not a hash map", map_names::CONNTRACK),
         };
         drop(ct);
-        let conntrack = counter::Counter::new(conntrack_id);
+        let conntrack = counter::Counter::new(conntrack_id, opts.tunables);
         Ok(Dataplane {
             ebpf,
             pin_dir: opts.pin_dir.clone(),
@@ -165,6 +167,7 @@ impl Dataplane {
             backends,
             next_hops,
             backend_stats,
+            backend_l4,
             xdp_stats,
             sources,
             conntrack,

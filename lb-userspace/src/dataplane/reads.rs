@@ -6,7 +6,7 @@ use lb_common::{
     backend::BackendInfo,
     guard::{SourceAddr, SourceRule},
     service::{PortServices, ServiceKey, ServiceValue},
-    stats::{BackendStats, STAT_COUNT},
+    stats::{BackendStats, L4Stats, STAT_COUNT},
 };
 
 use super::Dataplane;
@@ -73,6 +73,21 @@ impl Dataplane {
             a.new_flows += s.new_flows;
             a
         }))
+    }
+
+    /// L4 signals of one backend (connect failures, time to first byte), summed over CPUs.
+    pub fn backend_l4(&self, id: u32) -> Result<L4Stats> {
+        let per_cpu = self.backend_l4.get(&id, 0)?;
+        Ok(per_cpu.iter().fold(L4Stats::default(), |mut a, s| {
+            a.add(s);
+            a
+        }))
+    }
+
+    /// Active flows per backend id (as of the last conntrack walk, at most
+    /// [`counter::STALE`] old; never blocks).
+    pub fn active_flows(&self) -> std::collections::HashMap<u32, u64> {
+        self.conntrack.active()
     }
 
     /// Verdict and reason counters, summed over CPUs (index = `Stat`).

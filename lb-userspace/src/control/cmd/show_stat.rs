@@ -1,4 +1,4 @@
-use lb_common::stats::BackendStats;
+use lb_common::stats::{BackendStats, L4Stats, first_byte_bound_ns};
 
 use crate::control::CommandError;
 use crate::daemon::Daemon;
@@ -11,7 +11,37 @@ pub struct ShowStat {
 }
 
 const COLUMNS: &str = "service,pool,backend,addr,pool_weight,weight,share,state,health,\
-connections,packets_to_backend,bytes_to_backend,packets_to_client,bytes_to_client";
+connections,packets_to_backend,bytes_to_backend,packets_to_client,bytes_to_client,\
+active_flows,connect_resets,connect_timeouts,first_byte_p50_ms,first_byte_p99_ms";
+
+/// A quantile of the time-to-first-byte histogram in ms (interpolated within its bucket),
+/// or `None` without samples.
+pub fn first_byte_quantile_ms(l4: &L4Stats, q: f64) -> Option<f64> {
+    let total = l4.first_byte_count();
+    if total == 0 {
+        return None;
+    }
+    let rank = q * total as f64;
+    let mut seen = 0u64;
+    for (i, n) in l4.first_byte.iter().enumerate() {
+        if *n == 0 {
+            continue;
+        }
+        if (seen + n) as f64 >= rank {
+            let lo = if i == 0 {
+                0
+            } else {
+                first_byte_bound_ns(i - 1).unwrap_or(0)
+            };
+            // The open last bucket: its lower bound is all that is known.
+            let hi = first_byte_bound_ns(i).unwrap_or(lo);
+            let within = ((rank - seen as f64) / *n as f64).clamp(0.0, 1.0);
+            return Some((lo as f64 + within * (hi - lo) as f64) / 1e6);
+        }
+        seen += n;
+    }
+    None
+}
 
 impl ShowStat {
     pub fn parse(args: &[&str]) -> Result<Self, String> {
@@ -31,14 +61,24 @@ impl ShowStat {
             }
         }
         let mut rows = Vec::new();
+        let active = d.kernel.active_flows();
         for (s, p, b) in d.state.backends() {
             let share = shares.get(&b.id).copied().unwrap_or(0.0);
-            let st = if s.config.mode == crate::config::Mode::Connection {
-                d.kernel
-                    .backend_stats(b.id)
-                    .map_err(CommandError::Counters)?
+            let connection = s.config.mode == crate::config::Mode::Connection;
+            let (st, l4) = if connection {
+                (
+                    d.kernel
+                        .backend_stats(b.id)
+                        .map_err(CommandError::Counters)?,
+                    d.kernel.backend_l4(b.id).map_err(CommandError::Counters)?,
+                )
             } else {
-                BackendStats::default()
+                (BackendStats::default(), L4Stats::default())
+            };
+            let ms = |q| {
+                first_byte_quantile_ms(&l4, q).map_or(serde_json::Value::Null, |v| {
+                    serde_json::json!((v * 1000.0).round() / 1000.0)
+                })
             };
             rows.push(serde_json::json!({
                 "service": s.config.name,
@@ -55,6 +95,11 @@ impl ShowStat {
                 "bytes_to_backend": st.bytes_to_backend,
                 "packets_to_client": st.packets_to_client,
                 "bytes_to_client": st.bytes_to_client,
+                "active_flows": if connection { active.get(&b.id).copied().unwrap_or(0) } else { 0 },
+                "connect_resets": l4.connect_reset,
+                "connect_timeouts": l4.connect_timeout,
+                "first_byte_p50_ms": ms(0.5),
+                "first_byte_p99_ms": ms(0.99),
             }));
         }
         if self.json {
@@ -69,6 +114,7 @@ impl ShowStat {
                     serde_json::Value::Number(n) if c == "share" => {
                         format!("{:.4}", n.as_f64().unwrap_or(0.0))
                     }
+                    serde_json::Value::Null => String::new(),
                     v => v.to_string(),
                 })
                 .collect();
