@@ -425,9 +425,79 @@ fn every_series_known_from_the_config_is_exported_at_zero_from_the_first_scrape(
         format!("lb_backend_requests_total{{{req},code=\"502\"}} 0"),
         format!("lb_backend_request_duration_seconds_count{{{req}}} 0"),
         format!("lb_backend_up{{{req}}} 1"),
+        format!("lb_backend_active_flows{{{conn}}} 0"),
+        format!("lb_backend_connect_failures_total{{{conn},reason=\"reset\"}} 0"),
+        format!("lb_backend_connect_failures_total{{{conn},reason=\"timeout\"}} 0"),
+        format!("lb_backend_first_byte_seconds_count{{{conn}}} 0"),
+        format!("lb_backend_first_byte_seconds_bucket{{le=\"+Inf\",{conn}}} 0"),
     ] {
-        assert!(scrape.contains(&series), "missing {series}");
+        assert!(scrape.contains(&series), "missing {series}\n{scrape}");
     }
+}
+
+#[test]
+fn the_data_planes_l4_signals_reach_metrics_and_show_stat() {
+    use lb_common::stats::{L4Stats, first_byte_bucket};
+    let (mut d, k) = daemon(CONFIG);
+    let slow = id(&d, "10.20.0.21:8080");
+    let mut l4 = L4Stats {
+        connect_reset: 3,
+        connect_timeout: 2,
+        ..Default::default()
+    };
+    // 99 answers at 1 ms, 1 at 200 ms.
+    l4.first_byte[first_byte_bucket(1_000_000)] = 99;
+    l4.first_byte[first_byte_bucket(200_000_000)] = 1;
+    l4.first_byte_sum_ns = 99 * 1_000_000 + 200_000_000;
+    k.state().backend_l4.insert(slow, l4);
+    k.state().active_flows.insert(slow, 7);
+    let scrape = d.scrape();
+    let l = r#"service="web",pool="k8s",backend="10.20.0.21:8080""#;
+    for series in [
+        format!("lb_backend_active_flows{{{l}}} 7"),
+        format!("lb_backend_connect_failures_total{{{l},reason=\"reset\"}} 3"),
+        format!("lb_backend_connect_failures_total{{{l},reason=\"timeout\"}} 2"),
+        format!("lb_backend_first_byte_seconds_count{{{l}}} 100"),
+        format!("lb_backend_first_byte_seconds_sum{{{l}}} 0.299"),
+    ] {
+        assert!(scrape.contains(&series), "missing {series}\n{scrape}");
+    }
+    // Cumulative buckets: 99 at or below ~1.05 ms, all 100 at or below ~262 ms.
+    let bucket = |le_max: f64| -> u64 {
+        scrape
+            .lines()
+            .filter(|x| x.starts_with("lb_backend_first_byte_seconds_bucket{") && x.contains(l))
+            .filter_map(|x| {
+                let le: f64 = x.split("le=\"").nth(1)?.split('"').next()?.parse().ok()?;
+                (le <= le_max).then(|| x.rsplit(' ').next()?.parse().ok())?
+            })
+            .max()
+            .unwrap_or(0)
+    };
+    assert_eq!(bucket(0.0009), 0);
+    assert_eq!(bucket(0.0011), 99);
+    assert_eq!(bucket(0.3), 100);
+    let stat: serde_json::Value = serde_json::from_str(&run(&mut d, "show stat json")).unwrap();
+    let row = stat
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["backend"] == "10.20.0.21:8080")
+        .unwrap();
+    assert_eq!(row["active_flows"], 7);
+    assert_eq!(row["connect_resets"], 3);
+    assert_eq!(row["connect_timeouts"], 2);
+    let p50 = row["first_byte_p50_ms"].as_f64().unwrap();
+    let p99 = row["first_byte_p99_ms"].as_f64().unwrap();
+    assert!((0.7..=1.1).contains(&p50), "p50 {p50} ms");
+    assert!((0.7..=1.1).contains(&p99), "p99 {p99} ms: 99 of 100 answers took 1 ms");
+    let other = stat
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["backend"] == "10.20.0.11:8080")
+        .unwrap();
+    assert_eq!(other["first_byte_p99_ms"], serde_json::Value::Null);
 }
 
 #[test]
