@@ -490,7 +490,10 @@ fn the_data_planes_l4_signals_reach_metrics_and_show_stat() {
     let p50 = row["first_byte_p50_ms"].as_f64().unwrap();
     let p99 = row["first_byte_p99_ms"].as_f64().unwrap();
     assert!((0.7..=1.1).contains(&p50), "p50 {p50} ms");
-    assert!((0.7..=1.1).contains(&p99), "p99 {p99} ms: 99 of 100 answers took 1 ms");
+    assert!(
+        (0.7..=1.1).contains(&p99),
+        "p99 {p99} ms: 99 of 100 answers took 1 ms"
+    );
     let other = stat
         .as_array()
         .unwrap()

@@ -15,17 +15,35 @@ use anyhow::{Context as _, Result, bail};
 
 use crate::netns::Netns;
 
+/// Faults a test injects into a backend's answers at run time. Health checks (`/healthz`)
+/// are always answered at once, so the backend stays healthy while it misbehaves.
+#[derive(Debug, Default)]
+pub struct Faults {
+    /// Wait this long before answering a request.
+    pub delay_ms: std::sync::atomic::AtomicU64,
+    /// Read the request, then reset the connection (RST) instead of answering.
+    pub reset: AtomicBool,
+    /// Answer 1 request in N with `500 Internal Server Error` (0: never).
+    pub error_every: std::sync::atomic::AtomicU64,
+    /// Requests answered so far (health checks aside).
+    pub served: std::sync::atomic::AtomicU64,
+}
+
 /// A backend that answers every request with its name; stops (and closes its connections)
 /// when dropped.
 pub struct Backend {
     stop: Arc<AtomicBool>,
     handle: Option<JoinHandle<()>>,
+    /// What the test makes it do wrong.
+    pub faults: Arc<Faults>,
 }
 
 impl Backend {
     /// Listens on `addr` inside `ns`.
     pub fn start(ns: &Netns, addr: SocketAddr, name: &str) -> Result<Backend> {
         let stop = Arc::new(AtomicBool::new(false));
+        let faults = Arc::new(Faults::default());
+        let f = faults.clone();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let ns_name = ns.name.clone();
         let name = name.to_string();
@@ -53,8 +71,8 @@ impl Backend {
             while !s.load(Ordering::Relaxed) {
                 match listener.accept() {
                     Ok((c, _)) => {
-                        let (name, s) = (name.clone(), s.clone());
-                        std::thread::spawn(move || serve(c, &name, &s));
+                        let (name, s, f) = (name.clone(), s.clone(), f.clone());
+                        std::thread::spawn(move || serve(c, &name, &s, &f));
                     }
                     Err(_) => std::thread::sleep(Duration::from_millis(2)),
                 }
@@ -64,6 +82,7 @@ impl Backend {
         Ok(Backend {
             stop,
             handle: Some(handle),
+            faults,
         })
     }
 }
@@ -77,7 +96,7 @@ impl Drop for Backend {
     }
 }
 
-fn serve(c: TcpStream, name: &str, stop: &AtomicBool) {
+fn serve(c: TcpStream, name: &str, stop: &AtomicBool, faults: &Faults) {
     let _ = c.set_read_timeout(Some(Duration::from_millis(200)));
     let mut w = match c.try_clone() {
         Ok(w) => w,
@@ -88,6 +107,7 @@ fn serve(c: TcpStream, name: &str, stop: &AtomicBool) {
         let mut close = false;
         let mut got = false;
         let mut xff_wanted = false;
+        let mut health = false;
         let mut xff = String::new();
         loop {
             let mut line = String::new();
@@ -96,6 +116,9 @@ fn serve(c: TcpStream, name: &str, stop: &AtomicBool) {
                 Ok(_) => {
                     if !got && line.starts_with("GET /xff ") {
                         xff_wanted = true;
+                    }
+                    if !got && line.starts_with("GET /healthz ") {
+                        health = true;
                     }
                     got = true;
                     let lower = line.to_ascii_lowercase();
@@ -114,11 +137,28 @@ fn serve(c: TcpStream, name: &str, stop: &AtomicBool) {
                 Err(_) => return,
             }
         }
+        let mut status = "200 OK";
+        if !health {
+            if faults.reset.load(Ordering::Relaxed) {
+                // SO_LINGER 0: close() sends a RST instead of a FIN.
+                let _ = socket2::SockRef::from(&w).set_linger(Some(Duration::ZERO));
+                return;
+            }
+            let delay = faults.delay_ms.load(Ordering::Relaxed);
+            if delay > 0 {
+                std::thread::sleep(Duration::from_millis(delay));
+            }
+            let every = faults.error_every.load(Ordering::Relaxed);
+            let n = faults.served.fetch_add(1, Ordering::Relaxed) + 1;
+            if every > 0 && n % every == 0 {
+                status = "500 Internal Server Error";
+            }
+        }
         // `/xff` answers with the X-Forwarded-For it got (request-mode tests); anything
         // else with the backend's name.
         let body = if xff_wanted { xff.as_str() } else { name };
         let resp = format!(
-            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n{}\r\n{body}",
+            "HTTP/1.1 {status}\r\nContent-Length: {}\r\n{}\r\n{body}",
             body.len(),
             if close { "Connection: close\r\n" } else { "" }
         );

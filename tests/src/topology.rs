@@ -268,6 +268,15 @@ pool = "k8s"
         Ok(())
     }
 
+    /// The faults backend `i` injects (while it runs).
+    pub fn faults(&self, i: usize) -> std::sync::Arc<crate::http::Faults> {
+        self.backends[i]
+            .as_ref()
+            .expect("backend running")
+            .faults
+            .clone()
+    }
+
     /// The namespace of backend `i`.
     pub fn backend_ns(&self, i: usize) -> &Netns {
         &self._backend_ns[i]
