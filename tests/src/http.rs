@@ -150,7 +150,7 @@ fn serve(c: TcpStream, name: &str, stop: &AtomicBool, faults: &Faults) {
             }
             let every = faults.error_every.load(Ordering::Relaxed);
             let n = faults.served.fetch_add(1, Ordering::Relaxed) + 1;
-            if every > 0 && n % every == 0 {
+            if every > 0 && n.is_multiple_of(every) {
                 status = "500 Internal Server Error";
             }
         }
