@@ -33,6 +33,8 @@ pub struct L4Stats {
     pub connect_reset: u64,
     /// New flows whose client had to retransmit its SYN (no SYN-ACK came in time).
     pub connect_timeout: u64,
+    /// Flows the backend answered: its first payload byte came (whoever spoke first).
+    pub answered: u64,
     /// Sum of the time-to-first-byte samples, ns.
     pub first_byte_sum_ns: u64,
     /// Time-to-first-byte samples by bucket ([`first_byte_bucket`]).
@@ -44,19 +46,21 @@ impl Default for L4Stats {
         L4Stats {
             connect_reset: 0,
             connect_timeout: 0,
+            answered: 0,
             first_byte_sum_ns: 0,
             first_byte: [0; FIRST_BYTE_BUCKETS],
         }
     }
 }
 
-const _: () = assert!(core::mem::size_of::<L4Stats>() == 24 + 8 * FIRST_BYTE_BUCKETS);
+const _: () = assert!(core::mem::size_of::<L4Stats>() == 32 + 8 * FIRST_BYTE_BUCKETS);
 
 impl L4Stats {
     /// Adds another CPU's (or interval's) counts to these.
     pub fn add(&mut self, o: &L4Stats) {
         self.connect_reset += o.connect_reset;
         self.connect_timeout += o.connect_timeout;
+        self.answered += o.answered;
         self.first_byte_sum_ns += o.first_byte_sum_ns;
         let mut i = 0;
         while i < FIRST_BYTE_BUCKETS {

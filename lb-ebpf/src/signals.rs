@@ -69,13 +69,17 @@ pub fn from_backend(e: &mut RnatValue, seg: &Segment) {
         return;
     }
     e.signals |= signal::ANSWERED;
+    let Some(s) = stats(e.backend_id) else {
+        return;
+    };
+    s.answered += 1;
     if e.request_ns == 0 {
         // The backend spoke first (a server-first protocol): no request to time it from.
         return;
     }
     // SAFETY: helper without arguments.
     let ns = unsafe { bpf_ktime_get_ns() }.saturating_sub(e.request_ns);
-    if let Some(s) = stats(e.backend_id) {
+    {
         s.first_byte_sum_ns += ns;
         if let Some(b) = s.first_byte.get_mut(first_byte_bucket(ns)) {
             *b += 1;

@@ -264,6 +264,12 @@ pub struct Health {
     pub rise: u32,
     /// Consecutive failures that make it unhealthy.
     pub fall: u32,
+    /// Connection mode: new flows in a row that the backend resets or leaves unanswered
+    /// (the XDP program's connect failures, with no answered flow between them) before it is
+    /// taken out of the table at once, without waiting for the active checks; it comes back
+    /// through them (`rise` passes). 0 turns this off. Never the last healthy backend of a
+    /// pool.
+    pub passive_failures: u32,
 }
 
 impl Default for Health {
@@ -275,6 +281,7 @@ impl Default for Health {
             timeout: Duration::from_millis(300),
             rise: 2,
             fall: 2,
+            passive_failures: 5,
         }
     }
 }

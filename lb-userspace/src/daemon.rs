@@ -210,6 +210,79 @@ impl Daemon {
         }
     }
 
+    /// Passive health: reads each connection-mode backend's connect failures and takes out
+    /// of the table the healthy ones whose new flows failed `passive_failures` times in a row
+    /// — unless it is the last healthy backend of its pool. Returns the backends taken out
+    /// (their active checks must start over from down, so that `rise` brings them back).
+    pub fn observe_passive(
+        &mut self,
+        passive: &mut crate::passive::Passive,
+    ) -> Vec<crate::health::BackendKey> {
+        let mut out = Vec::new();
+        let mut due = Vec::new();
+        for (s, p, b) in self.state.backends() {
+            let limit = s.config.health.passive_failures;
+            if s.config.mode != Mode::Connection || limit == 0 {
+                continue;
+            }
+            let Ok(l4) = self.kernel.backend_l4(b.id) else {
+                continue;
+            };
+            let run = passive.observe(b.id, &l4);
+            if b.healthy && run >= limit as u64 {
+                let others_up = p.backends.iter().any(|o| o.id != b.id && o.healthy);
+                due.push((
+                    crate::health::BackendKey {
+                        service: s.config.name.clone(),
+                        pool: p.name.clone(),
+                        backend: b.name.clone(),
+                    },
+                    b.id,
+                    run,
+                    others_up,
+                ));
+            }
+        }
+        let live: std::collections::HashSet<u32> =
+            self.state.backends().map(|(_, _, b)| b.id).collect();
+        passive.retain(|id| live.contains(&id));
+        for (key, id, run, others_up) in due {
+            passive.reset(id);
+            if !others_up {
+                tracing::warn!(
+                    service = %key.service, pool = %key.pool, backend = %key.backend,
+                    failures_in_a_row = run,
+                    "passive health: new flows keep failing, but it is the last healthy backend of its pool: kept"
+                );
+                continue;
+            }
+            let result = self.change(&key.service, |st| {
+                st.backend_mut(&key.service, &key.pool, &key.backend)?
+                    .healthy = false;
+                Ok(())
+            });
+            match result {
+                Ok(()) => {
+                    tracing::warn!(
+                        service = %key.service, pool = %key.pool, backend = %key.backend,
+                        health = "down", failures_in_a_row = run,
+                        "backend health changed: passive, new flows failed in a row (back after the active checks pass rise times)"
+                    );
+                    self.metrics
+                        .ejections
+                        .get_or_create(&backend_labels(&key.service, &key.pool, &key.backend))
+                        .inc();
+                    out.push(key);
+                }
+                Err(e) => tracing::error!(
+                    service = %key.service, pool = %key.pool, backend = %key.backend,
+                    error = %e, "passive health: could not take the backend out"
+                ),
+            }
+        }
+        out
+    }
+
     /// Replaces the whole configuration (SIGHUP): backend ids, slots, admin states and health
     /// of what is still configured are kept, so established flows and counters are untouched.
     /// On any error the previous state is restored and stays in force.
@@ -263,10 +336,13 @@ impl Daemon {
             self.apply(&name, p)?;
         }
         for (s, p, b) in self.state.backends() {
-            self.metrics.declare_backend(
-                &backend_labels(&s.config.name, &p.name, &b.name),
-                s.config.mode == Mode::Request,
-            );
+            let l = backend_labels(&s.config.name, &p.name, &b.name);
+            self.metrics
+                .declare_backend(&l, s.config.mode == Mode::Request);
+            if s.config.mode == Mode::Connection {
+                // Declared at 0: the series exists before the first ejection.
+                let _ = self.metrics.ejections.get_or_create(&l);
+            }
         }
         let services = &self.state.services;
         self.published.retain(|n, _| services.contains_key(n));

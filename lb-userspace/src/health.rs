@@ -184,6 +184,15 @@ impl Checker {
         }
     }
 
+    /// Restarts `key`'s checks from the health the state gives it now (after passive health
+    /// took it down: `rise` passes bring it back).
+    pub fn restart(&mut self, key: &BackendKey, state: &State) {
+        if let Some((_, _, h)) = self.tasks.remove(key) {
+            h.abort();
+        }
+        self.reconcile(state);
+    }
+
     /// Whether `task` is the current task for `key` (else its report is stale).
     pub fn is_current(&self, key: &BackendKey, task: u64) -> bool {
         self.tasks.get(key).is_some_and(|(_, t, _)| *t == task)

@@ -10,6 +10,7 @@ pub mod host;
 pub mod listener;
 pub mod maglev;
 pub mod metrics;
+pub mod passive;
 pub mod persist;
 pub mod plan;
 pub mod proxy;

@@ -124,6 +124,8 @@ pub struct Metrics {
     pub control_commands: Family<Labels, Counter>,
     /// `lb_config_reloads_total{result}`.
     pub reloads: Family<Labels, Counter>,
+    /// `lb_backend_ejections_total{service,pool,backend}`: passive health took it out.
+    pub ejections: Family<Labels, Counter>,
     /// Request mode: `lb_backend_requests_total` and `lb_backend_request_duration_seconds`.
     pub requests: RequestMetrics,
 }
@@ -170,6 +172,12 @@ impl Metrics {
             "SIGHUP reloads, by result (ok or error).",
             reloads.clone(),
         );
+        let ejections = Family::<Labels, Counter>::default();
+        registry.register(
+            "lb_backend_ejections",
+            "Times passive health took the backend out of the table (its new flows failed passive_failures times in a row; connection mode).",
+            ejections.clone(),
+        );
         let requests = RequestMetrics {
             requests: Family::default(),
             duration: Family::new_with_constructor(|| Histogram::new(duration_buckets())),
@@ -194,6 +202,7 @@ impl Metrics {
             table_build,
             control_commands,
             reloads,
+            ejections,
             requests,
         }
     }

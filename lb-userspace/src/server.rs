@@ -146,6 +146,9 @@ pub async fn run(
     let mut running = cfg.clone();
     // Replies to commands whose table is not live yet (see the timer branch below).
     let mut held: Vec<(tokio::sync::oneshot::Sender<String>, String)> = Vec::new();
+    let mut passive = crate::passive::Passive::default();
+    let mut passive_tick = tokio::time::interval(crate::passive::INTERVAL);
+    passive_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let result = loop {
         let next_publish = daemon.next_publish();
         tokio::select! {
@@ -178,6 +181,11 @@ pub async fn run(
                 daemon.apply_health(&checker, ev);
             }
             Some(s) = scrape_rx.recv() => { let _ = s.reply.send(daemon.scrape()); }
+            _ = passive_tick.tick() => {
+                for key in daemon.observe_passive(&mut passive) {
+                    checker.restart(&key, &daemon.state);
+                }
+            }
             // A table that had to wait for its other half's grace (back-to-back changes).
             _ = async {
                 match next_publish {

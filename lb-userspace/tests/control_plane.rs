@@ -596,3 +596,72 @@ fn a_reload_writes_only_what_changed() {
         "{changed:?}"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn passive_health_takes_out_a_backend_whose_flows_fail_in_a_row_and_rise_brings_it_back() {
+    use lb_common::stats::L4Stats;
+    use lb_userspace::passive::Passive;
+    let text = CONFIG.replace("fall = 2\n", "fall = 2\npassive_failures = 3\n");
+    let (mut d, k) = daemon(&text);
+    let (tx, mut rx) = tokio::sync::mpsc::channel(1024);
+    let net = Net::default();
+    let mut checker = Checker::with_fake_probe(tx, net.probe());
+    checker.reconcile(&d.state);
+    let mut passive = Passive::default();
+    let (b, other) = ("10.20.0.21:8080", "10.20.0.22:8080");
+    let (bid, oid) = (id(&d, b), id(&d, other));
+    let set = |k: &FakeKernel, id: u32, failed: u64, answered: u64| {
+        k.state().backend_l4.insert(
+            id,
+            L4Stats {
+                connect_reset: failed,
+                answered,
+                ..Default::default()
+            },
+        );
+    };
+    set(&k, bid, 10, 500);
+    assert!(
+        d.observe_passive(&mut passive).is_empty(),
+        "history is not a run"
+    );
+    // Two failures, an answer, two failures: never three in a row.
+    set(&k, bid, 12, 500);
+    assert!(d.observe_passive(&mut passive).is_empty());
+    set(&k, bid, 14, 501);
+    assert!(d.observe_passive(&mut passive).is_empty());
+    set(&k, bid, 16, 501);
+    assert!(d.observe_passive(&mut passive).is_empty());
+    assert!(healthy(&d, b));
+    // The third in a row: out at once, though every active check passes.
+    set(&k, bid, 17, 501);
+    let out = d.observe_passive(&mut passive);
+    assert_eq!(out.len(), 1);
+    assert!(!healthy(&d, b));
+    assert!(!buckets(&k).contains_key(&bid), "out of the table");
+    assert!(d.scrape().contains(
+        r#"lb_backend_ejections_total{service="web",pool="k8s",backend="10.20.0.21:8080"} 1"#
+    ));
+    // Its pool's last healthy backend is kept, however its flows fail.
+    set(&k, oid, 0, 0);
+    d.observe_passive(&mut passive);
+    set(&k, oid, 50, 0);
+    assert!(d.observe_passive(&mut passive).is_empty());
+    assert!(
+        healthy(&d, other),
+        "the last healthy backend of k8s stays in"
+    );
+    // Back through the active checks: rise (2) passes from down.
+    for key in out {
+        checker.restart(&key, &d.state);
+    }
+    let took = health_until(&mut d, &checker, &mut rx, Duration::from_secs(5), |d| {
+        healthy(d, b)
+    })
+    .await;
+    assert!(
+        took <= Duration::from_millis(100 + 2 * 110 + 1),
+        "up after {took:?}"
+    );
+    assert!(buckets(&k).contains_key(&bid), "back in the table");
+}

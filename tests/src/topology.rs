@@ -335,6 +335,17 @@ pool = "k8s"
         std::fs::write(&self.config, text).expect("writing the config");
     }
 
+    /// Adds `lines` to every `[service.health]` table of the config (before lbd starts).
+    pub fn health_keys(&self, lines: &str) {
+        let cfg = self.config_text();
+        let text = cfg.replace(
+            &format!("fall = {HEALTH_FALL}\n"),
+            &format!("fall = {HEALTH_FALL}\n{lines}"),
+        );
+        assert_ne!(text, cfg, "no [service.health] table");
+        std::fs::write(&self.config, text).expect("writing the config");
+    }
+
     /// The config file's text.
     pub fn config_text(&self) -> String {
         std::fs::read_to_string(&self.config).unwrap_or_default()

@@ -94,6 +94,8 @@ fn connect_failures_are_counted_for_the_backend_that_failed_and_no_other() {
         return;
     }
     let mut t = Topology::new("l4f", "skb").unwrap();
+    // Counting only: passive health would take k8s-1 out after its fifth failure.
+    t.health_keys("passive_failures = 0\n");
     t.start_lbd().unwrap();
     all_up(&t);
     // Every new flow to k8s-1.
@@ -259,4 +261,71 @@ fn active_flows_follow_open_connections_and_a_drained_backend_empties() {
         "drained {busiest} with {n} flows: 0 active {:?} after its last connection closed",
         started.elapsed()
     );
+}
+
+#[test]
+fn a_backend_killed_under_load_fails_few_new_connections_before_passive_health_takes_it_out() {
+    if !require_root("a_backend_killed_under_load") {
+        return;
+    }
+    let mut t = Topology::new("l4p", "skb").unwrap();
+    t.start_lbd().unwrap();
+    all_up(&t);
+    t.control("set split web legacy=50 k8s=50").unwrap();
+    let vip = t.vip();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Paced new connections from two client threads (~400/s in all, ~100/s to k8s-1).
+    let clients: Vec<_> = (0..2)
+        .map(|_| {
+            let (stop, name) = (stop.clone(), t.client.name.clone());
+            std::thread::spawn(move || {
+                lb_tests::netns::Netns { name }.enter_no_drop().unwrap();
+                let mut out: Vec<(Instant, bool)> = Vec::new();
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let at = Instant::now();
+                    out.push((at, lb_tests::http::get_once(vip).is_ok()));
+                    std::thread::sleep(Duration::from_millis(5).saturating_sub(at.elapsed()));
+                }
+                out
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(700));
+    let killed = Instant::now();
+    t.stop_backend(K8S_1);
+    std::thread::sleep(Duration::from_millis(1500));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let results: Vec<(Instant, bool)> = clients
+        .into_iter()
+        .flat_map(|h| h.join().unwrap())
+        .collect();
+    let total = results.len();
+    let before = results.iter().filter(|(at, _)| *at < killed).count();
+    let failed: Vec<Duration> = results
+        .iter()
+        .filter(|(_, ok)| !ok)
+        .map(|(at, _)| at.saturating_duration_since(killed))
+        .collect();
+    let last = failed.iter().max().copied().unwrap_or_default();
+    let scrape = lb_tests::http::get_in(&t.lb.name, 9091, "/metrics").1;
+    let ejections = scrape
+        .lines()
+        .find(|l| l.starts_with("lb_backend_ejections_total{") && l.contains("backend=\"k8s-1\""))
+        .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .unwrap_or(0);
+    eprintln!(
+        "k8s-1 killed under load: {} of {} new connections failed ({before} before the kill), the last {last:?} after it; ejections {ejections}",
+        failed.len(),
+        total
+    );
+    assert_eq!(ejections, 1, "passive health took it out");
+    // passive_failures = 5 (the default), plus what arrives while the next look (every 20
+    // ms) and the table publish are under way at ~100 new connections/s.
+    assert!(failed.len() <= 5 + 5, "{} failed", failed.len());
+    assert!(
+        last < Duration::from_millis(300),
+        "failures went on {last:?}: longer than the active checks would take"
+    );
+    let log = t.lbd_log();
+    assert!(log.contains("passive"), "{log}");
 }
