@@ -70,6 +70,102 @@ fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     })
 }
 
+/// Validates `[service.rollout]` against the service's pools.
+fn rollout(
+    name: &str,
+    r: RawRollout,
+    span: std::ops::Range<usize>,
+    pools: &[Pool],
+    at: &dyn Fn(std::ops::Range<usize>, String) -> ConfigError,
+) -> Result<Rollout, ConfigError> {
+    for pool in [&r.baseline, &r.canary] {
+        if !pools.iter().any(|p| p.name == *pool.get_ref()) {
+            return Err(at(
+                pool.span(),
+                format!(
+                    "service {name:?}: rollout pool {:?} is not a pool of the service",
+                    pool.get_ref()
+                ),
+            ));
+        }
+    }
+    if r.baseline.get_ref() == r.canary.get_ref() {
+        return Err(at(
+            r.canary.span(),
+            format!("service {name:?}: rollout baseline and canary must be different pools"),
+        ));
+    }
+    let steps = r.steps.get_ref();
+    if steps.is_empty()
+        || steps.iter().any(|s| *s == 0 || *s > 100)
+        || steps.windows(2).any(|w| w[0] >= w[1])
+    {
+        return Err(at(
+            r.steps.span(),
+            format!(
+                "service {name:?}: rollout steps must be canary shares in % (1-100), increasing, e.g. [5, 20, 50, 100]"
+            ),
+        ));
+    }
+    if r.interval < Duration::from_millis(100) {
+        return Err(at(
+            span,
+            format!("service {name:?}: rollout interval must be at least 100ms"),
+        ));
+    }
+    if *r.threshold.get_ref() == 0 {
+        return Err(at(
+            r.threshold.span(),
+            format!("service {name:?}: rollout threshold must be at least 1"),
+        ));
+    }
+    for (key, v, max) in [
+        ("max_error_ratio", &r.max_error_ratio, 1.0),
+        ("max_error_ratio_increase", &r.max_error_ratio_increase, 1.0),
+        ("max_p99_ratio", &r.max_p99_ratio, f64::MAX),
+    ] {
+        if let Some(v) = v {
+            let x = *v.get_ref();
+            if !(x.is_finite() && x >= 0.0 && x <= max) {
+                return Err(at(
+                    v.span(),
+                    format!("service {name:?}: rollout {key} = {x} is out of range"),
+                ));
+            }
+        }
+    }
+    let gates = r.max_error_ratio.is_some()
+        || r.max_error_ratio_increase.is_some()
+        || r.max_p99_ratio.is_some()
+        || r.max_p99.is_some();
+    if !gates {
+        return Err(at(
+            span,
+            format!(
+                "service {name:?}: a rollout needs at least one gate (max_error_ratio, max_error_ratio_increase, max_p99_ratio, max_p99)"
+            ),
+        ));
+    }
+    Ok(Rollout {
+        baseline: r.baseline.into_inner(),
+        canary: r.canary.into_inner(),
+        steps: r.steps.into_inner(),
+        interval: r.interval,
+        threshold: r.threshold.into_inner(),
+        min_samples: r.min_samples,
+        max_error_ratio: r.max_error_ratio.map(|v| v.into_inner()),
+        max_error_ratio_increase: r.max_error_ratio_increase.map(|v| v.into_inner()),
+        max_p99_ratio: r.max_p99_ratio.map(|v| v.into_inner()),
+        max_p99: r.max_p99,
+        on_failure: r.on_failure,
+    })
+}
+
+/// An optional duration.
+fn optional_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    duration(d).map(Some)
+}
+
 /// A path, or `""` for none.
 fn optional_path<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<PathBuf>, D::Error> {
     let s = String::deserialize(d)?;
@@ -346,6 +442,74 @@ struct RawService {
     pools: Vec<RawPool>,
     #[serde(default, rename = "route")]
     routes: Vec<Spanned<RawRoute>>,
+    rollout: Option<Spanned<RawRollout>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRollout {
+    baseline: Spanned<String>,
+    canary: Spanned<String>,
+    steps: Spanned<Vec<u32>>,
+    #[serde(deserialize_with = "duration")]
+    interval: Duration,
+    #[serde(default = "default_threshold")]
+    threshold: Spanned<u32>,
+    #[serde(default = "default_min_samples")]
+    min_samples: u64,
+    max_error_ratio: Option<Spanned<f64>>,
+    max_error_ratio_increase: Option<Spanned<f64>>,
+    max_p99_ratio: Option<Spanned<f64>>,
+    #[serde(default, deserialize_with = "optional_duration")]
+    max_p99: Option<Duration>,
+    #[serde(default)]
+    on_failure: OnFailure,
+}
+
+fn default_threshold() -> Spanned<u32> {
+    Spanned::new(0..0, 2)
+}
+
+fn default_min_samples() -> u64 {
+    100
+}
+
+/// What a rollout does when `threshold` judgements in a row fail.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnFailure {
+    /// Back one stage and hold there (state `rolled_back`).
+    #[default]
+    Previous,
+    /// Canary share to 0 % (state `aborted`).
+    Abort,
+}
+
+/// `[service.rollout]`: a staged migration from `baseline` to `canary` that lbd drives and
+/// judges itself (docs/reference.md, "Rollouts").
+#[derive(Clone, Debug, PartialEq)]
+pub struct Rollout {
+    /// The pool being replaced.
+    pub baseline: String,
+    /// The pool taking over.
+    pub canary: String,
+    /// Canary share (%) of each stage, increasing; the last one reached is promotion.
+    pub steps: Vec<u32>,
+    /// How long each stage is watched before it is judged.
+    pub interval: Duration,
+    /// Failed judgements in a row before `on_failure`.
+    pub threshold: u32,
+    /// Canary samples an interval needs to be judged (fewer: inconclusive).
+    pub min_samples: u64,
+    /// Gate: canary errors / samples at most this.
+    pub max_error_ratio: Option<f64>,
+    /// Gate: canary error ratio minus the baseline's at most this.
+    pub max_error_ratio_increase: Option<f64>,
+    /// Gate: canary p99 / baseline p99 at most this.
+    pub max_p99_ratio: Option<f64>,
+    /// Gate: canary p99 at most this.
+    pub max_p99: Option<Duration>,
+    pub on_failure: OnFailure,
 }
 
 #[derive(Deserialize)]
@@ -390,6 +554,8 @@ pub struct Service {
     pub pools: Vec<Pool>,
     /// Canary routes (request mode), tried in order.
     pub routes: Vec<Route>,
+    /// A staged rollout lbd drives (`rollout start`).
+    pub rollout: Option<Rollout>,
 }
 
 #[derive(Deserialize)]
@@ -712,6 +878,13 @@ impl Config {
                     pool: r.pool,
                 });
             }
+            let rollout = match s.rollout {
+                None => None,
+                Some(r) => {
+                    let span = r.span();
+                    Some(rollout(&name, r.into_inner(), span, &pools, &at)?)
+                }
+            };
             services.push(Service {
                 name,
                 vip,
@@ -723,6 +896,7 @@ impl Config {
                 health,
                 pools,
                 routes,
+                rollout,
             });
         }
         if connection_services > lb_common::MAX_SERVICES as usize {

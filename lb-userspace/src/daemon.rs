@@ -87,6 +87,10 @@ pub struct Daemon {
     /// The state file, when there is one: every change to runtime values is recorded there
     /// before it takes effect.
     pub store: Option<crate::persist::Store>,
+    /// Rollouts: each progressing one's current observation window, and since when each
+    /// rollout has been in its stage (see `rollout_driver`).
+    pub(crate) windows: HashMap<String, crate::rollout::Window>,
+    pub(crate) in_stage: HashMap<String, (crate::rollout::Phase, usize, tokio::time::Instant)>,
 }
 
 impl Daemon {
@@ -102,6 +106,8 @@ impl Daemon {
             views: HashMap::new(),
             listeners: Default::default(),
             store: None,
+            windows: HashMap::new(),
+            in_stage: HashMap::new(),
         }
     }
 
@@ -342,6 +348,17 @@ impl Daemon {
             if s.config.mode == Mode::Connection {
                 // Declared at 0: the series exists before the first ejection.
                 let _ = self.metrics.ejections.get_or_create(&l);
+            }
+        }
+        for (name, s) in &self.state.services {
+            if s.rollout.is_some() {
+                for v in crate::rollout::Verdict::ALL {
+                    // Declared at 0: `rate()` and alerts work before the first judgement.
+                    let _ = self.metrics.judgements.get_or_create(&vec![
+                        ("service", name.clone()),
+                        ("result", v.name().to_string()),
+                    ]);
+                }
             }
         }
         let services = &self.state.services;

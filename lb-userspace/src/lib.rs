@@ -14,6 +14,8 @@ pub mod passive;
 pub mod persist;
 pub mod plan;
 pub mod proxy;
+pub mod rollout;
+pub mod rollout_driver;
 pub mod scrape;
 pub mod server;
 pub mod state;

@@ -46,6 +46,47 @@ pub struct RequestMetrics {
     pub requests: Family<Labels, Counter>,
     /// `lb_backend_request_duration_seconds{service,pool,backend}` (to response headers).
     pub duration: Family<Labels, Histogram>,
+    /// Per backend (`service,pool,backend`): what rollouts judge request mode by. Not
+    /// exported: the two families above carry the same.
+    pub signals: Family<Labels, Signals>,
+}
+
+/// One backend's requests, errors (5xx, lbd's own 502/503/504 included) and time to the
+/// response headers in the XDP program's first-byte buckets: counters a rollout takes deltas
+/// of, readable (a prometheus-client histogram's buckets are not).
+#[derive(Debug)]
+pub struct Signals {
+    pub requests: std::sync::atomic::AtomicU64,
+    pub errors: std::sync::atomic::AtomicU64,
+    /// Per bucket of [`lb_common::stats::first_byte_bucket`].
+    pub latency: Vec<std::sync::atomic::AtomicU64>,
+}
+
+impl Default for Signals {
+    fn default() -> Self {
+        Signals {
+            requests: Default::default(),
+            errors: Default::default(),
+            latency: (0..lb_common::stats::FIRST_BYTE_BUCKETS)
+                .map(|_| Default::default())
+                .collect(),
+        }
+    }
+}
+
+impl Signals {
+    /// Counts one answered request.
+    pub fn observe(&self, status: u16, took: Duration) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.requests.fetch_add(1, Relaxed);
+        if status >= 500 {
+            self.errors.fetch_add(1, Relaxed);
+        }
+        let i = lb_common::stats::first_byte_bucket(took.as_nanos() as u64);
+        if let Some(b) = self.latency.get(i) {
+            b.fetch_add(1, Relaxed);
+        }
+    }
 }
 
 /// One sample's value.
@@ -126,6 +167,8 @@ pub struct Metrics {
     pub reloads: Family<Labels, Counter>,
     /// `lb_backend_ejections_total{service,pool,backend}`: passive health took it out.
     pub ejections: Family<Labels, Counter>,
+    /// `lb_rollout_judgements_total{service,result}`.
+    pub judgements: Family<Labels, Counter>,
     /// Request mode: `lb_backend_requests_total` and `lb_backend_request_duration_seconds`.
     pub requests: RequestMetrics,
 }
@@ -178,9 +221,16 @@ impl Metrics {
             "Times passive health took the backend out of the table (its new flows failed passive_failures times in a row; connection mode).",
             ejections.clone(),
         );
+        let judgements = Family::<Labels, Counter>::default();
+        registry.register(
+            "lb_rollout_judgements",
+            "Rollout judgements, by result (pass, fail or inconclusive).",
+            judgements.clone(),
+        );
         let requests = RequestMetrics {
             requests: Family::default(),
             duration: Family::new_with_constructor(|| Histogram::new(duration_buckets())),
+            signals: Family::default(),
         };
         registry.register(
             "lb_backend_requests",
@@ -203,6 +253,7 @@ impl Metrics {
             control_commands,
             reloads,
             ejections,
+            judgements,
             requests,
         }
     }

@@ -34,6 +34,10 @@ pub struct Saved {
 pub struct SavedService {
     /// By pool name.
     pub pools: BTreeMap<String, SavedPool>,
+    /// The rollout's progress (state, stage, the split it started from, its last
+    /// judgements), for services with `[service.rollout]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<crate::rollout::Progress>,
 }
 
 /// A pool's weight and its backends'.
@@ -126,7 +130,13 @@ impl Saved {
                     },
                 );
             }
-            services.insert(name.clone(), SavedService { pools });
+            services.insert(
+                name.clone(),
+                SavedService {
+                    pools,
+                    rollout: s.rollout.clone(),
+                },
+            );
         }
         Saved {
             version: VERSION,
@@ -142,6 +152,20 @@ impl Saved {
                 r.dropped.push(format!("service {sname}"));
                 continue;
             };
+            match (&s.config.rollout, &ss.rollout) {
+                (Some(cfg), Some(saved)) => {
+                    let mut p = saved.clone();
+                    p.fit(cfg);
+                    if s.rollout.as_ref() != Some(&p) {
+                        r.applied += 1;
+                    }
+                    s.rollout = Some(p);
+                }
+                (None, Some(_)) => r
+                    .dropped
+                    .push(format!("rollout of {sname} (no [service.rollout] now)")),
+                _ => {}
+            }
             for (pname, sp) in &ss.pools {
                 let Some(p) = s.pools.iter_mut().find(|p| &p.name == pname) else {
                     r.dropped.push(format!("pool {sname}/{pname}"));
@@ -183,6 +207,10 @@ impl Saved {
                     }
                 }
             }
+        }
+        // A rollout under way owns its two pools' weights.
+        for s in state.services.values_mut() {
+            s.apply_rollout();
         }
         r
     }

@@ -404,11 +404,17 @@ async fn handle(shared: &Shared, req: Request<Incoming>, peer: SocketAddr) -> Re
             ),
         ),
     };
+    let took = started.elapsed();
     shared
         .metrics
         .duration
         .get_or_create(&labels)
-        .observe(started.elapsed().as_secs_f64());
+        .observe(took.as_secs_f64());
+    shared
+        .metrics
+        .signals
+        .get_or_create(&labels)
+        .observe(resp.status().as_u16(), took);
     let mut l = labels;
     l.push(("code", resp.status().as_u16().to_string()));
     shared.metrics.requests.get_or_create(&l).inc();

@@ -158,7 +158,30 @@ impl Daemon {
                 ));
             }
         }
+        let mut canary_share = fam(
+            "lb_rollout_canary_share",
+            "The rollout's canary pool share of the split now (%).",
+        );
+        let mut rollout_state = fam(
+            "lb_rollout_state",
+            "1 for the rollout's current state, 0 for the others.",
+        );
+        for (name, s) in &self.state.services {
+            let Some(p) = &s.rollout else { continue };
+            canary_share.samples.push((
+                vec![("service", name.clone())],
+                Value::Gauge(s.canary_share().unwrap_or(0.0)),
+            ));
+            for ph in crate::rollout::Phase::ALL {
+                rollout_state.samples.push((
+                    vec![("service", name.clone()), ("state", ph.name().to_string())],
+                    Value::Gauge(if ph == p.phase { 1.0 } else { 0.0 }),
+                ));
+            }
+        }
         let mut out = vec![
+            canary_share,
+            rollout_state,
             conns,
             packets,
             bytes,

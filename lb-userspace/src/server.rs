@@ -151,6 +151,7 @@ pub async fn run(
     passive_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let result = loop {
         let next_publish = daemon.next_publish();
+        let next_judgement = daemon.next_judgement();
         tokio::select! {
             Some(req) = rx.recv() => {
                 let (reply, command, ok) = crate::control::handle_line(&mut daemon, &req.line);
@@ -181,6 +182,20 @@ pub async fn run(
                 daemon.apply_health(&checker, ev);
             }
             Some(s) = scrape_rx.recv() => { let _ = s.reply.send(daemon.scrape()); }
+            // A rollout's observation window has ended: judge it.
+            _ = async {
+                match next_judgement {
+                    Some(t) => tokio::time::sleep_until(t).await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                daemon.judge_due();
+                if daemon.next_publish().is_none() {
+                    for (tx, reply) in held.drain(..) {
+                        let _ = tx.send(reply);
+                    }
+                }
+            }
             _ = passive_tick.tick() => {
                 for key in daemon.observe_passive(&mut passive) {
                     checker.restart(&key, &daemon.state);

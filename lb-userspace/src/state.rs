@@ -92,6 +92,52 @@ pub struct Service {
     /// Its index in the data plane (connection mode): its tables are `2 × index` and
     /// `2 × index + 1`, its bit in the ports map is `index`.
     pub index: ServiceIndex,
+    /// Its rollout's progress (`Some` exactly when the config has `[service.rollout]`).
+    pub rollout: Option<crate::rollout::Progress>,
+}
+
+impl Service {
+    /// Sets the baseline and canary pools' weights to what the rollout holds them at (no
+    /// change while it is idle).
+    pub fn apply_rollout(&mut self) {
+        let (Some(cfg), Some(progress)) = (&self.config.rollout, &self.rollout) else {
+            return;
+        };
+        let Some((baseline, canary)) = progress.weights(cfg) else {
+            return;
+        };
+        for p in &mut self.pools {
+            if p.name == cfg.baseline {
+                p.weight = baseline;
+            } else if p.name == cfg.canary {
+                p.weight = canary;
+            }
+        }
+    }
+
+    /// The (baseline, canary) pool weights now (0 for a pool that is not there).
+    pub fn rollout_weights(&self) -> Option<crate::rollout::Weights> {
+        let cfg = self.config.rollout.as_ref()?;
+        let w = |name: &str| {
+            self.pools
+                .iter()
+                .find(|p| p.name == name)
+                .map_or(0, |p| p.weight)
+        };
+        Some((w(&cfg.baseline), w(&cfg.canary)))
+    }
+
+    /// The canary pool's share of the split now, in % (`None` without a rollout section).
+    pub fn canary_share(&self) -> Option<f64> {
+        let cfg = self.config.rollout.as_ref()?;
+        let total: u64 = self.pools.iter().map(|p| p.weight as u64).sum();
+        let canary = self.pools.iter().find(|p| p.name == cfg.canary)?.weight;
+        Some(if total == 0 {
+            0.0
+        } else {
+            canary as f64 * 100.0 / total as f64
+        })
+    }
 }
 
 /// A connection-mode service's index in the data plane (0 ≤ index < `MAX_SERVICES`). Not to be
@@ -114,6 +160,9 @@ pub enum StateError {
     SplitIncomplete { service: String, pools: String },
     #[error("too many backends: ids exhausted")]
     NoIds,
+    /// A rollout command in the wrong phase, or on a service without a rollout.
+    #[error(transparent)]
+    Rollout(#[from] crate::rollout::RolloutError),
     /// Config validation requires it; kept as an error so that losing that check can never
     /// send flows from the unspecified address.
     #[error("service {0:?} is in connection mode without a snat address")]
@@ -152,6 +201,8 @@ pub struct Keep {
     pub indexes_by_listener: HashMap<(IpAddr, u16, config::Protocol), u32>,
     /// Admin state and health by (service, backend name).
     pub runtime: HashMap<(String, String), (AdminState, bool)>,
+    /// Rollout progress by service name (a reload keeps rollouts).
+    pub rollouts: HashMap<String, crate::rollout::Progress>,
 }
 
 /// All services.
@@ -265,14 +316,20 @@ impl State {
                     next_slot
                 }
             };
-            services.insert(
-                s.name.clone(),
-                Service {
-                    config: s.clone(),
-                    pools,
-                    index: ServiceIndex(slot),
-                },
-            );
+            let rollout = s.rollout.as_ref().map(|cfg| {
+                let mut p = keep.rollouts.get(&s.name).cloned().unwrap_or_default();
+                p.fit(cfg);
+                p
+            });
+            let mut svc = Service {
+                config: s.clone(),
+                pools,
+                index: ServiceIndex(slot),
+                rollout,
+            };
+            // A rollout under way owns its two pools' weights, whatever the file says.
+            svc.apply_rollout();
+            services.insert(s.name.clone(), svc);
         }
         Ok(State { services })
     }
@@ -283,6 +340,9 @@ impl State {
         for (name, s) in &self.services {
             if s.config.mode == Mode::Connection {
                 k.indexes.insert(name.clone(), s.index.0);
+            }
+            if let Some(r) = &s.rollout {
+                k.rollouts.insert(name.clone(), r.clone());
             }
             for p in &s.pools {
                 for b in &p.backends {

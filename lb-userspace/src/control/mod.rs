@@ -9,6 +9,7 @@ pub mod server;
 
 use crate::{
     daemon::{ChangeError, Daemon},
+    rollout_driver::Action,
     state::StateError,
 };
 
@@ -54,6 +55,9 @@ pub enum Command {
     SetWeight(cmd::set_weight::SetWeight),
     SetSplit(cmd::set_split::SetSplit),
     SetState(cmd::set_state::SetState),
+    ShowRollouts(cmd::show_rollouts::ShowRollouts),
+    RolloutStatus(cmd::rollout_status::RolloutStatus),
+    Rollout(cmd::rollout::RolloutCmd),
     /// Anything else (including an empty line).
     Unknown(String),
 }
@@ -101,6 +105,9 @@ impl Command {
             Command::SetWeight(c) => c.execute(d),
             Command::SetSplit(c) => c.execute(d),
             Command::SetState(c) => c.execute(d),
+            Command::ShowRollouts(c) => Ok(c.execute(d)),
+            Command::RolloutStatus(c) => c.execute(d),
+            Command::Rollout(c) => c.execute(d),
             Command::Unknown(l) if l.is_empty() => Err(CommandError::Empty),
             Command::Unknown(l) => Err(CommandError::Unknown(l)),
         }
@@ -239,7 +246,73 @@ pub static COMMANDS: &[Spec] = &[
         json: false,
         parse: |r| cmd::set_state::SetState::parse(r).map(Command::SetState),
     },
+    Spec {
+        name: "show rollouts",
+        words: &["show", "rollouts"],
+        args: "",
+        about: "one line per service with a rollout: state step canary_share",
+        json: false,
+        parse: |r| {
+            bare(
+                r,
+                "show rollouts",
+                Command::ShowRollouts(cmd::show_rollouts::ShowRollouts),
+            )
+        },
+    },
+    Spec {
+        name: "rollout status",
+        words: &["rollout", "status"],
+        args: "SERVICE [json]",
+        about: "state, step, canary share, time in stage, the last judgements with their figures",
+        json: true,
+        parse: |r| cmd::rollout_status::RolloutStatus::parse(r).map(Command::RolloutStatus),
+    },
+    Spec {
+        name: "rollout start",
+        words: &["rollout", "start"],
+        args: "SERVICE",
+        about: "from the first step; the split now is stage 0",
+        json: false,
+        parse: |r| rollout(Action::Start, "start", r),
+    },
+    Spec {
+        name: "rollout pause",
+        words: &["rollout", "pause"],
+        args: "SERVICE",
+        about: "hold the stage (needs progressing)",
+        json: false,
+        parse: |r| rollout(Action::Pause, "pause", r),
+    },
+    Spec {
+        name: "rollout resume",
+        words: &["rollout", "resume"],
+        args: "SERVICE",
+        about: "watch the stage again (needs paused or rolled_back)",
+        json: false,
+        parse: |r| rollout(Action::Resume, "resume", r),
+    },
+    Spec {
+        name: "rollout abort",
+        words: &["rollout", "abort"],
+        args: "SERVICE",
+        about: "canary share to 0 %, state aborted",
+        json: false,
+        parse: |r| rollout(Action::Abort, "abort", r),
+    },
+    Spec {
+        name: "rollout promote",
+        words: &["rollout", "promote"],
+        args: "SERVICE",
+        about: "straight to the last step, state promoted",
+        json: false,
+        parse: |r| rollout(Action::Promote, "promote", r),
+    },
 ];
+
+fn rollout(action: Action, verb: &str, rest: &[&str]) -> Result<Command, String> {
+    cmd::rollout::RolloutCmd::parse(action, verb, rest).map(Command::Rollout)
+}
 
 /// Splits `SERVICE/POOL[/BACKEND]`.
 pub fn split_path(path: &str) -> Vec<&str> {

@@ -35,7 +35,12 @@ impl SetSplit {
     }
 
     pub fn execute(self, d: &mut Daemon) -> Result<String, CommandError> {
-        d.change(&self.service, |st| st.set_split(&self.service, &self.split))?;
-        Ok(String::new())
+        let mut note = None;
+        d.change(&self.service, |st| {
+            st.set_split(&self.service, &self.split)?;
+            note = Daemon::pause_for_operator(st, &self.service);
+            Ok(())
+        })?;
+        Ok(note.unwrap_or_default())
     }
 }

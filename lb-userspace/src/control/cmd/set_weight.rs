@@ -37,13 +37,15 @@ impl SetWeight {
 
     pub fn execute(self, d: &mut Daemon) -> Result<String, CommandError> {
         let service = self.service.clone();
-        d.change(&service, |st| match &self.backend {
-            None => st.set_pool_weight(&self.service, &self.pool, self.weight),
-            Some(b) => {
-                st.backend_mut(&self.service, &self.pool, b)?.weight = self.weight;
-                Ok(())
+        let mut note = None;
+        d.change(&service, |st| {
+            match &self.backend {
+                None => st.set_pool_weight(&self.service, &self.pool, self.weight)?,
+                Some(b) => st.backend_mut(&self.service, &self.pool, b)?.weight = self.weight,
             }
+            note = Daemon::pause_for_operator(st, &self.service);
+            Ok(())
         })?;
-        Ok(String::new())
+        Ok(note.unwrap_or_default())
     }
 }
