@@ -335,6 +335,17 @@ pool = "k8s"
         std::fs::write(&self.config, text).expect("writing the config");
     }
 
+    /// Gives both services (`web`, connection mode; `web-req`, request mode) the
+    /// `[service.rollout]` table `body` (its keys), before lbd starts.
+    pub fn rollout(&self, body: &str) {
+        let cfg = self.config_text();
+        let section = format!("[service.rollout]\n{body}\n");
+        let marker = "# The same pools and split, balanced per request";
+        assert!(cfg.contains(marker), "the web-req service");
+        let text = cfg.replacen(marker, &format!("{section}{marker}"), 1) + "\n" + &section;
+        std::fs::write(&self.config, text).expect("writing the config");
+    }
+
     /// Adds `lines` to every `[service.health]` table of the config (before lbd starts).
     pub fn health_keys(&self, lines: &str) {
         let cfg = self.config_text();
