@@ -236,7 +236,6 @@ impl Daemon {
             };
             let run = passive.observe(b.id, &l4);
             if b.healthy && run >= limit as u64 {
-                let others_up = p.backends.iter().any(|o| o.id != b.id && o.healthy);
                 due.push((
                     crate::health::BackendKey {
                         service: s.config.name.clone(),
@@ -245,15 +244,22 @@ impl Daemon {
                     },
                     b.id,
                     run,
-                    others_up,
                 ));
             }
         }
         let live: std::collections::HashSet<u32> =
             self.state.backends().map(|(_, _, b)| b.id).collect();
         passive.retain(|id| live.contains(&id));
-        for (key, id, run, others_up) in due {
+        for (key, id, run) in due {
             passive.reset(id);
+            // Judged now, not when the look began: two backends of a pool failing in the same
+            // look must not take each other's "someone else is up" for granted.
+            let others_up = self
+                .state
+                .services
+                .get(&key.service)
+                .and_then(|s| s.pools.iter().find(|p| p.name == key.pool))
+                .is_some_and(|p| p.backends.iter().any(|o| o.id != id && o.healthy));
             if !others_up {
                 tracing::warn!(
                     service = %key.service, pool = %key.pool, backend = %key.backend,

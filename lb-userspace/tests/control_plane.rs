@@ -643,6 +643,7 @@ async fn passive_health_takes_out_a_backend_whose_flows_fail_in_a_row_and_rise_b
         r#"lb_backend_ejections_total{service="web",pool="k8s",backend="10.20.0.21:8080"} 1"#
     ));
     // Its pool's last healthy backend is kept, however its flows fail.
+    // (And two failing in the same look: only one goes — checked below with a fresh daemon.)
     set(&k, oid, 0, 0);
     d.observe_passive(&mut passive);
     set(&k, oid, 50, 0);
@@ -664,4 +665,30 @@ async fn passive_health_takes_out_a_backend_whose_flows_fail_in_a_row_and_rise_b
         "up after {took:?}"
     );
     assert!(buckets(&k).contains_key(&bid), "back in the table");
+}
+
+#[tokio::test(start_paused = true)]
+async fn two_backends_of_a_pool_failing_in_the_same_look_leave_one_in() {
+    use lb_common::stats::L4Stats;
+    use lb_userspace::passive::Passive;
+    let text = CONFIG.replace("fall = 2\n", "fall = 2\npassive_failures = 3\n");
+    let (mut d, k) = daemon(&text);
+    let mut passive = Passive::default();
+    let ids = [id(&d, "10.20.0.21:8080"), id(&d, "10.20.0.22:8080")];
+    d.observe_passive(&mut passive);
+    for i in ids {
+        k.state().backend_l4.insert(
+            i,
+            L4Stats {
+                connect_reset: 10,
+                ..Default::default()
+            },
+        );
+    }
+    assert_eq!(d.observe_passive(&mut passive).len(), 1);
+    let up = ["10.20.0.21:8080", "10.20.0.22:8080"]
+        .iter()
+        .filter(|b| healthy(&d, b))
+        .count();
+    assert_eq!(up, 1, "the pool keeps one backend");
 }

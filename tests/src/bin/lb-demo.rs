@@ -4,7 +4,14 @@
 //! moves 95/5 → 80/20 → 50/50 → 0/100 live (`lbctl set split`), and at each stage the same two
 //! workloads go through both services: one request per connection, and a few keep-alive
 //! clients sending many requests. The table shows what "k8s = 5 %" really means in each case;
-//! `target/demo/compare.svg` plots it. Everything is cleaned up on exit, Ctrl-C included.
+//! `target/demo/compare.svg` plots it.
+//!
+//! Act two: automatic rollouts under live traffic. lbd walks `web` through 5 → 20 → 50 → 100 %
+//! on its own, judging k8s against legacy every 2 s from what the XDP program measures
+//! (connect failures, time to first byte): a healthy k8s pool is promoted; then k8s starts
+//! resetting connections when it reaches 20 % (its health checks still pass) and lbd rolls it
+//! back. The timeline of judgements is printed and `target/demo/rollout.svg` plots it.
+//! Everything is cleaned up on exit, Ctrl-C included.
 
 use std::{
     io::Write as _,
@@ -238,5 +245,321 @@ fn main() -> Result<()> {
         100 / CLIENTS
     );
     println!("(smooth weighted round robin) and tracks the configured split on every workload.");
+    act_two(&mut t, &dir)
+}
+
+/// The rollout section act two gives both services.
+const ROLLOUT: &str = r#"baseline = "legacy"
+canary = "k8s"
+steps = [5, 20, 50, 100]
+interval = "2s"
+threshold = 2
+min_samples = 20
+max_error_ratio = 0.02
+max_p99 = "100ms"
+"#;
+
+/// One judgement as the demo saw it.
+struct Seen {
+    /// Seconds since act two began.
+    at: f64,
+    result: String,
+    /// Canary share (%) of the stage judged.
+    share: f64,
+    canary_errors: f64,
+    baseline_errors: f64,
+    canary_p99: f64,
+    baseline_p99: f64,
+}
+
+/// What act two recorded: the canary share over time, and every judgement.
+#[derive(Default)]
+struct Timeline {
+    share: Vec<(f64, f64)>,
+    judgements: Vec<Seen>,
+    /// Where each rollout began and what it was.
+    marks: Vec<(f64, &'static str)>,
+}
+
+/// New connections from the client, paced, until `stop`.
+fn live_traffic(t: &Topology, stop: &'static AtomicBool) -> Vec<std::thread::JoinHandle<()>> {
+    let vip = t.vip();
+    (0..3)
+        .map(|_| {
+            let name = t.client.name.clone();
+            std::thread::spawn(move || {
+                if (lb_tests::netns::Netns { name }).enter_no_drop().is_err() {
+                    return;
+                }
+                while !stop.load(Ordering::Relaxed) && !STOP.load(Ordering::Relaxed) {
+                    let _ = get_once(vip);
+                    std::thread::sleep(std::time::Duration::from_millis(3));
+                }
+            })
+        })
+        .collect()
+}
+
+/// Follows `web`'s rollout until `done` says so (or 40 s pass), printing each new judgement
+/// and recording the timeline. `on_step` runs once per step reached.
+fn follow(
+    t: &Topology,
+    started: std::time::Instant,
+    tl: &mut Timeline,
+    mut on_step: impl FnMut(u64),
+    done: impl Fn(&str) -> bool,
+) -> Result<String> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(40);
+    let mut newest: Option<serde_json::Value> = None;
+    let mut steps_seen = std::collections::HashSet::new();
+    loop {
+        let st: serde_json::Value = serde_json::from_str(&t.control("rollout status web json")?)?;
+        let now = started.elapsed().as_secs_f64();
+        let share = st["canary_share"].as_f64().unwrap_or(0.0);
+        tl.share.push((now, share));
+        let step = st["step"].as_u64().unwrap_or(0);
+        if steps_seen.insert(step) {
+            on_step(step);
+        }
+        let js = st["judgements"].as_array().cloned().unwrap_or_default();
+        // Newest first: the ones before the newest already printed are new; oldest first.
+        let fresh = newest
+            .as_ref()
+            .and_then(|n| js.iter().position(|j| j == n))
+            .unwrap_or(js.len());
+        for j in js[..fresh].iter().rev() {
+            let fig = |p: &str, k: &str| j[p][k].as_f64().unwrap_or(f64::NAN);
+            let stage = j["stage"].as_u64().unwrap_or(0) as usize;
+            let steps = [5.0, 20.0, 50.0, 100.0];
+            let seen = Seen {
+                at: now,
+                result: j["result"].as_str().unwrap_or("?").to_string(),
+                share: steps.get(stage.wrapping_sub(1)).copied().unwrap_or(0.0),
+                canary_errors: fig("canary", "error_ratio") * 100.0,
+                baseline_errors: fig("baseline", "error_ratio") * 100.0,
+                canary_p99: fig("canary", "p99_ms"),
+                baseline_p99: fig("baseline", "p99_ms"),
+            };
+            let ms = |v: f64| {
+                if v.is_finite() {
+                    format!("{v:5.1} ms")
+                } else {
+                    "    - ms".to_string()
+                }
+            };
+            println!(
+                "  {:>5.1} s  stage {}/4 ({:>3} %)  {:<12}  k8s {}/{} failed, p99 {} · legacy {}/{} failed, p99 {}{}",
+                now,
+                stage,
+                seen.share,
+                seen.result,
+                j["canary"]["errors"],
+                j["canary"]["samples"],
+                ms(seen.canary_p99),
+                j["baseline"]["errors"],
+                j["baseline"]["samples"],
+                ms(seen.baseline_p99),
+                if seen.result == "pass" {
+                    String::new()
+                } else {
+                    format!("  ({})", j["reason"].as_str().unwrap_or(""))
+                }
+            );
+            tl.judgements.push(seen);
+        }
+        if let Some(j) = js.first() {
+            newest = Some(j.clone());
+        }
+        let state = st["state"].as_str().unwrap_or("").to_string();
+        if done(&state) || STOP.load(Ordering::Relaxed) {
+            return Ok(state);
+        }
+        if std::time::Instant::now() > deadline {
+            anyhow::bail!("rollout still {state} after 40 s");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+fn act_two(t: &mut Topology, dir: &std::path::Path) -> Result<()> {
+    if STOP.load(Ordering::Relaxed) {
+        return Ok(());
+    }
+    println!(
+        "\nAct two: rollouts lbd judges itself. `web` gets a [service.rollout] (steps 5/20/50/100 %, judged every 2 s,"
+    );
+    println!(
+        "k8s vs legacy by connect failures and time to first byte measured in XDP; 2 fails in a row roll back)."
+    );
+    t.rollout(ROLLOUT);
+    t.reload_lbd()?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while t.control("rollout status web").is_err() {
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "the reload did not take the rollout"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    static TRAFFIC_STOP: AtomicBool = AtomicBool::new(false);
+    let traffic = live_traffic(t, &TRAFFIC_STOP);
+    let started = std::time::Instant::now();
+    let mut tl = Timeline::default();
+
+    println!(
+        "\n1. A healthy k8s pool, from legacy=100 k8s=0 (live traffic: ~3 new connections every few ms):"
+    );
+    t.control("set split web legacy=100 k8s=0")?;
+    tl.marks
+        .push((started.elapsed().as_secs_f64(), "healthy k8s"));
+    t.control("rollout start web")?;
+    let state = follow(t, started, &mut tl, |_| {}, |s| s == "promoted")?;
+    println!("  → {state}: k8s takes 100 % of new connections.");
+
+    println!(
+        "\n2. Again from legacy=100 k8s=0; at 20 % k8s starts resetting connections (health checks still pass):"
+    );
+    t.control("set split web legacy=100 k8s=0")?;
+    tl.marks
+        .push((started.elapsed().as_secs_f64(), "k8s resets at 20 %"));
+    t.control("rollout start web")?;
+    let faults: Vec<_> = [2, 3].iter().map(|i| t.faults(*i)).collect();
+    let state = follow(
+        t,
+        started,
+        &mut tl,
+        |step| {
+            if step == 2 {
+                for f in &faults {
+                    f.reset.store(true, Ordering::Relaxed);
+                }
+            }
+        },
+        |s| s == "rolled_back",
+    )?;
+    let status = t.control("rollout status web")?;
+    let share = status
+        .lines()
+        .find_map(|l| l.strip_prefix("canary_share: "))
+        .unwrap_or("?");
+    println!("  → {state}: back to {share} % k8s, held until `lbctl rollout resume web`.");
+    for f in &faults {
+        f.reset.store(false, Ordering::Relaxed);
+    }
+    t.control("rollout abort web")?;
+    TRAFFIC_STOP.store(true, Ordering::Relaxed);
+    for h in traffic {
+        let _ = h.join();
+    }
+    let svg = dir.canonicalize()?.join("rollout.svg");
+    plot_rollout(&tl, &svg)?;
+    println!("\nplot: {}", svg.display());
+    Ok(())
+}
+
+/// Canary share over time with each judgement marked, and beneath it the two pools' failure
+/// ratio and p99 per judgement.
+fn plot_rollout(tl: &Timeline, path: &PathBuf) -> Result<()> {
+    let root = SVGBackend::new(path, (860, 640)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let (top, bottom) = root.split_vertically(300);
+    let (mid, low) = bottom.split_vertically(170);
+    let end = tl.share.last().map_or(1.0, |p| p.0).max(1.0);
+    let colour = |r: &str| match r {
+        "pass" => GREEN.mix(0.9),
+        "fail" => RED.mix(0.9),
+        _ => RGBColor(128, 128, 128).mix(0.9),
+    };
+    let mut chart = ChartBuilder::on(&top)
+        .caption(
+            "web: k8s share as lbd walks the rollout (judged every 2 s)",
+            ("sans-serif", 18),
+        )
+        .margin(12)
+        .x_label_area_size(30)
+        .y_label_area_size(50)
+        .build_cartesian_2d(0f64..end, 0f64..105f64)?;
+    chart.configure_mesh().y_desc("k8s share (%)").draw()?;
+    chart
+        .draw_series(LineSeries::new(tl.share.clone(), BLUE.stroke_width(2)))?
+        .label("canary share")
+        .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], BLUE.stroke_width(2)));
+    for r in ["pass", "fail", "inconclusive"] {
+        chart
+            .draw_series(
+                tl.judgements
+                    .iter()
+                    .filter(|j| j.result == r)
+                    .map(|j| Circle::new((j.at, j.share), 5, colour(r).filled())),
+            )?
+            .label(r)
+            .legend(move |(x, y)| Circle::new((x + 10, y), 5, colour(r).filled()));
+    }
+    for (at, what) in &tl.marks {
+        chart.draw_series(std::iter::once(PathElement::new(
+            [(*at, 0.0), (*at, 105.0)],
+            BLACK.mix(0.3),
+        )))?;
+        chart.draw_series(std::iter::once(Text::new(
+            what.to_string(),
+            (*at + 0.2, 98.0),
+            ("sans-serif", 13),
+        )))?;
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::LowerRight)
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()?;
+    let pairs = |f: fn(&Seen) -> f64| -> Vec<(f64, f64)> {
+        tl.judgements
+            .iter()
+            .map(|j| (j.at, f(j)))
+            .filter(|p| p.1.is_finite())
+            .collect()
+    };
+    let panels: [(
+        &DrawingArea<SVGBackend, plotters::coord::Shift>,
+        &str,
+        fn(&Seen) -> f64,
+        fn(&Seen) -> f64,
+    ); 2] = [
+        (
+            &mid,
+            "connect failures (%)",
+            |j| j.canary_errors,
+            |j| j.baseline_errors,
+        ),
+        (
+            &low,
+            "first-byte p99 (ms)",
+            |j| j.canary_p99,
+            |j| j.baseline_p99,
+        ),
+    ];
+    for (area, label, canary, baseline) in panels {
+        let (c, b) = (pairs(canary), pairs(baseline));
+        let max = c.iter().chain(b.iter()).map(|p| p.1).fold(1.0f64, f64::max) * 1.15;
+        let mut chart = ChartBuilder::on(area)
+            .margin(12)
+            .x_label_area_size(25)
+            .y_label_area_size(50)
+            .build_cartesian_2d(0f64..end, 0f64..max)?;
+        chart.configure_mesh().y_desc(label).draw()?;
+        for (name, pts, color) in [("k8s", c, RED), ("legacy", b, BLACK)] {
+            chart
+                .draw_series(pts.iter().map(|p| Circle::new(*p, 3, color.filled())))?
+                .label(name)
+                .legend(move |(x, y)| Circle::new((x + 10, y), 3, color.filled()));
+        }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperLeft)
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .draw()?;
+    }
+    root.present()?;
     Ok(())
 }
