@@ -457,6 +457,14 @@ fn act_two(t: &mut Topology, dir: &std::path::Path) -> Result<()> {
     Ok(())
 }
 
+/// One lower panel: its area, its axis label, and the canary's and the baseline's figure.
+type Panel<'r, 'b> = (
+    &'r DrawingArea<SVGBackend<'b>, plotters::coord::Shift>,
+    &'static str,
+    fn(&Seen) -> f64,
+    fn(&Seen) -> f64,
+);
+
 /// Canary share over time with each judgement marked, and beneath it the two pools' failure
 /// ratio and p99 per judgement.
 fn plot_rollout(tl: &Timeline, path: &PathBuf) -> Result<()> {
@@ -519,12 +527,7 @@ fn plot_rollout(tl: &Timeline, path: &PathBuf) -> Result<()> {
             .filter(|p| p.1.is_finite())
             .collect()
     };
-    let panels: [(
-        &DrawingArea<SVGBackend, plotters::coord::Shift>,
-        &str,
-        fn(&Seen) -> f64,
-        fn(&Seen) -> f64,
-    ); 2] = [
+    let panels: [Panel<'_, '_>; 2] = [
         (
             &mid,
             "connect failures (%)",
