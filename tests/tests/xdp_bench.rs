@@ -119,8 +119,30 @@ fn cycle() -> Cycle {
         let (v, _, _) = xdp::run_on(&mut dp, PROGRAM, &pkt, 1, ingress);
         assert_eq!(v, 4, "{name}'s SYN-ACK is redirected");
     }
-    let forward = with_ttl(&tcp((CY_CLIENT, P), (CY_VIP, 80), ACK), 255);
-    let ret = with_ttl(&answer((BACKEND, 8080), (SNAT, P), ACK, 5001), 255);
+    // Ordinary data packets (a payload each way): what a flow carries once its first
+    // request and answer are through, so the one-time L4 signal work is behind it.
+    let forward = with_ttl(
+        &tcp_seq(
+            LB_MAC,
+            (CY_CLIENT, P),
+            (CY_VIP, 80),
+            ACK,
+            (1001, 5001),
+            b"0123456789",
+        ),
+        255,
+    );
+    let ret = with_ttl(
+        &tcp_seq(
+            LB_MAC,
+            (BACKEND, 8080),
+            (SNAT, P),
+            ACK,
+            (5001, 1001),
+            b"0123456789",
+        ),
+        255,
+    );
     // Every run of a call must be a hit: the counters show it.
     for pkt in [&forward, &ret] {
         let before = dp.xdp_stats().unwrap();
