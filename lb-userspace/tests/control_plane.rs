@@ -485,6 +485,21 @@ fn the_data_planes_l4_signals_reach_metrics_and_show_stat() {
         .find(|r| r["backend"] == "10.20.0.21:8080")
         .unwrap();
     assert_eq!(row["active_flows"], 7);
+    let backends: serde_json::Value =
+        serde_json::from_str(&run(&mut d, "show backends web json")).unwrap();
+    let b = backends
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["backend"] == "10.20.0.21:8080")
+        .unwrap();
+    assert_eq!(
+        (b["active_flows"].clone(), b["health"].clone()),
+        (7.into(), "up".into())
+    );
+    // The table keeps its columns (scripts read the last one as health).
+    let table = run(&mut d, "show backends web");
+    assert!(table.lines().nth(1).unwrap().ends_with(" up"), "{table}");
     assert_eq!(row["connect_resets"], 3);
     assert_eq!(row["connect_timeouts"], 2);
     let p50 = row["first_byte_p50_ms"].as_f64().unwrap();

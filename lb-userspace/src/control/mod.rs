@@ -193,9 +193,9 @@ pub static COMMANDS: &[Spec] = &[
     Spec {
         name: "show backends",
         words: &["show", "backends"],
-        args: "[SERVICE]",
-        about: "service pool backend weight share state health",
-        json: false,
+        args: "[SERVICE] [json]",
+        about: "service pool backend weight share state health (JSON: and active flows)",
+        json: true,
         parse: |r| cmd::show_backends::ShowBackends::parse(r).map(Command::ShowBackends),
     },
     Spec {
