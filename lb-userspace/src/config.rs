@@ -74,7 +74,6 @@ fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
 fn rollout(
     name: &str,
     r: RawRollout,
-    span: std::ops::Range<usize>,
     pools: &[Pool],
     at: &dyn Fn(std::ops::Range<usize>, String) -> ConfigError,
 ) -> Result<Rollout, ConfigError> {
@@ -107,9 +106,11 @@ fn rollout(
             ),
         ));
     }
+    // Section-wide errors point at its first key (a table's own span is not its header).
+    let section = r.baseline.span();
     if r.interval < Duration::from_millis(100) {
         return Err(at(
-            span,
+            section,
             format!("service {name:?}: rollout interval must be at least 100ms"),
         ));
     }
@@ -140,7 +141,7 @@ fn rollout(
         || r.max_p99.is_some();
     if !gates {
         return Err(at(
-            span,
+            section,
             format!(
                 "service {name:?}: a rollout needs at least one gate (max_error_ratio, max_error_ratio_increase, max_p99_ratio, max_p99)"
             ),
@@ -442,7 +443,7 @@ struct RawService {
     pools: Vec<RawPool>,
     #[serde(default, rename = "route")]
     routes: Vec<Spanned<RawRoute>>,
-    rollout: Option<Spanned<RawRollout>>,
+    rollout: Option<RawRollout>,
 }
 
 #[derive(Deserialize)]
@@ -880,10 +881,7 @@ impl Config {
             }
             let rollout = match s.rollout {
                 None => None,
-                Some(r) => {
-                    let span = r.span();
-                    Some(rollout(&name, r.into_inner(), span, &pools, &at)?)
-                }
+                Some(r) => Some(rollout(&name, r, &pools, &at)?),
             };
             services.push(Service {
                 name,
@@ -1054,12 +1052,15 @@ impl fmt::Display for Config {
         let d = &self.daemon;
         writeln!(
             f,
-            "interfaces {:?} (xdp {:?}), control {}, metrics {}, pins {}",
+            "interfaces {:?} (xdp {:?}), control {}, metrics {}, pins {}, state file {}",
             d.interfaces,
             d.xdp_mode,
             d.control_socket.display(),
             d.metrics,
-            d.pin_dir.display()
+            d.pin_dir.display(),
+            d.state_file
+                .as_ref()
+                .map_or("none".to_string(), |p| p.display().to_string())
         )?;
         for s in &self.services {
             writeln!(
@@ -1067,6 +1068,13 @@ impl fmt::Display for Config {
                 "service {} {}:{} {:?} {:?}",
                 s.name, s.vip, s.port, s.protocol, s.mode
             )?;
+            if let Some(r) = &s.rollout {
+                writeln!(
+                    f,
+                    "  rollout {} → {}: steps {:?} %, every {:?}, {} fails roll back ({:?})",
+                    r.baseline, r.canary, r.steps, r.interval, r.threshold, r.on_failure
+                )?;
+            }
             for p in &s.pools {
                 let bs: Vec<String> = p
                     .backends
@@ -1293,5 +1301,64 @@ backends = [{ addr = "10.20.0.21:8080", name = "k8s-a" }]
         assert!(e.contains("needs `snat`"), "{e}");
         let e = err(&GOOD.replace("k8s-a", "10.20.0.11:8080"));
         assert!(e.contains("duplicate backend"), "{e}");
+    }
+
+    #[test]
+    fn a_rollout_section_is_checked_against_the_pools_and_its_own_rules() {
+        let rollout = |body: &str| {
+            format!(
+                "{GOOD}\n[service.rollout]\nbaseline = \"legacy\"\ncanary = \"k8s\"\ninterval = \"1m\"\n{body}"
+            )
+        };
+        let good =
+            rollout("steps = [5, 20, 50, 100]\nmax_error_ratio = 0.01\nmax_p99 = \"500ms\"\n");
+        let c = Config::parse(&good, Path::new("lb.toml")).unwrap();
+        let r = c.services[0].rollout.as_ref().unwrap();
+        assert_eq!(
+            (r.threshold, r.min_samples, r.on_failure),
+            (2, 100, OnFailure::Previous)
+        );
+        assert_eq!(r.max_p99, Some(Duration::from_millis(500)));
+        // (body, what the error says, its line)
+        let cases = [
+            ("steps = [5, 20]\n", "at least one gate", 27),
+            ("steps = [20, 5]\nmax_p99 = \"1s\"\n", "increasing", 30),
+            ("steps = [0, 50]\nmax_p99 = \"1s\"\n", "increasing", 30),
+            ("steps = [50, 101]\nmax_p99 = \"1s\"\n", "increasing", 30),
+            (
+                "steps = [50]\nmax_error_ratio = 1.5\n",
+                "max_error_ratio = 1.5 is out of range",
+                31,
+            ),
+            (
+                "steps = [50]\nmax_p99 = \"1s\"\nthreshold = 0\n",
+                "threshold must be at least 1",
+                32,
+            ),
+            (
+                "steps = [50]\nmax_p99 = \"1s\"\non_failure = \"retry\"\n",
+                "unknown variant",
+                32,
+            ),
+            (
+                "steps = [50]\nmax_p99 = \"1s\"\ngates = 1\n",
+                "unknown field",
+                32,
+            ),
+        ];
+        for (body, want, line) in cases {
+            let e = err(&rollout(body));
+            assert!(e.contains(want), "{body}: {e}");
+            assert!(e.starts_with(&format!("lb.toml:{line}:")), "{body}: {e}");
+        }
+        let e = err(&rollout("steps = [50]\nmax_p99 = \"1s\"\n")
+            .replace("canary = \"k8s\"", "canary = \"new\""));
+        assert!(
+            e.contains("rollout pool \"new\" is not a pool") && e.starts_with("lb.toml:28:"),
+            "{e}"
+        );
+        let e = err(&rollout("steps = [50]\nmax_p99 = \"1s\"\n")
+            .replace("canary = \"k8s\"", "canary = \"legacy\""));
+        assert!(e.contains("must be different pools"), "{e}");
     }
 }

@@ -9,6 +9,7 @@
 use std::{
     collections::BTreeMap,
     io::Write as _,
+    os::unix::fs::OpenOptionsExt as _,
     path::{Path, PathBuf},
 };
 
@@ -308,10 +309,12 @@ impl Store {
         let mut text = serde_json::to_vec_pretty(saved).map_err(std::io::Error::other)?;
         text.push(b'\n');
         let result = (|| {
+            // Only lbd reads it: what the operator decided is nobody else's business.
             let mut f = std::fs::OpenOptions::new()
                 .write(true)
                 .create(true)
                 .truncate(true)
+                .mode(0o600)
                 .open(&tmp)?;
             f.write_all(&text)?;
             f.sync_all()?;
