@@ -344,6 +344,9 @@ pub enum CheckKind {
     #[default]
     Tcp,
     Http,
+    /// A datagram to the backend's port (`send`): healthy unless the port is unreachable
+    /// (an ICMP error comes back), or, with `expect_reply`, unless no datagram answers.
+    Udp,
 }
 
 /// `[service.health]`.
@@ -361,6 +364,11 @@ pub struct Health {
     pub rise: u32,
     /// Consecutive failures that make it unhealthy.
     pub fall: u32,
+    /// UDP checks: the datagram's payload (e.g. a DNS query a server answers).
+    pub send: String,
+    /// UDP checks: a backend must answer the datagram (a service that never answers, like
+    /// syslog, can only be checked for an unreachable port: leave this false).
+    pub expect_reply: bool,
     /// Connection mode: new flows in a row that the backend resets or leaves unanswered
     /// (the XDP program's connect failures, with no answered flow between them) before it is
     /// taken out of the table at once, without waiting for the active checks; it comes back
@@ -378,6 +386,8 @@ impl Default for Health {
             timeout: Duration::from_millis(300),
             rise: 2,
             fall: 2,
+            send: String::new(),
+            expect_reply: false,
             passive_failures: 5,
         }
     }
@@ -658,8 +668,39 @@ impl Config {
             }
             let (health_span, health) = match s.health {
                 Some(h) => (h.span(), h.into_inner()),
+                // A UDP service is checked over UDP unless it says otherwise.
+                None if s.protocol == Protocol::Udp => (
+                    s.name.span(),
+                    Health {
+                        check: CheckKind::Udp,
+                        ..Health::default()
+                    },
+                ),
                 None => (s.name.span(), Health::default()),
             };
+            // A TCP or HTTP check of a UDP-only backend fails for ever (nothing listens on TCP):
+            // the service would end up with no backend. A UDP check of a TCP service checks
+            // nothing it serves.
+            if (s.protocol == Protocol::Udp) != (health.check == CheckKind::Udp) {
+                return Err(at(
+                    health_span,
+                    format!(
+                        "service {name:?}: protocol = {:?} needs check = {}",
+                        s.protocol,
+                        if s.protocol == Protocol::Udp {
+                            "\"udp\" (a datagram to the backend's port; `send` and `expect_reply` to ask for an answer)"
+                        } else {
+                            "\"tcp\" or \"http\""
+                        }
+                    ),
+                ));
+            }
+            if health.send.len() > 512 {
+                return Err(at(
+                    health_span,
+                    format!("service {name:?}: health send is longer than 512 bytes"),
+                ));
+            }
             if health.interval < MIN_HEALTH_INTERVAL {
                 return Err(at(
                     health_span,
@@ -1301,6 +1342,33 @@ backends = [{ addr = "10.20.0.21:8080", name = "k8s-a" }]
         assert!(e.contains("needs `snat`"), "{e}");
         let e = err(&GOOD.replace("k8s-a", "10.20.0.11:8080"));
         assert!(e.contains("duplicate backend"), "{e}");
+    }
+
+    #[test]
+    fn a_udp_service_is_checked_over_udp() {
+        let udp = GOOD
+            .replace("port = 80\n", "port = 53\nprotocol = \"udp\"\n")
+            .replace(
+                "[service.health]\ncheck = \"http\"\npath = \"/healthz\"\ninterval = \"500ms\"\n",
+                "",
+            );
+        let c = Config::parse(&udp, Path::new("lb.toml")).unwrap();
+        assert_eq!(
+            c.services[0].health.check,
+            CheckKind::Udp,
+            "the default for udp"
+        );
+        let e = err(&GOOD.replace("port = 80\n", "port = 53\nprotocol = \"udp\"\n"));
+        assert!(e.contains("protocol = Udp needs check = \"udp\""), "{e}");
+        let e = err(&GOOD.replace("check = \"http\"", "check = \"udp\""));
+        assert!(e.contains("needs check = \"tcp\" or \"http\""), "{e}");
+        let dns = udp.replacen(
+            "[[service.pool]]",
+            "[service.health]\ncheck = \"udp\"\nsend = \"q\"\nexpect_reply = true\n\n[[service.pool]]",
+            1,
+        );
+        let h = &Config::parse(&dns, Path::new("lb.toml")).unwrap().services[0].health;
+        assert_eq!((h.send.as_str(), h.expect_reply), ("q", true));
     }
 
     #[test]

@@ -62,6 +62,8 @@ struct Spec {
     timeout: Duration,
     rise: u32,
     fall: u32,
+    send: String,
+    expect_reply: bool,
 }
 
 impl Spec {
@@ -74,6 +76,8 @@ impl Spec {
             timeout: h.timeout,
             rise: h.rise,
             fall: h.fall,
+            send: h.send.clone(),
+            expect_reply: h.expect_reply,
         }
     }
 }
@@ -91,6 +95,10 @@ pub enum ProbeError {
     Status(hyper::StatusCode),
     #[error("timeout after {0:?}")]
     Timeout(Duration),
+    #[error("udp: {0}")]
+    Udp(#[source] std::io::Error),
+    #[error("udp: no answer within {0:?}")]
+    NoAnswer(Duration),
 }
 
 /// A check's outcome.
@@ -313,12 +321,43 @@ async fn run(
 
 /// One check.
 async fn probe(spec: &Spec) -> ProbeResult {
+    if spec.kind == CheckKind::Udp {
+        return udp_probe(spec).await;
+    }
     let stream = TcpStream::connect(spec.addr)
         .await
         .map_err(ProbeError::Connect)?;
     match spec.kind {
         CheckKind::Tcp => Ok(()),
         CheckKind::Http => http_get(stream, spec).await,
+        CheckKind::Udp => Ok(()),
+    }
+}
+
+/// A UDP check: one datagram from a connected socket, so that the ICMP "port unreachable" a
+/// host sends back when nothing listens arrives as an error on it. It waits half the check's
+/// timeout (the ICMP error takes a round trip; the other half is the check's own margin):
+/// an answer or silence is healthy, an ICMP error is not — silence too with `expect_reply`.
+async fn udp_probe(spec: &Spec) -> ProbeResult {
+    let local: SocketAddr = if spec.addr.is_ipv4() {
+        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let sock = tokio::net::UdpSocket::bind(local)
+        .await
+        .map_err(ProbeError::Udp)?;
+    sock.connect(spec.addr).await.map_err(ProbeError::Udp)?;
+    sock.send(spec.send.as_bytes())
+        .await
+        .map_err(ProbeError::Udp)?;
+    let wait = spec.timeout / 2;
+    let mut buf = [0u8; 512];
+    match tokio::time::timeout(wait, sock.recv(&mut buf)).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(ProbeError::Udp(e)),
+        Err(_) if spec.expect_reply => Err(ProbeError::NoAnswer(wait)),
+        Err(_) => Ok(()),
     }
 }
 
@@ -345,6 +384,56 @@ async fn http_get(stream: TcpStream, spec: &Spec) -> ProbeResult {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn udp_spec(addr: SocketAddr, send: &str, expect_reply: bool) -> Spec {
+        Spec {
+            addr,
+            kind: CheckKind::Udp,
+            path: "/".into(),
+            interval: Duration::from_millis(500),
+            timeout: Duration::from_millis(200),
+            rise: 1,
+            fall: 1,
+            send: send.into(),
+            expect_reply,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_udp_check_fails_on_an_unreachable_port_and_on_silence_when_an_answer_is_expected() {
+        // An echo server: answers every datagram.
+        let echo = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let echo_addr = echo.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 512];
+            while let Ok((n, from)) = echo.recv_from(&mut buf).await {
+                let _ = echo.send_to(&buf[..n], from).await;
+            }
+        });
+        // A silent one: reads, never answers (syslog).
+        let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let silent_addr = silent.local_addr().unwrap();
+        // Nothing listens here: the kernel answers with ICMP port unreachable.
+        let closed_addr = {
+            let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+            s.local_addr().unwrap()
+        };
+        assert!(udp_probe(&udp_spec(echo_addr, "ping", true)).await.is_ok());
+        assert!(
+            udp_probe(&udp_spec(silent_addr, "log", false))
+                .await
+                .is_ok()
+        );
+        assert!(matches!(
+            udp_probe(&udp_spec(silent_addr, "query", true)).await,
+            Err(ProbeError::NoAnswer(_))
+        ));
+        let e = udp_probe(&udp_spec(closed_addr, "", false))
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("refused"), "{e}");
+        drop(silent);
+    }
 
     #[test]
     fn fall_failures_in_a_row_take_a_backend_down_and_rise_bring_it_back() {
@@ -377,6 +466,8 @@ mod tests {
             timeout: Duration::from_millis(300),
             rise: 1,
             fall: 1,
+            send: String::new(),
+            expect_reply: false,
         }
     }
 
