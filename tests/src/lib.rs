@@ -12,6 +12,7 @@ pub mod packets;
 pub mod raw;
 pub mod topology;
 pub mod traffic;
+pub mod udp;
 pub mod xdp;
 
 /// Root is needed for namespaces, XDP and BPF. Outside CI a non-root run skips with a reason;
