@@ -21,6 +21,13 @@ impl CsumDiff {
         self
     }
 
+    /// Both accumulated changes together.
+    #[inline(always)]
+    pub fn combine(self, other: CsumDiff) -> Self {
+        let s = self.0 + other.0;
+        CsumDiff((s & 0xffff) + (s >> 16))
+    }
+
     /// Four bytes (an IPv4 address) changed.
     #[inline(always)]
     pub fn bytes4(self, old: &[u8], new: &[u8]) -> Self {
@@ -108,5 +115,15 @@ mod tests {
     #[test]
     fn udp_zero_checksum_stays_zero() {
         assert_eq!(CsumDiff::new().word(1, 2).apply_udp(0), 0);
+    }
+
+    #[test]
+    fn combined_changes_equal_the_same_changes_in_sequence() {
+        let a = CsumDiff::new().word(0x1234, 0xfedc).word(0xffff, 0x0001);
+        let b = CsumDiff::new().word(0x8000, 0x7fff);
+        let seq = a.word(0x8000, 0x7fff);
+        for csum in [0u16, 0x0001, 0x8000, 0xfffe, 0xffff, 0x5a5a] {
+            assert_eq!(a.combine(b).apply(csum), seq.apply(csum), "{csum:#x}");
+        }
     }
 }

@@ -34,6 +34,8 @@ pub const FAMILY_V4: u8 = 2;
 pub const FAMILY_V6: u8 = 10;
 /// IP protocol numbers.
 pub const PROTO_TCP: u8 = 6;
+/// IPv4 protocol number of ICMP.
+pub const PROTO_ICMP: u8 = 1;
 /// IP protocol numbers.
 pub const PROTO_UDP: u8 = 17;
 

@@ -192,10 +192,18 @@ pub enum Stat {
     /// Dropped: a SYN whose data offset is below 5 or past the packet, or whose options do
     /// not parse (a length below 2 or past the header).
     BadTcpHeader = 18,
+    /// Passed: an ICMP error that quotes no live flow of ours (or whose outer or quoted
+    /// header has IPv4 options, or is cut short before the quoted ports).
+    IcmpNotTranslated = 19,
+    /// An ICMP error about a packet sent to a backend, translated and sent to its client
+    /// (e.g. "fragmentation needed" from a router on the backends' side).
+    IcmpToClient = 20,
+    /// An ICMP error about a packet sent to a client, translated and sent to its backend.
+    IcmpToBackend = 21,
 }
 
 /// Number of entries in the per-CPU XDP counter array.
-pub const STAT_COUNT: u32 = 19;
+pub const STAT_COUNT: u32 = 22;
 
 #[cfg(test)]
 mod tests {

@@ -9,6 +9,7 @@ use aya_ebpf::{
 };
 use core::mem::size_of;
 use lb_common::{FAMILY_V4, backend::NextHop, stats::Stat};
+use network_types::eth::EthHdr;
 
 use crate::{maps::LB_NEXT_HOPS, parse::Packet, stats};
 
@@ -109,6 +110,28 @@ pub fn ideal(ctx: &XdpContext) -> u32 {
 #[inline(always)]
 pub fn send(ctx: &XdpContext, pkt: &Packet, ifindex: u32, smac: &[u8; 6], dmac: &[u8; 6]) -> u32 {
     crate::nat::set_macs(pkt, smac, dmac);
+    out(ctx, ifindex)
+}
+
+/// As [`send`], for a frame that is not a parsed [`Packet`] (a translated ICMP error).
+#[inline(always)]
+pub fn send_frame(ctx: &XdpContext, ifindex: u32, smac: &[u8; 6], dmac: &[u8; 6]) -> u32 {
+    let start = ctx.data();
+    if start + EthHdr::LEN > ctx.data_end() {
+        return xdp_action::XDP_DROP;
+    }
+    // SAFETY: the Ethernet header is in bounds (checked just above).
+    unsafe {
+        let eth = &mut *(start as *mut EthHdr);
+        eth.src_addr = *smac;
+        eth.dst_addr = *dmac;
+    }
+    out(ctx, ifindex)
+}
+
+/// The verdict that sends the frame out of `ifindex`.
+#[inline(always)]
+fn out(ctx: &XdpContext, ifindex: u32) -> u32 {
     if ifindex == ctx.ingress_ifindex() as u32 {
         return xdp_action::XDP_TX;
     }

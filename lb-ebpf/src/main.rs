@@ -2,14 +2,15 @@
 //!
 //! Per packet: parse → VIP? (conntrack hit, or a SYN → Maglev bucket → backend, new flow) →
 //! full-NAT rewrite → cached next hop → TX/REDIRECT. Return traffic (backend → SNAT
-//! address:port) is reverse-NATed back to the client. Everything else is passed to the kernel
-//! untouched. Tables, weights and health are userspace's business; this program only reads them.
+//! address:port) is reverse-NATed back to the client; ICMP errors about a flow are translated
+//! to its other end (`icmp`). Everything else is passed to the kernel untouched. Tables, weights and health are userspace's business; this program only reads them.
 #![no_std]
 #![no_main]
 
 mod conntrack;
 mod forward;
 mod guard;
+mod icmp;
 mod maps;
 mod nat;
 mod parse;
@@ -76,6 +77,7 @@ fn drop(reason: Stat) -> u32 {
 fn try_balance(ctx: &XdpContext) -> Result<u32, ()> {
     let pkt = match parse::parse(ctx) {
         Ok(p) => p,
+        Err(Stat::IcmpNotTranslated) => return Ok(icmp::handle(ctx, maps::tunables())),
         Err(reason) => return Ok(pass(reason)),
     };
     let dport = u16::from_be(pkt.key.dport);

@@ -4,7 +4,8 @@
 use aya_ebpf::programs::XdpContext;
 use core::mem::size_of;
 use lb_common::{
-    FAMILY_V4, PROTO_TCP, PROTO_UDP, conntrack::Segment, flow::FlowKey, flow::v4, stats::Stat,
+    FAMILY_V4, PROTO_ICMP, PROTO_TCP, PROTO_UDP, conntrack::Segment, flow::FlowKey, flow::v4,
+    stats::Stat,
 };
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 
@@ -89,7 +90,12 @@ pub fn parse(ctx: &XdpContext) -> Result<Packet, Stat> {
     }
     let proto = iph.proto;
     if proto != PROTO_TCP && proto != PROTO_UDP {
-        return Err(Stat::NotOurs);
+        // ICMP may be an error about one of our flows: `icmp` decides (and counts).
+        return Err(if proto == PROTO_ICMP {
+            Stat::IcmpNotTranslated
+        } else {
+            Stat::NotOurs
+        });
     }
     // More-fragments flag or a non-zero offset: ports are not (all) here.
     if (u16::from_be_bytes(iph.frags) & 0x3fff) != 0 {

@@ -243,6 +243,9 @@ impl Daemon {
                         ("spoofed_source", Stat::SpoofedSource),
                         ("bad_tcp_flags", Stat::BadTcpFlags),
                         ("bad_tcp_header", Stat::BadTcpHeader),
+                        ("icmp_not_translated", Stat::IcmpNotTranslated),
+                        ("icmp_to_client", Stat::IcmpToClient),
+                        ("icmp_to_backend", Stat::IcmpToBackend),
                     ],
                 ));
             }

@@ -284,3 +284,100 @@ pub fn with_ttl(frame: &[u8], ttl: u8) -> Vec<u8> {
     out.extend_from_slice(&frame[14 + h.header_len()..]);
     out
 }
+
+/// The Internet checksum of `data` (RFC 1071), as it is written into a header.
+pub fn inet_csum(data: &[u8]) -> u16 {
+    let mut s: u32 = 0;
+    for c in data.chunks(2) {
+        s += u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]) as u32;
+    }
+    while s > 0xffff {
+        s = (s & 0xffff) + (s >> 16);
+    }
+    !(s as u16)
+}
+
+/// An ICMP error (`ty`, `code`, the 4 bytes after the checksum in `rest`: the next-hop MTU
+/// of a "fragmentation needed") from `src` to `dst`, sent by `smac`, quoting `quoted` (an IPv4
+/// packet, or as much of it as the sender quotes).
+pub fn icmp_error(
+    smac: [u8; 6],
+    src: [u8; 4],
+    dst: [u8; 4],
+    (ty, code): (u8, u8),
+    rest: [u8; 4],
+    quoted: &[u8],
+) -> Vec<u8> {
+    let mut icmp = vec![ty, code, 0, 0];
+    icmp.extend_from_slice(&rest);
+    icmp.extend_from_slice(quoted);
+    let c = inet_csum(&icmp).to_be_bytes();
+    icmp[2..4].copy_from_slice(&c);
+    let mut iph = ip(src, dst, IpNumber::ICMP, icmp.len());
+    iph.dont_fragment = false;
+    let mut out = Vec::new();
+    Ethernet2Header {
+        source: smac,
+        destination: LB_MAC,
+        ether_type: EtherType::IPV4,
+    }
+    .write(&mut out)
+    .unwrap();
+    iph.write(&mut out).unwrap();
+    out.extend_from_slice(&icmp);
+    out
+}
+
+/// A "fragmentation needed" (type 3 code 4) with next-hop MTU `mtu`.
+pub fn frag_needed(smac: [u8; 6], src: [u8; 4], dst: [u8; 4], mtu: u16, quoted: &[u8]) -> Vec<u8> {
+    let m = mtu.to_be_bytes();
+    icmp_error(smac, src, dst, (3, 4), [0, 0, m[0], m[1]], quoted)
+}
+
+/// What a checked ICMP error frame says.
+#[derive(Debug, PartialEq)]
+pub struct SeenIcmp {
+    pub src: [u8; 4],
+    pub dst: [u8; 4],
+    pub ttl: u8,
+    pub smac: [u8; 6],
+    pub dmac: [u8; 6],
+    pub ty: u8,
+    pub code: u8,
+    /// The 4 bytes after the checksum (a "fragmentation needed"'s MTU is in the last two).
+    pub rest: [u8; 4],
+    /// The quoted packet, as sent.
+    pub quoted: Vec<u8>,
+}
+
+/// Parses an IPv4 ICMP error frame and asserts that its IPv4, ICMP and quoted IPv4
+/// checksums are right.
+pub fn check_icmp(frame: &[u8]) -> SeenIcmp {
+    let (e, rest) = Ethernet2Header::from_slice(frame).expect("ethernet");
+    let (iph, icmp) = Ipv4Header::from_slice(rest).expect("ipv4");
+    assert_eq!(iph.protocol, IpNumber::ICMP, "an ICMP packet");
+    assert_eq!(
+        iph.header_checksum,
+        iph.calc_header_checksum(),
+        "outer IPv4 header checksum"
+    );
+    assert_eq!(inet_csum(icmp), 0, "ICMP checksum");
+    let quoted = icmp[8..].to_vec();
+    let (q, _) = Ipv4Header::from_slice(&quoted).expect("quoted ipv4");
+    assert_eq!(
+        q.header_checksum,
+        q.calc_header_checksum(),
+        "quoted IPv4 header checksum"
+    );
+    SeenIcmp {
+        src: iph.source,
+        dst: iph.destination,
+        ttl: iph.time_to_live,
+        smac: e.source,
+        dmac: e.destination,
+        ty: icmp[0],
+        code: icmp[1],
+        rest: [icmp[4], icmp[5], icmp[6], icmp[7]],
+        quoted,
+    }
+}

@@ -8,7 +8,7 @@ use lb_tests::{
     netns::Netns,
     packets::{
         self, ACK, CLIENT_MAC, FIN, LB_MAC, RST, RST_ACK, SYN, SYN_ACK, Seen, check, tcp, tcp_seq,
-        tcp_with, udp,
+        tcp_with, udp, with_ttl,
     },
     require_root,
     xdp::{self, SNAT, VETH_MAC},
@@ -891,4 +891,168 @@ fn connect_failures_and_time_to_first_byte_are_counted_per_backend() {
             assert!(l4.first_byte_sum_ns > 0, "{name}: {l4:?}");
         }
     }
+}
+
+/// The IPv4 packet inside a frame (what an ICMP error quotes).
+fn ip_packet(frame: &[u8]) -> &[u8] {
+    &frame[14..]
+}
+
+/// A quoted packet as a frame again, to check its checksums with `packets::check`.
+fn as_frame(quoted: &[u8]) -> Vec<u8> {
+    let mut f = vec![0u8; 12];
+    f.extend_from_slice(&[0x08, 0x00]);
+    f.extend_from_slice(quoted);
+    f
+}
+
+/// ICMP errors about a flow's packets are translated to the flow's other end: outer and
+/// quoted addresses, quoted ports and all three checksums, so that the end that sent the
+/// packet (as it knows it) recognises its own packet in the error. This is what keeps path-MTU
+/// discovery working through the NAT. Errors about nothing of ours pass untouched; an error
+/// about a packet to a backend arriving from the client side is spoofed and dropped.
+#[test]
+fn icmp_errors_about_a_flow_are_translated_to_its_other_end() {
+    if !require_root("icmp_errors_about_a_flow_are_translated") {
+        return;
+    }
+    let mut f = Fixture::new();
+    let router_b = [10, 20, 0, 254];
+    let router_c = [10, 99, 1, 1];
+    let mtu_1400 = [0, 0, 0x05, 0x78];
+
+    // A TCP flow: its SYN went to backend 1 from SNAT address:port.
+    let syn = tcp((CLIENT, 41000), (VIP, 80), SYN);
+    let (v, fwd) = f.run(&syn);
+    assert_eq!(v, XDP_REDIRECT);
+    let port = snat_port(&check(&fwd));
+    let client_saw = with_ttl(&syn, 63);
+
+    // "Fragmentation needed" from a router on the backends' side, quoting the whole packet
+    // the balancer sent: the client gets it from the VIP, quoting its own SYN.
+    let to_client = f.stat(Stat::IcmpToClient);
+    let err = packets::frag_needed(backend_mac(0), router_b, SNAT, 1400, ip_packet(&fwd));
+    let (v, out) = f.ret(&err);
+    assert_eq!(v, XDP_REDIRECT, "sent out of the client's interface");
+    let s = packets::check_icmp(&out);
+    assert_eq!(
+        (s.src, s.dst, s.smac, s.dmac, s.ttl),
+        (VIP, CLIENT, LB_MAC, CLIENT_MAC, 63)
+    );
+    assert_eq!(
+        (s.ty, s.code, s.rest),
+        (3, 4, mtu_1400),
+        "type, code and MTU kept"
+    );
+    assert_eq!(
+        s.quoted,
+        ip_packet(&client_saw),
+        "quotes the client's own packet"
+    );
+    check(&as_frame(&s.quoted));
+    assert_eq!(f.stat(Stat::IcmpToClient), to_client + 1);
+
+    // A router that quotes only the IPv4 header and 8 bytes (RFC 792): the same, shorter.
+    let err = packets::frag_needed(backend_mac(0), router_b, SNAT, 1400, &ip_packet(&fwd)[..28]);
+    let (v, out) = f.ret(&err);
+    assert_eq!(v, XDP_REDIRECT);
+    let s = packets::check_icmp(&out);
+    assert_eq!((s.src, s.dst), (VIP, CLIENT));
+    assert_eq!(s.quoted, &ip_packet(&client_saw)[..28]);
+
+    // The backend's SYN-ACK went to the client from the VIP; a router on the client's side
+    // cannot pass it on: the backend gets the error from the SNAT address, quoting its own
+    // SYN-ACK.
+    let answer = syn_ack(0, port);
+    let (v, back) = f.ret(&answer);
+    assert_eq!(v, XDP_REDIRECT);
+    let to_backend = f.stat(Stat::IcmpToBackend);
+    let err = packets::frag_needed(CLIENT_MAC, router_c, VIP, 1400, ip_packet(&back));
+    let (v, out) = f.run(&err);
+    assert_eq!(v, XDP_REDIRECT, "sent towards the backend");
+    let s = packets::check_icmp(&out);
+    assert_eq!(
+        (s.src, s.dst, s.smac, s.dmac),
+        (SNAT, BACKENDS[0], VETH_MAC, backend_mac(0))
+    );
+    assert_eq!((s.ty, s.code, s.rest), (3, 4, mtu_1400));
+    assert_eq!(s.quoted, ip_packet(&with_ttl(&answer, 63)));
+    check(&as_frame(&s.quoted));
+    assert_eq!(f.stat(Stat::IcmpToBackend), to_backend + 1);
+
+    // UDP: the backend's port is closed; the client learns it (port unreachable) about its
+    // own datagram, UDP checksum and all.
+    let query = udp((CLIENT, 5400), (VIP, 53), b"query");
+    let (v, fwd_udp) = f.run(&query);
+    assert_eq!(v, XDP_REDIRECT);
+    let err = packets::icmp_error(
+        backend_mac(0),
+        BACKENDS[0],
+        SNAT,
+        (3, 3),
+        [0; 4],
+        ip_packet(&fwd_udp),
+    );
+    let (v, out) = f.ret(&err);
+    assert_eq!(v, XDP_REDIRECT);
+    let s = packets::check_icmp(&out);
+    assert_eq!((s.src, s.dst, s.ty, s.code), (VIP, CLIENT, 3, 3));
+    assert_eq!(s.quoted, ip_packet(&with_ttl(&query, 63)));
+    check(&as_frame(&s.quoted));
+
+    // Errors about nothing of ours pass untouched, counted.
+    let (_, with_opts) = f.run(&tcp_with(
+        (CLIENT, 41001),
+        (VIP, 80),
+        SYN,
+        b"",
+        &[1, 1, 1, 1],
+    ));
+    let stranger = tcp((SNAT, 61001), (BACKENDS[0], 8080), SYN);
+    let cases: Vec<(&str, Vec<u8>, Stat)> = vec![
+        (
+            "about a SNAT port without a flow",
+            packets::frag_needed(backend_mac(0), router_b, SNAT, 1400, ip_packet(&stranger)),
+            Stat::IcmpNotTranslated,
+        ),
+        (
+            "sent elsewhere than the quoted packet's source",
+            packets::frag_needed(
+                backend_mac(0),
+                router_b,
+                [10, 20, 0, 99],
+                1400,
+                ip_packet(&fwd),
+            ),
+            Stat::IcmpNotTranslated,
+        ),
+        (
+            "quoting a header with IPv4 options",
+            packets::frag_needed(backend_mac(0), router_b, SNAT, 1400, ip_packet(&with_opts)),
+            Stat::IcmpNotTranslated,
+        ),
+        (
+            "quoting fewer than 8 bytes past the IPv4 header",
+            packets::frag_needed(backend_mac(0), router_b, SNAT, 1400, &ip_packet(&fwd)[..24]),
+            Stat::IcmpNotTranslated,
+        ),
+        (
+            "an echo request to the VIP",
+            packets::icmp_error(CLIENT_MAC, CLIENT, VIP, (8, 0), [0, 1, 0, 1], b"ping"),
+            Stat::NotOurs,
+        ),
+    ];
+    for (name, pkt, reason) in cases {
+        let before = f.stat(reason);
+        let (v, out) = f.ret(&pkt);
+        assert_eq!((v, &out), (XDP_PASS, &pkt), "{name}: passed untouched");
+        assert_eq!(f.stat(reason), before + 1, "{name}: {reason:?} counted");
+    }
+
+    // The same error about a packet to a backend, arriving from the client side: nobody on
+    // that side saw the packet, so it is spoofed.
+    let spoofed = f.stat(Stat::ReturnWrongSide);
+    let err = packets::frag_needed(CLIENT_MAC, router_c, SNAT, 576, ip_packet(&fwd));
+    assert_eq!(f.run(&err).0, XDP_DROP);
+    assert_eq!(f.stat(Stat::ReturnWrongSide), spoofed + 1);
 }

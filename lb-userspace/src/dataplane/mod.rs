@@ -3,7 +3,7 @@
 //! `Kernel` trait (`kernel`). Nothing else in the daemon touches kernel maps.
 //!
 //! Pin layout (versioned so that an incompatible map layout is never misread):
-//! `pin_dir/v1/maps/<MAP>` and `pin_dir/v1/links/<interface>`.
+//! `pin_dir/v2/maps/<MAP>` and `pin_dir/v2/links/<interface>`.
 
 mod counter;
 mod kernel;
@@ -45,7 +45,7 @@ pub const PASS_PROGRAM: &str = "lb_pass";
 /// The benchmarks' ideal forwarder (fib lookup + redirect; no balancing).
 pub const IDEAL_FORWARDER: &str = "lb_ideal_fwd";
 /// Version of the pin layout; bump when a map's key or value changes.
-pub const PIN_LAYOUT: &str = "v1";
+pub const PIN_LAYOUT: &str = "v2";
 
 /// A packet reads a table half for well under a microsecond; waiting this long before
 /// rewriting a half that was live guarantees no packet still reads it.
@@ -54,7 +54,7 @@ const HALF_GRACE: Duration = Duration::from_millis(5);
 /// How to load the program.
 #[derive(Clone, Debug)]
 pub struct LoadOptions {
-    /// Pin maps and links under `pin_dir/v1/` (and adopt what is pinned there).
+    /// Pin maps and links under `pin_dir/v2/` (and adopt what is pinned there).
     pub pin_dir: Option<PathBuf>,
     pub tunables: Tunables,
     pub conntrack_max: u32,
@@ -98,9 +98,14 @@ pub struct Dataplane {
 }
 
 impl Dataplane {
-    /// Loads the object (adopting pinned maps under `pin_dir/v1/maps` when they exist).
+    /// Loads the object (adopting pinned maps under `pin_dir/v2/maps` when they exist).
+    /// With `LB_VERIFIER_LOG` set, a rejected program comes with the verifier's whole log.
     pub fn load(opts: &LoadOptions) -> Result<Dataplane> {
         let mut loader = EbpfLoader::new();
+        if std::env::var_os("LB_VERIFIER_LOG").is_some() {
+            loader
+                .verifier_log_level(aya::VerifierLogLevel::VERBOSE | aya::VerifierLogLevel::STATS);
+        }
         loader
             .override_global(lb_common::TUNABLES_GLOBAL, &opts.tunables, true)
             .map_max_entries(map_names::CONNTRACK, opts.conntrack_max)

@@ -1,0 +1,311 @@
+//! Path-MTU discovery through the balancer: a hop past it with a smaller MTU answers a large
+//! packet with "fragmentation needed", sent to the balancer (the VIP or the SNAT address);
+//! the XDP program translates it to the flow's true end, which lowers its segment size. Without
+//! that the transfer hangs (the classic PMTU black hole). Both directions:
+//!
+//! - a download to a client behind a router whose link towards it is smaller (the error
+//!   quotes VIP → client and goes to the backend);
+//! - an upload to a backend behind a router whose link towards it is smaller (the error
+//!   quotes SNAT address → backend and goes to the client).
+//!
+//! The small links are set on the router's end only: the endpoint behind it still advertises
+//! a full-size MSS, as behind a real tunnel or PPPoE hop, so only path-MTU discovery can save
+//! the transfer.
+
+use std::{
+    io::{BufRead, BufReader, Read, Write},
+    net::{SocketAddr, TcpListener, TcpStream},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use lb_tests::{
+    netns::{Netns, tx_csum_off, unique_prefix, veth},
+    require_root,
+    topology::{BACKENDS, LB_BACKEND_SIDE, Topology, VIP},
+};
+
+const BULK_PORT: u16 = 9000;
+const FAR_VIP_PORT: u16 = 9001;
+const FAR_BACKEND: &str = "10.30.0.2";
+const FAR_CLIENT: &str = "10.98.0.2";
+const SMALL_MTU: &str = "1400";
+const BYTES: usize = 4 << 20;
+
+/// A bulk TCP server in a namespace: `down N\n` → N bytes then close; `up N\n` → reads N
+/// bytes, answers `ok N\n`. Stops when dropped.
+struct Bulk {
+    stop: Arc<AtomicBool>,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl Bulk {
+    fn start(ns: &str, addr: SocketAddr) -> Bulk {
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let ns = ns.to_string();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let handle = std::thread::spawn(move || {
+            Netns { name: ns }.enter_no_drop().unwrap();
+            let l = TcpListener::bind(addr).unwrap();
+            l.set_nonblocking(true).unwrap();
+            tx.send(()).unwrap();
+            while !s.load(Ordering::Relaxed) {
+                match l.accept() {
+                    Ok((c, _)) => {
+                        std::thread::spawn(move || serve(c));
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        });
+        rx.recv().unwrap();
+        Bulk {
+            stop,
+            handle: Some(handle),
+        }
+    }
+}
+
+impl Drop for Bulk {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+fn serve(c: TcpStream) {
+    let _ = c.set_nonblocking(false);
+    let _ = c.set_read_timeout(Some(Duration::from_secs(20)));
+    let mut w = c.try_clone().unwrap();
+    let mut r = BufReader::new(c);
+    let mut line = String::new();
+    if r.read_line(&mut line).is_err() {
+        return; // a health check: connect and close
+    }
+    let mut words = line.split_whitespace();
+    let (Some(op), Some(n)) = (
+        words.next(),
+        words.next().and_then(|n| n.parse::<usize>().ok()),
+    ) else {
+        return;
+    };
+    match op {
+        "down" => {
+            let chunk = vec![b'x'; 64 << 10];
+            let mut left = n;
+            while left > 0 {
+                let k = left.min(chunk.len());
+                if w.write_all(&chunk[..k]).is_err() {
+                    return;
+                }
+                left -= k;
+            }
+        }
+        "up" => {
+            let mut buf = vec![0u8; 64 << 10];
+            let mut got = 0;
+            while got < n {
+                match r.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(k) => got += k,
+                }
+            }
+            let _ = writeln!(w, "ok {got}");
+        }
+        _ => {}
+    }
+}
+
+/// One transfer through `vip` from the calling thread's namespace: the bytes that made it
+/// and how long it took (a stalled transfer ends at the read timeout).
+fn transfer(vip: SocketAddr, op: &str) -> (usize, Duration) {
+    let start = Instant::now();
+    let mut c = TcpStream::connect_timeout(&vip, Duration::from_secs(3)).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(8))).unwrap();
+    c.set_write_timeout(Some(Duration::from_secs(8))).unwrap();
+    writeln!(c, "{op} {BYTES}").unwrap();
+    let moved = if op == "down" {
+        let mut buf = vec![0u8; 64 << 10];
+        let mut got = 0;
+        loop {
+            match c.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(k) => got += k,
+            }
+        }
+        got
+    } else {
+        let chunk = vec![b'y'; 64 << 10];
+        let mut sent = 0;
+        while sent < BYTES {
+            if c.write_all(&chunk).is_err() {
+                break;
+            }
+            sent += chunk.len();
+        }
+        let mut answer = String::new();
+        let _ = BufReader::new(&c).read_line(&mut answer);
+        answer
+            .strip_prefix("ok ")
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    (moved, start.elapsed())
+}
+
+fn events(t: &Topology, reason: &str) -> u64 {
+    let m = lb_tests::http::get_in(&t.lb.name, 9091, "/metrics").1;
+    let needle = format!("lb_xdp_events_total{{reason=\"{reason}\"}} ");
+    m.lines()
+        .find_map(|l| l.strip_prefix(needle.as_str())?.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn path_mtu_discovery_completes_through_the_balancer_both_ways() {
+    if !require_root("path_mtu_discovery_completes") {
+        return;
+    }
+    let t = Topology::new("pmtu", "native").unwrap();
+    let p = unique_prefix("pmtux");
+    // A client behind the client namespace, which routes for it over a smaller link.
+    let far_client = Netns::new(&format!("{p}fc")).unwrap();
+    veth(&t.client, "eth1", &far_client, "eth0").unwrap();
+    t.client
+        .ip(&["addr", "add", "10.98.0.1/24", "dev", "eth1"])
+        .unwrap();
+    t.client
+        .ip(&["link", "set", "eth1", "mtu", SMALL_MTU])
+        .unwrap();
+    t.client.sysctl("net.ipv4.ip_forward", "1").unwrap();
+    far_client
+        .ip(&["addr", "add", &format!("{FAR_CLIENT}/24"), "dev", "eth0"])
+        .unwrap();
+    far_client
+        .ip(&["route", "add", "default", "via", "10.98.0.1"])
+        .unwrap();
+    tx_csum_off(&far_client, "eth0").unwrap();
+    t.lb.ip(&["route", "add", "10.98.0.0/24", "via", "10.99.1.2"])
+        .unwrap();
+    // A backend behind the first backend's namespace, which routes for it the same way.
+    let router = t.backend_ns(0);
+    let router_addr = BACKENDS[0].2.split(':').next().unwrap();
+    let far_backend = Netns::new(&format!("{p}fb")).unwrap();
+    veth(router, "eth1", &far_backend, "eth0").unwrap();
+    router
+        .ip(&["addr", "add", "10.30.0.1/24", "dev", "eth1"])
+        .unwrap();
+    router
+        .ip(&["link", "set", "eth1", "mtu", SMALL_MTU])
+        .unwrap();
+    router.sysctl("net.ipv4.ip_forward", "1").unwrap();
+    far_backend
+        .ip(&["addr", "add", &format!("{FAR_BACKEND}/24"), "dev", "eth0"])
+        .unwrap();
+    far_backend
+        .ip(&["route", "add", "default", "via", "10.30.0.1"])
+        .unwrap();
+    tx_csum_off(&far_backend, "eth0").unwrap();
+    t.lb.ip(&["route", "add", "10.30.0.0/24", "via", router_addr])
+        .unwrap();
+
+    let mut servers: Vec<Bulk> = BACKENDS
+        .iter()
+        .enumerate()
+        .map(|(i, (_, _, a))| {
+            let ip = a.split(':').next().unwrap();
+            Bulk::start(
+                &t.backend_ns(i).name,
+                format!("{ip}:{BULK_PORT}").parse().unwrap(),
+            )
+        })
+        .collect();
+    servers.push(Bulk::start(
+        &far_backend.name,
+        format!("{FAR_BACKEND}:{BULK_PORT}").parse().unwrap(),
+    ));
+    let pool = |name: &str, addrs: &[String]| {
+        let list: Vec<String> = addrs
+            .iter()
+            .enumerate()
+            .map(|(i, a)| format!("{{ addr = \"{a}\", name = \"{name}-{i}\" }}"))
+            .collect();
+        format!(
+            "[[service.pool]]\nname = \"{name}\"\nweight = 100\nbackends = [{}]\n",
+            list.join(", ")
+        )
+    };
+    let near: Vec<String> = BACKENDS
+        .iter()
+        .map(|(_, _, a)| format!("{}:{BULK_PORT}", a.split(':').next().unwrap()))
+        .collect();
+    let svc = |name: &str, port: u16, pool_text: String| {
+        format!(
+            "\n[[service]]\nname = \"{name}\"\nvip = \"{VIP}\"\nport = {port}\nprotocol = \"tcp\"\nsnat = \"{LB_BACKEND_SIDE}\"\n\n[service.health]\ncheck = \"tcp\"\ninterval = \"200ms\"\ntimeout = \"150ms\"\nrise = 1\nfall = 2\n\n{pool_text}"
+        )
+    };
+    let extra = svc("bulk", BULK_PORT, pool("near", &near))
+        + &svc(
+            "far",
+            FAR_VIP_PORT,
+            pool("far", &[format!("{FAR_BACKEND}:{BULK_PORT}")]),
+        );
+    let marker = "# The same pools and split, balanced per request";
+    let cfg = t.config_text();
+    std::fs::write(
+        &t.config,
+        cfg.replacen(marker, &format!("{extra}\n{marker}"), 1),
+    )
+    .unwrap();
+    let mut t = t;
+    t.start_lbd().unwrap();
+    let up = |svc: &str, n: usize| {
+        let s = t
+            .control(&format!("show backends {svc}"))
+            .unwrap_or_default();
+        s.lines()
+            .filter(|l| l.starts_with(&format!("{svc} ")) && l.ends_with(" up"))
+            .count()
+            == n
+    };
+    t.wait_backends(Duration::from_secs(5), |_| up("bulk", 4) && up("far", 1))
+        .unwrap_or_else(|e| panic!("bulk backends not up: {e}\n{}", t.lbd_log()));
+
+    // Download to the client behind the small link: the router's error goes to the VIP and
+    // must reach the backend.
+    let to_backend = events(&t, "icmp_to_backend");
+    let vip: SocketAddr = format!("{VIP}:{BULK_PORT}").parse().unwrap();
+    let fc = far_client.name.clone();
+    let (down, took) = std::thread::spawn(move || {
+        Netns { name: fc }.enter_no_drop().unwrap();
+        transfer(vip, "down")
+    })
+    .join()
+    .unwrap();
+    let translated = events(&t, "icmp_to_backend") - to_backend;
+    eprintln!(
+        "download over a {SMALL_MTU}-byte hop: {down} of {BYTES} bytes in {took:?}; {translated} errors sent on to the backend"
+    );
+    assert_eq!(down, BYTES, "the download completes");
+    assert!(translated >= 1, "the router's error was translated");
+
+    // Upload from the client to the backend behind the small link: the router's error goes
+    // to the SNAT address and must reach the client.
+    let to_client = events(&t, "icmp_to_client");
+    let far_vip: SocketAddr = format!("{VIP}:{FAR_VIP_PORT}").parse().unwrap();
+    let (up_bytes, took) = t.in_client(move || transfer(far_vip, "up")).unwrap();
+    let translated = events(&t, "icmp_to_client") - to_client;
+    eprintln!(
+        "upload over a {SMALL_MTU}-byte hop: {up_bytes} of {BYTES} bytes in {took:?}; {translated} errors sent on to the client"
+    );
+    assert_eq!(up_bytes, BYTES, "the upload completes");
+    assert!(translated >= 1, "the router's error was translated");
+    drop(servers);
+}
