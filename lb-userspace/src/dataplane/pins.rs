@@ -132,7 +132,8 @@ pub(super) fn warn_other_layouts(pin_dir: &Path) {
     }
 }
 
-/// Detaches and removes everything pinned under `pin_dir/v1` (what `lbd down` does).
+/// Detaches and removes everything pinned under this layout's directory (`pin_dir/v2`; what
+/// `lbd down` does).
 pub fn remove_pins(pin_dir: &Path) -> Result<()> {
     let links = links_dir(pin_dir);
     if links.exists() {
