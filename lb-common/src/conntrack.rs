@@ -115,6 +115,30 @@ pub struct RnatValue {
 
 const _: () = assert!(core::mem::size_of::<RnatValue>() == 96);
 
+/// Whether an entry last seen at `last_seen` (monotonic ns) in state `st` is still alive at
+/// `now`: the idle timeouts the XDP program and lbd both judge flows by.
+#[inline(always)]
+pub fn alive(last_seen: u64, st: u8, proto: u8, now: u64, t: &crate::Tunables) -> bool {
+    let timeout = if proto != crate::PROTO_TCP {
+        t.udp_timeout_ns
+    } else if st == state::ESTABLISHED {
+        t.tcp_established_timeout_ns
+    } else {
+        t.tcp_transient_timeout_ns
+    };
+    now.saturating_sub(last_seen) <= timeout
+}
+
+/// Whether a flow's SNAT port may go to a new flow: the flow is dead, or closed and idle long
+/// enough that nothing but strays can still come. lbd's flow collector frees such ports.
+#[inline(always)]
+pub fn port_reusable(last_seen: u64, st: u8, proto: u8, now: u64, t: &crate::Tunables) -> bool {
+    !alive(last_seen, st, proto, now, t)
+        || (proto == crate::PROTO_TCP
+            && st == state::CLOSING
+            && now.saturating_sub(last_seen) > t.tcp_closed_reuse_ns)
+}
+
 /// Largest TCP window scale (RFC 7323).
 pub const MAX_WSCALE: u8 = 14;
 

@@ -102,7 +102,7 @@ pub const REVERSE_NAT: MapLayout = MapLayout {
     sized_by_config: true,
     ..map(
         map_names::REVERSE_NAT,
-        MapKind::LruHash,
+        MapKind::Hash,
         size_of::<FlowKey>(),
         size_of::<RnatValue>(),
         DEFAULT_CONNTRACK_MAX,

@@ -200,10 +200,15 @@ pub enum Stat {
     IcmpToClient = 20,
     /// An ICMP error about a packet sent to a client, translated and sent to its backend.
     IcmpToBackend = 21,
+    /// A flow whose reverse-NAT entry was evicted (its SNAT port then looks free, and may
+    /// already be another flow's) ended at its next client packet: its conntrack entry is
+    /// removed and the packet handled as one without a flow (TCP: passed, the host resets;
+    /// UDP: a new flow). Never two flows on one port.
+    FlowLostPort = 22,
 }
 
 /// Number of entries in the per-CPU XDP counter array.
-pub const STAT_COUNT: u32 = 22;
+pub const STAT_COUNT: u32 = 23;
 
 #[cfg(test)]
 mod tests {

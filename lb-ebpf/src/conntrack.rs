@@ -1,9 +1,10 @@
 //! Flow state and idle timeouts. The forward (conntrack) and reverse (NAT) entries of one flow
 //! are kept in step: a state change or a refresh on one side is copied to the other, so both
-//! expire together and a SNAT port is never reclaimed while its flow still runs.
+//! expire together, and lbd's flow collector never frees a SNAT port while its flow still
+//! runs.
 
 use lb_common::{
-    PROTO_TCP, Tunables,
+    PROTO_TCP,
     conntrack::{CtValue, RnatValue, state},
     flow::FlowKey,
 };
@@ -20,28 +21,7 @@ pub fn is_syn(flags: u8) -> bool {
     flags & (TCP_SYN | TCP_ACK) == TCP_SYN
 }
 
-/// Whether an entry last seen at `last_seen` in `st` is still alive at `now`.
-#[inline(always)]
-pub fn alive(last_seen: u64, st: u8, proto: u8, now: u64, t: &Tunables) -> bool {
-    let timeout = if proto != PROTO_TCP {
-        t.udp_timeout_ns
-    } else if st == state::ESTABLISHED {
-        t.tcp_established_timeout_ns
-    } else {
-        t.tcp_transient_timeout_ns
-    };
-    now.saturating_sub(last_seen) <= timeout
-}
-
-/// Whether a flow's SNAT port may go to a new flow: the flow is dead, or closed and idle long
-/// enough that nothing but strays can still come.
-#[inline(always)]
-pub fn port_reusable(last_seen: u64, st: u8, proto: u8, now: u64, t: &Tunables) -> bool {
-    !alive(last_seen, st, proto, now, t)
-        || (proto == PROTO_TCP
-            && st == state::CLOSING
-            && now.saturating_sub(last_seen) > t.tcp_closed_reuse_ns)
-}
+pub use lb_common::conntrack::alive;
 
 /// Applies one packet to an entry's state and timestamp; returns whether anything changed
 /// (and so must be copied to the flow's other entry).

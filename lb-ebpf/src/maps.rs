@@ -41,10 +41,13 @@ pub static LB_BACKENDS: Array<BackendInfo> =
 pub static LB_CONNTRACK: LruHashMap<FlowKey, CtValue> =
     LruHashMap::with_max_entries(layout::CONNTRACK.max_entries, 0);
 
-/// Backend-side 5-tuple (backend → SNAT addr:port) → client, VIP and client-side L2.
+/// Backend-side 5-tuple (backend → SNAT addr:port) → client, VIP and client-side L2. Its
+/// entry is what holds a SNAT port, so it is a plain hash, never evicted behind a live flow's
+/// back: new flows only take absent keys, and only lbd's flow collector (`dataplane/gc.rs`)
+/// removes entries, once their flow is over or their conntrack entry is gone.
 #[map]
-pub static LB_REVERSE_NAT: LruHashMap<FlowKey, RnatValue> =
-    LruHashMap::with_max_entries(layout::REVERSE_NAT.max_entries, 0);
+pub static LB_REVERSE_NAT: HashMap<FlowKey, RnatValue> =
+    HashMap::with_max_entries(layout::REVERSE_NAT.max_entries, 0);
 
 /// Backend id → this CPU's cached fib lookup result towards that backend.
 #[map]

@@ -1,7 +1,7 @@
 //! New flows: the Maglev bucket → backend, and a SNAT port that no live flow holds.
 
 use aya_ebpf::{
-    bindings::BPF_ANY,
+    bindings::{BPF_ANY, BPF_NOEXIST},
     helpers::{bpf_get_smp_processor_id, bpf_ktime_get_coarse_ns},
     programs::XdpContext,
 };
@@ -16,7 +16,6 @@ use lb_common::{
 };
 
 use crate::{
-    conntrack,
     maps::{LB_BACKENDS, LB_CONNTRACK, LB_NEW_FLOW, LB_REVERSE_NAT, LB_SNAT_CURSOR, LB_TABLES},
     parse::Packet,
     tcpts,
@@ -49,19 +48,17 @@ pub fn pick(svc: &ServiceValue, key: &FlowKey, out: &mut BackendInfo) -> Result<
 
 /// Finds a SNAT port for `rkey` (whose `dport` it fills in) and stores `rval` under it.
 ///
-/// Each CPU owns the ports `min + cpu + k * cpus`, so no other CPU can insert the same key
-/// meanwhile: a free port can be taken, and a dead flow's port reclaimed, without a race.
+/// A port is free when no reverse-NAT entry holds it: the entry is only ever created here
+/// (insert-if-absent) and removed by lbd's flow collector once the flow is over, so a port
+/// is never handed out while a flow still uses it.
+///
+/// Each CPU owns the ports `min + cpu + k * cpus`, so no other CPU competes for the same key.
 /// Within its class a CPU walks the ports in turn, so the port it tries first is the one it
 /// used longest ago: the one whose flow is most surely over, and whose backend-side TIME_WAIT
 /// is oldest. (Random draws found a port still in use often enough, at a few thousand new
 /// connections per second, to drop SYNs into one-second retransmissions.)
 #[inline(always)]
-fn alloc_snat_port(
-    rkey: &mut FlowKey,
-    rval: &RnatValue,
-    t: &Tunables,
-    now: u64,
-) -> Result<(), Stat> {
+fn alloc_snat_port(rkey: &mut FlowKey, rval: &RnatValue, t: &Tunables) -> Result<(), Stat> {
     let cpus = if t.cpus == 0 { 1 } else { t.cpus };
     // SAFETY: helper call without arguments.
     // Divisions use checked forms: a panicking path would leave code the verifier rejects.
@@ -85,16 +82,14 @@ fn alloc_snat_port(
         let port = t.snat_port_min as u32 + cpu + idx * cpus;
         idx += 1;
         rkey.dport = (port as u16).to_be();
-        // SAFETY: read-only peek at an entry; only its timestamps are used.
-        let taken = match unsafe { LB_REVERSE_NAT.get(&*rkey) } {
-            None => false,
-            Some(old) => !conntrack::port_reusable(old.last_seen_ns, old.state, rkey.proto, now, t),
-        };
-        if !taken {
+        // Taken, or the map is full: the next port (a full map fails them all, and the SYN
+        // is dropped and counted; the client retries).
+        if LB_REVERSE_NAT
+            .insert(&*rkey, rval, BPF_NOEXIST as u64)
+            .is_ok()
+        {
             *cursor = idx;
-            return LB_REVERSE_NAT
-                .insert(&*rkey, rval, BPF_ANY as u64)
-                .map_err(|_| Stat::FlowNotCreated);
+            return Ok(());
         }
     }
     *cursor = idx;
@@ -201,7 +196,7 @@ pub fn new_flow(
         seq_synced: 0,
         request_ns: 0,
     };
-    alloc_snat_port(&mut f.rkey, &f.rval, t, now)?;
+    alloc_snat_port(&mut f.rkey, &f.rval, t)?;
     f.ct = CtValue {
         backend_addr: be_addr,
         snat_addr: svc.snat_addr,

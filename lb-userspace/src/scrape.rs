@@ -246,6 +246,7 @@ impl Daemon {
                         ("icmp_not_translated", Stat::IcmpNotTranslated),
                         ("icmp_to_client", Stat::IcmpToClient),
                         ("icmp_to_backend", Stat::IcmpToBackend),
+                        ("flow_lost_port", Stat::FlowLostPort),
                     ],
                 ));
             }
@@ -254,6 +255,21 @@ impl Daemon {
                 name: "lb_conntrack_entries",
                 help: "Flows in the connection-tracking table (live or not yet evicted).",
                 samples: vec![(Vec::new(), Value::Gauge(entries as f64))],
+            });
+            let (finished, orphaned) = dp.flows_collected();
+            out.push(Sampled {
+                name: "lb_flows_collected",
+                help: "Flows whose SNAT port the flow collector freed: finished (idle past their timeout, or closed), or orphaned (their conntrack entry was evicted).",
+                samples: vec![
+                    (
+                        vec![("reason", "finished".to_string())],
+                        Value::Counter(finished),
+                    ),
+                    (
+                        vec![("reason", "orphaned".to_string())],
+                        Value::Counter(orphaned),
+                    ),
+                ],
             });
             out.push(Sampled {
                 name: "lb_conntrack_capacity",

@@ -1056,3 +1056,126 @@ fn icmp_errors_about_a_flow_are_translated_to_its_other_end() {
     assert_eq!(f.run(&err).0, XDP_DROP);
     assert_eq!(f.stat(Stat::ReturnWrongSide), spoofed + 1);
 }
+
+/// Keeps the calling thread on CPU 0: test_run runs the program on the caller's CPU, and the
+/// SNAT port classes are per CPU.
+fn pin_to_cpu0() {
+    // SAFETY: a zeroed cpu_set_t with one bit set, for the calling thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(0, &mut set);
+        assert_eq!(
+            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set),
+            0
+        );
+    }
+}
+
+/// A SNAT port is held by its flow's reverse-NAT entry, which the XDP program never evicts;
+/// lbd's flow collector frees it once the flow is over (closed, or idle past its timeout) or
+/// its conntrack entry has been evicted (at two passes in a row). So a port never goes to a
+/// new flow while a flow that still has an entry on either side uses it.
+#[test]
+fn a_snat_port_goes_to_a_new_flow_only_once_its_flow_is_gone_from_both_maps() {
+    if !require_root("a_snat_port_goes_to_a_new_flow_only_once") {
+        return;
+    }
+    use lb_userspace::dataplane::gc::{Collected, Suspects};
+    pin_to_cpu0();
+    // One port per CPU: every flow here competes for CPU 0's. Closed flows free their port
+    // 50 ms after their last packet.
+    let _ns = xdp::private_netns("lp", &[(BACKENDS[0], backend_mac(0))]);
+    let mut dp = xdp::load(|t| {
+        t.snat_port_min = 61000;
+        t.snat_port_max = 61000 + t.cpus as u16 - 1;
+        t.tcp_closed_reuse_ns = 50_000_000;
+    });
+    xdp::set_backend(&mut dp, 1, BACKENDS[0]);
+    xdp::single_backend_table(&mut dp, 0, VIP, 80, 6, 1);
+    let stat = |dp: &Dataplane, s: Stat| dp.xdp_stats().unwrap()[s as usize];
+    let from = |port: u16, f: packets::Flags| tcp((CLIENT, port), (VIP, 80), f);
+    let mut suspects = Suspects::default();
+    let refused = |dp: &mut Dataplane, client_port: u16| {
+        let before = stat(dp, Stat::FlowNotCreated);
+        let (v, _, _) = xdp::run(dp, PROGRAM, &from(client_port, SYN), 1);
+        v == XDP_DROP && stat(dp, Stat::FlowNotCreated) == before + 1
+    };
+
+    // Flow A takes the port.
+    let (v, out, _) = xdp::run(&mut dp, PROGRAM, &from(40000, SYN), 1);
+    assert_eq!(v, XDP_REDIRECT);
+    let port = check(&out).src.1;
+
+    // A's conntrack entry is evicted (its LRU map was full). A's client packets find no
+    // flow (the host resets them), but its reverse entry still holds the port: the backend
+    // may still answer. Flow B does not get it.
+    let a_key = lb_common::flow::FlowKey {
+        src: lb_common::flow::v4(CLIENT),
+        dst: lb_common::flow::v4(VIP),
+        sport: 40000u16.to_be(),
+        dport: 80u16.to_be(),
+        proto: 6,
+        family: lb_common::FAMILY_V4,
+        _pad: 0,
+    };
+    dp.evict_flow_entry(&a_key, false).unwrap();
+    let a_ack = from(40000, ACK);
+    assert_eq!(
+        xdp::run(&mut dp, PROGRAM, &a_ack, 1).1,
+        a_ack,
+        "A's packet passes"
+    );
+    assert!(refused(&mut dp, 40001), "B must not get A's port yet");
+
+    // The collector's first pass only suspects A's reverse entry (a new flow's two inserts
+    // are not atomic); the second frees the port, and B gets it.
+    let c = dp.collect_flows(&mut suspects).unwrap();
+    assert_eq!(
+        (c.orphaned, c.finished, c.kept),
+        (0, 0, 1),
+        "first pass: {c:?}"
+    );
+    assert!(
+        refused(&mut dp, 40001),
+        "B must not get A's port after one pass"
+    );
+    let c = dp.collect_flows(&mut suspects).unwrap();
+    assert_eq!(
+        c,
+        Collected {
+            finished: 0,
+            orphaned: 1,
+            kept: 0
+        }
+    );
+    let (v, out, _) = xdp::run(&mut dp, PROGRAM, &from(40001, SYN), 1);
+    assert_eq!(v, XDP_REDIRECT);
+    assert_eq!(check(&out).src.1, port, "B got the freed port");
+
+    // A live flow is never collected, however many passes: C is refused.
+    assert_eq!(
+        xdp::run(&mut dp, PROGRAM, &from(40001, ACK), 1).0,
+        XDP_REDIRECT
+    );
+    for _ in 0..2 {
+        let c = dp.collect_flows(&mut suspects).unwrap();
+        assert_eq!((c.orphaned, c.finished, c.kept), (0, 0, 1), "{c:?}");
+    }
+    assert!(refused(&mut dp, 40002), "C must not get B's port");
+
+    // B closes; 50 ms later (tcp_closed_reuse) its port is free, and C gets it.
+    assert_eq!(
+        xdp::run(&mut dp, PROGRAM, &from(40001, FIN), 1).0,
+        XDP_REDIRECT
+    );
+    assert_eq!(
+        dp.collect_flows(&mut suspects).unwrap().finished,
+        0,
+        "just closed"
+    );
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    assert_eq!(dp.collect_flows(&mut suspects).unwrap().finished, 1);
+    let (v, out, _) = xdp::run(&mut dp, PROGRAM, &from(40002, SYN), 1);
+    assert_eq!(v, XDP_REDIRECT);
+    assert_eq!(check(&out).src.1, port, "C got the port B closed");
+}

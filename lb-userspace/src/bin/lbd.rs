@@ -170,7 +170,8 @@ async fn run(
     };
     opts.tunables.snat_port_min = d.snat_ports.0;
     opts.tunables.snat_port_max = d.snat_ports.1;
-    let dp = Dataplane::load(&opts)?;
+    let mut dp = Dataplane::load(&opts)?;
+    dp.start_flow_collector()?;
     let (tx, rx) = mpsc::channel(4);
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;

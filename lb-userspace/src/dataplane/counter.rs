@@ -37,14 +37,6 @@ pub fn is_active(ct: &CtValue, proto: u8, now_ns: u64, t: &Tunables) -> bool {
     ct.state != state::CLOSING && now_ns.saturating_sub(ct.last_seen_ns) <= timeout
 }
 
-/// CLOCK_MONOTONIC in ns: the clock `bpf_ktime_get_coarse_ns` reads (coarsely).
-fn monotonic_ns() -> u64 {
-    // SAFETY: an out-parameter of the right type.
-    let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
 /// The last count of a map's entries and of each backend's active flows, recounted in the
 /// background when it is stale.
 pub struct Counter {
@@ -71,6 +63,11 @@ impl Counter {
         };
         c.refresh();
         c
+    }
+
+    /// The kernel id of the conntrack map it counts.
+    pub fn map_id(&self) -> u32 {
+        self.map_id
     }
 
     /// Active flows per backend id as of the last count (a recount starts when it is stale).
@@ -118,7 +115,7 @@ impl Counter {
                         )?)
                     })
                     .map(|m| {
-                        let now = monotonic_ns();
+                        let now = super::gc::monotonic_ns();
                         let mut n = 0u64;
                         let mut by_backend = std::collections::HashMap::new();
                         // An entry evicted between its key and its lookup is an error: skipped.

@@ -6,6 +6,7 @@
 //! `pin_dir/v2/maps/<MAP>` and `pin_dir/v2/links/<interface>`.
 
 mod counter;
+pub mod gc;
 mod kernel;
 mod pins;
 mod reads;
@@ -90,6 +91,11 @@ pub struct Dataplane {
     sources: LpmTrie<MapData, SourceAddr, SourceRule>,
     /// Counts the conntrack map's entries off the caller's thread, for metrics.
     conntrack: counter::Counter,
+    /// Kernel id of the reverse-NAT map (the flow collector opens it by id).
+    reverse_nat_id: u32,
+    /// Frees the SNAT ports of finished flows, once started (`start_flow_collector`).
+    collector: Option<gc::Collector>,
+    tunables: Tunables,
     conntrack_capacity: u32,
     /// When each service's previous table half last stopped being live.
     retired: StdHashMap<u32, tokio::time::Instant>,
@@ -163,6 +169,10 @@ impl Dataplane {
         };
         drop(ct);
         let conntrack = counter::Counter::new(conntrack_id, opts.tunables);
+        let reverse_nat_id = match ebpf.map(map_names::REVERSE_NAT) {
+            Some(aya::maps::Map::HashMap(d)) => d.info()?.id(),
+            _ => bail!("map {} is not a hash map", map_names::REVERSE_NAT),
+        };
         Ok(Dataplane {
             ebpf,
             pin_dir: opts.pin_dir.clone(),
@@ -176,9 +186,47 @@ impl Dataplane {
             xdp_stats,
             sources,
             conntrack,
+            reverse_nat_id,
+            collector: None,
+            tunables: opts.tunables,
             conntrack_capacity,
             retired: StdHashMap::new(),
             links: Vec::new(),
+        })
+    }
+
+    /// Starts the flow collector ([`gc`]), which frees the SNAT ports of finished flows once a
+    /// second. lbd starts it once; without it no port is ever reused.
+    pub fn start_flow_collector(&mut self) -> Result<()> {
+        if self.collector.is_none() {
+            self.collector = Some(gc::Collector::start(
+                self.reverse_nat_id,
+                self.conntrack.map_id(),
+                self.tunables,
+            )?);
+        }
+        Ok(())
+    }
+
+    /// One pass of the flow collector now (tests run passes when they choose instead of
+    /// starting it): `suspects` carries what a pass must remember for the next.
+    pub fn collect_flows(&self, suspects: &mut gc::Suspects) -> Result<gc::Collected> {
+        gc::pass(
+            self.reverse_nat_id,
+            self.conntrack.map_id(),
+            &self.tunables,
+            gc::monotonic_ns(),
+            suspects,
+        )
+    }
+
+    /// Reverse-NAT entries the running collector removed so far: (finished, orphaned).
+    pub fn flows_collected(&self) -> (u64, u64) {
+        self.collector.as_ref().map_or((0, 0), |c| {
+            (
+                c.totals.finished.load(std::sync::atomic::Ordering::Relaxed),
+                c.totals.orphaned.load(std::sync::atomic::Ordering::Relaxed),
+            )
         })
     }
 

@@ -8,7 +8,10 @@ use aya::{
 use lb_common::{
     MAX_BACKENDS,
     backend::{BackendInfo, NextHop},
+    conntrack::{CtValue, RnatValue},
+    flow::FlowKey,
     guard::{SourceAddr, SourceRule},
+    map_names,
     service::{MaglevTable, PortServices, ServiceKey, ServiceValue},
 };
 
@@ -123,6 +126,29 @@ impl Dataplane {
     pub fn grace_until(&self, id: u32) -> Option<tokio::time::Instant> {
         let until = *self.retired.get(&id)? + HALF_GRACE;
         (until > tokio::time::Instant::now()).then_some(until)
+    }
+
+    /// Removes one entry of a flow, as the LRU evicts it when the table is full: `reverse`
+    /// picks the reverse-NAT map (key: backend → SNAT address:port), else conntrack (key:
+    /// client → VIP). lbd never does this; tests use it to show what the data path does
+    /// with a flow that lost one of its entries.
+    pub fn evict_flow_entry(&mut self, key: &FlowKey, reverse: bool) -> Result<()> {
+        if reverse {
+            let name = map_names::REVERSE_NAT;
+            let map = self
+                .ebpf
+                .map_mut(name)
+                .with_context(|| format!("map {name} missing"))?;
+            let mut m: aya::maps::HashMap<_, FlowKey, RnatValue> =
+                aya::maps::HashMap::try_from(map)?;
+            m.remove(key).context("removing a reverse-NAT entry")
+        } else {
+            // Userspace keeps no handle on conntrack (only its walker reads it): open it by id.
+            let data = aya::maps::MapData::from_id(self.conntrack.map_id())?;
+            let mut m: aya::maps::HashMap<_, FlowKey, CtValue> =
+                aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(data))?;
+            m.remove(key).context("removing a conntrack entry")
+        }
     }
 
     /// Stops balancing a service (its flows' packets then go to the kernel).

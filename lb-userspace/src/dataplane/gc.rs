@@ -1,0 +1,182 @@
+//! The flow collector: frees the SNAT ports of flows that are over.
+//!
+//! A SNAT port is held by its flow's reverse-NAT entry. The XDP program only ever creates
+//! those (insert-if-absent) and never evicts them, so a port cannot be handed to a new flow
+//! while the old one still uses it — the failure of two LRU maps that evict independently,
+//! where a reverse entry could vanish under a live conntrack entry. Freeing ports is this
+//! collector's job instead, once a second on a thread of its own:
+//!
+//! - **finished** flows: idle past their timeout, or closed (FIN/RST) and idle for
+//!   `tcp_closed_reuse` (what only strays still follow);
+//! - **orphaned** entries: their conntrack entry is gone (evicted from its LRU map when the
+//!   table is full) or now belongs to another flow, at two passes in a row — so the moment
+//!   between a new flow's two inserts is never mistaken for an orphan. The flow's client
+//!   packets already find no flow (the host resets them); its port is free again.
+//!
+//! Only the collector removes entries, and an entry cannot change under it between its read
+//! and its removal (the XDP program never overwrites one), so what it removes is exactly
+//! what it judged.
+
+use std::{
+    collections::HashSet,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::Result;
+use aya::maps::{HashMap, Map, MapData};
+use lb_common::{
+    Tunables,
+    conntrack::{CtValue, RnatValue, port_reusable},
+    flow::FlowKey,
+};
+
+/// How often the collector passes over the reverse-NAT map.
+pub const INTERVAL: Duration = Duration::from_secs(1);
+
+/// What passes removed, by reason.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Collected {
+    /// Entries of finished flows (idle past their timeout, or closed).
+    pub finished: u64,
+    /// Entries whose conntrack entry was gone at two passes in a row.
+    pub orphaned: u64,
+    /// Entries left in place.
+    pub kept: u64,
+}
+
+/// The collector's memory between passes: entries without their conntrack entry last time.
+#[derive(Debug, Default)]
+pub struct Suspects(HashSet<FlowKey>);
+
+/// One pass: judges every reverse-NAT entry (map id `reverse_id`) against its conntrack entry
+/// (map id `conntrack_id`) at `now_ns` (CLOCK_MONOTONIC, the XDP program's clock) and removes
+/// the finished and the orphaned.
+pub fn pass(
+    reverse_id: u32,
+    conntrack_id: u32,
+    t: &Tunables,
+    now_ns: u64,
+    suspects: &mut Suspects,
+) -> Result<Collected> {
+    let mut reverse: HashMap<MapData, FlowKey, RnatValue> =
+        HashMap::try_from(Map::HashMap(MapData::from_id(reverse_id)?))?;
+    let conntrack: HashMap<MapData, FlowKey, CtValue> =
+        HashMap::try_from(Map::LruHashMap(MapData::from_id(conntrack_id)?))?;
+    // Judge first, remove after: removing while iterating would restart the walk.
+    let mut finished = Vec::new();
+    let mut orphaned = Vec::new();
+    let mut next = HashSet::new();
+    let mut kept = 0u64;
+    for (k, r) in reverse.iter().flatten() {
+        if port_reusable(r.last_seen_ns, r.state, k.proto, now_ns, t) {
+            finished.push(k);
+            continue;
+        }
+        let forward = FlowKey {
+            src: r.client_addr,
+            dst: r.vip_addr,
+            sport: r.client_port,
+            dport: r.vip_port,
+            proto: k.proto,
+            family: k.family,
+            _pad: 0,
+        };
+        let ours = conntrack.get(&forward, 0).is_ok_and(|c| {
+            c.snat_port == k.dport
+                && c.backend_port == k.sport
+                && c.backend_addr == k.src
+                && c.snat_addr == k.dst
+        });
+        if ours {
+            kept += 1;
+        } else if suspects.0.contains(&k) {
+            orphaned.push(k);
+        } else {
+            next.insert(k);
+            kept += 1;
+        }
+    }
+    suspects.0 = next;
+    let mut out = Collected {
+        kept,
+        ..Collected::default()
+    };
+    for k in &finished {
+        if reverse.remove(k).is_ok() {
+            out.finished += 1;
+        }
+    }
+    for k in &orphaned {
+        if reverse.remove(k).is_ok() {
+            out.orphaned += 1;
+        }
+    }
+    Ok(out)
+}
+
+/// CLOCK_MONOTONIC in ns: the clock `bpf_ktime_get_coarse_ns` reads (coarsely).
+pub fn monotonic_ns() -> u64 {
+    // SAFETY: an out-parameter of the right type.
+    let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Totals since the collector started, for metrics.
+#[derive(Debug, Default)]
+pub struct Totals {
+    pub finished: AtomicU64,
+    pub orphaned: AtomicU64,
+}
+
+/// The running collector; stops (within a pass) when dropped.
+pub struct Collector {
+    stop: Arc<AtomicBool>,
+    /// What it removed so far.
+    pub totals: Arc<Totals>,
+}
+
+impl Collector {
+    /// Starts passing over the maps every [`INTERVAL`] on a thread of its own.
+    pub fn start(reverse_id: u32, conntrack_id: u32, t: Tunables) -> Result<Collector> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let totals = Arc::new(Totals::default());
+        let (s, tot) = (stop.clone(), totals.clone());
+        std::thread::Builder::new()
+            .name("flow-collector".into())
+            .spawn(move || {
+                let mut suspects = Suspects::default();
+                while !s.load(Ordering::Relaxed) {
+                    let started = Instant::now();
+                    match pass(reverse_id, conntrack_id, &t, monotonic_ns(), &mut suspects) {
+                        Ok(c) => {
+                            tot.finished.fetch_add(c.finished, Ordering::Relaxed);
+                            tot.orphaned.fetch_add(c.orphaned, Ordering::Relaxed);
+                            tracing::debug!(
+                                finished = c.finished,
+                                orphaned = c.orphaned,
+                                kept = c.kept,
+                                took_ms = started.elapsed().as_millis() as u64,
+                                "flows collected"
+                            );
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = format!("{e:#}"), "cannot collect flows")
+                        }
+                    }
+                    std::thread::sleep(INTERVAL.saturating_sub(started.elapsed()));
+                }
+            })?;
+        Ok(Collector { stop, totals })
+    }
+}
+
+impl Drop for Collector {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
