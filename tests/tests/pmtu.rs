@@ -307,5 +307,24 @@ fn path_mtu_discovery_completes_through_the_balancer_both_ways() {
     );
     assert_eq!(up_bytes, BYTES, "the upload completes");
     assert!(translated >= 1, "the router's error was translated");
+
+    // Both transfers closed their connections: lbd's flow collector frees their SNAT ports
+    // once they have been closed for 2 s (it passes once a second).
+    let collected = |t: &Topology| {
+        let m = lb_tests::http::get_in(&t.lb.name, 9091, "/metrics").1;
+        m.lines()
+            .find_map(|l| {
+                l.strip_prefix("lb_flows_collected_total{reason=\"finished\"} ")?
+                    .trim()
+                    .parse::<u64>()
+                    .ok()
+            })
+            .unwrap_or(0)
+    };
+    let deadline = Instant::now() + Duration::from_secs(6);
+    while collected(&t) < 2 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(collected(&t) >= 2, "the closed flows' ports are freed");
     drop(servers);
 }
