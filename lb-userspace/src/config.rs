@@ -37,6 +37,13 @@ pub enum ConfigError {
 /// Shortest health-check interval: a shorter one only flaps tables (1 ns rebuilt 345 tables
 /// in 9 s).
 pub const MIN_HEALTH_INTERVAL: Duration = Duration::from_millis(50);
+/// Bounds of the flow idle timeouts (`daemon.tcp_established_timeout` and the like).
+const MIN_FLOW_TIMEOUT: Duration = Duration::from_secs(1);
+const MAX_FLOW_TIMEOUT: Duration = Duration::from_secs(7 * 24 * 3600);
+/// How long a closed TCP flow keeps its SNAT port (`Tunables::tcp_closed_reuse_ns`).
+const CLOSED_REUSE: Duration =
+    Duration::from_nanos(lb_common::Tunables::DEFAULT.tcp_closed_reuse_ns);
+
 /// Bounds of `daemon.conntrack_max`: below, a handful of clients fill it; above, the two
 /// maps would take gigabytes of kernel memory.
 pub const MIN_CONNTRACK: u32 = 1024;
@@ -218,6 +225,17 @@ pub struct Daemon {
     pub snat_ports: (u16, u16),
     /// Flows the conntrack and reverse-NAT maps hold.
     pub conntrack_max: u32,
+    /// Idle timeout of an established TCP flow.
+    #[serde(deserialize_with = "duration")]
+    pub tcp_established_timeout: Duration,
+    /// Idle timeout of a TCP flow that has not completed its handshake, or is closing
+    /// (FIN/RST seen): what strays and retransmissions still need.
+    #[serde(deserialize_with = "duration")]
+    pub tcp_closing_timeout: Duration,
+    /// Idle timeout of a UDP flow: after it, the flow's next datagram is balanced afresh by
+    /// the current split.
+    #[serde(deserialize_with = "duration")]
+    pub udp_timeout: Duration,
     /// Install an nftables forward filter so that, from the XDP interfaces, the host forwards
     /// only the balancer's own (rewritten) traffic. lbd turns IPv4 forwarding on (the data
     /// plane needs it); without the filter the host routes whatever arrives there. Turn it
@@ -289,6 +307,9 @@ impl Default for Daemon {
             pin_dir: "/sys/fs/bpf/lb".into(),
             snat_ports: (t.snat_port_min, t.snat_port_max),
             conntrack_max: lb_common::DEFAULT_CONNTRACK_MAX,
+            tcp_established_timeout: Duration::from_nanos(t.tcp_established_timeout_ns),
+            tcp_closing_timeout: Duration::from_nanos(t.tcp_transient_timeout_ns),
+            udp_timeout: Duration::from_nanos(t.udp_timeout_ns),
             forward_filter: true,
             limits: Limits::default(),
             state_file: Some("/var/lib/lb/state.json".into()),
@@ -375,6 +396,10 @@ pub struct Health {
     /// through them (`rise` passes). 0 turns this off. Never the last healthy backend of a
     /// pool.
     pub passive_failures: u32,
+    /// Check this port of each backend instead of its service port: the common case for
+    /// DNS and QUIC servers (a UDP service with an HTTP or TCP check on a management port),
+    /// and for any backend with a separate health endpoint. `None`: the service port.
+    pub port: Option<u16>,
 }
 
 impl Default for Health {
@@ -389,6 +414,7 @@ impl Default for Health {
             send: String::new(),
             expect_reply: false,
             passive_failures: 5,
+            port: None,
         }
     }
 }
@@ -681,18 +707,27 @@ impl Config {
             // A TCP or HTTP check of a UDP-only backend fails for ever (nothing listens on TCP):
             // the service would end up with no backend. A UDP check of a TCP service checks
             // nothing it serves.
-            if (s.protocol == Protocol::Udp) != (health.check == CheckKind::Udp) {
+            // On another port (`port`), any check fits: that port is what it checks.
+            if health.port.is_none()
+                && (s.protocol == Protocol::Udp) != (health.check == CheckKind::Udp)
+            {
                 return Err(at(
                     health_span,
                     format!(
                         "service {name:?}: protocol = {:?} needs check = {}",
                         s.protocol,
                         if s.protocol == Protocol::Udp {
-                            "\"udp\" (a datagram to the backend's port; `send` and `expect_reply` to ask for an answer)"
+                            "\"udp\" (a datagram to the backend's port; `send` and `expect_reply` to ask for an answer), or a check on another port (`port = N`)"
                         } else {
-                            "\"tcp\" or \"http\""
+                            "\"tcp\" or \"http\", or a check on another port (`port = N`)"
                         }
                     ),
+                ));
+            }
+            if health.port == Some(0) {
+                return Err(at(
+                    health_span,
+                    format!("service {name:?}: health port must be 1-65535"),
                 ));
             }
             if health.send.len() > 512 {
@@ -965,6 +1000,29 @@ impl Config {
                 format!(
                     "daemon.conntrack_max = {} is out of range {MIN_CONNTRACK}-{MAX_CONNTRACK}",
                     d.conntrack_max
+                ),
+            ));
+        }
+        for (key, v) in [
+            ("tcp_established_timeout", d.tcp_established_timeout),
+            ("tcp_closing_timeout", d.tcp_closing_timeout),
+            ("udp_timeout", d.udp_timeout),
+        ] {
+            if !(MIN_FLOW_TIMEOUT..=MAX_FLOW_TIMEOUT).contains(&v) {
+                return Err(key_err(
+                    key,
+                    format!(
+                        "daemon.{key} = {v:?} is out of range {MIN_FLOW_TIMEOUT:?}-{MAX_FLOW_TIMEOUT:?}"
+                    ),
+                ));
+            }
+        }
+        if d.tcp_closing_timeout <= CLOSED_REUSE {
+            return Err(key_err(
+                "tcp_closing_timeout",
+                format!(
+                    "daemon.tcp_closing_timeout = {:?} must be above {CLOSED_REUSE:?} (a closed flow's port is freed after that long; its strays need the entry until then)",
+                    d.tcp_closing_timeout
                 ),
             ));
         }
@@ -1303,6 +1361,18 @@ backends = [{ addr = "10.20.0.21:8080", name = "k8s-a" }]
             ),
             (
                 "interfaces = [\"eth0\"]",
+                "interfaces = [\"eth0\"]\nudp_timeout = \"500ms\"",
+                4,
+                "daemon.udp_timeout = 500ms is out of range 1s-604800s",
+            ),
+            (
+                "interfaces = [\"eth0\"]",
+                "interfaces = [\"eth0\"]\ntcp_closing_timeout = \"2s\"",
+                4,
+                "must be above 2s",
+            ),
+            (
+                "interfaces = [\"eth0\"]",
                 "interfaces = [\"eth0\"]\n[daemon.limits]\nmetrics_timeout = \"0s\"",
                 5,
                 "metrics_timeout must be above zero",
@@ -1369,6 +1439,59 @@ backends = [{ addr = "10.20.0.21:8080", name = "k8s-a" }]
         );
         let h = &Config::parse(&dns, Path::new("lb.toml")).unwrap().services[0].health;
         assert_eq!((h.send.as_str(), h.expect_reply), ("q", true));
+    }
+
+    #[test]
+    fn a_check_on_another_port_fits_any_protocol() {
+        // A DNS service checked over HTTP on its management port.
+        let dns = GOOD
+            .replace(
+                "port = 80
+",
+                "port = 53
+protocol = \"udp\"
+",
+            )
+            .replace(
+                "check = \"http\"
+",
+                "check = \"http\"
+port = 8081
+",
+            );
+        let c = Config::parse(&dns, Path::new("lb.toml")).unwrap();
+        let h = &c.services[0].health;
+        assert_eq!((h.check, h.port), (CheckKind::Http, Some(8081)));
+        // And a TCP service checked with a datagram on another port.
+        let tcp = GOOD.replace(
+            "check = \"http\"
+",
+            "check = \"udp\"
+port = 5353
+",
+        );
+        assert_eq!(
+            Config::parse(&tcp, Path::new("lb.toml")).unwrap().services[0]
+                .health
+                .port,
+            Some(5353)
+        );
+        let e = err(&GOOD.replace(
+            "check = \"http\"
+",
+            "check = \"http\"
+port = 0
+",
+        ));
+        assert!(e.contains("health port must be 1-65535"), "{e}");
+        let e = err(&GOOD.replace(
+            "check = \"http\"
+",
+            "check = \"http\"
+port = 70000
+",
+        ));
+        assert!(e.starts_with("lb.toml:"), "{e}");
     }
 
     #[test]

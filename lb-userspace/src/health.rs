@@ -69,7 +69,7 @@ struct Spec {
 impl Spec {
     fn new(addr: SocketAddr, h: &Health) -> Spec {
         Spec {
-            addr,
+            addr: h.port.map_or(addr, |p| SocketAddr::new(addr.ip(), p)),
             kind: h.check,
             path: h.path.clone(),
             interval: h.interval,
@@ -384,6 +384,20 @@ async fn http_get(stream: TcpStream, spec: &Spec) -> ProbeResult {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_check_on_another_port_probes_that_port_of_the_backend() {
+        let backend: SocketAddr = "10.20.0.11:53".parse().unwrap();
+        let h = Health {
+            port: Some(8081),
+            ..Health::default()
+        };
+        assert_eq!(
+            Spec::new(backend, &h).addr,
+            "10.20.0.11:8081".parse().unwrap()
+        );
+        assert_eq!(Spec::new(backend, &Health::default()).addr, backend);
+    }
 
     fn udp_spec(addr: SocketAddr, send: &str, expect_reply: bool) -> Spec {
         Spec {
