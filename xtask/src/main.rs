@@ -20,7 +20,8 @@ struct Cli {
 enum Cmd {
     /// Install what is missing: Debian packages, bpf-linker, a bpf filesystem.
     Setup,
-    /// Set up, then build lbd/lbctl (and the XDP program they embed).
+    /// Set up, then build release lbd/lbctl (and the XDP program they embed) into
+    /// target/dist/: stripped binaries to install, and their debug info beside them.
     Build,
     /// Set up, build, run every test (unit, property, BPF_PROG_TEST_RUN fixtures, namespaces).
     Test,
@@ -47,6 +48,8 @@ const PACKAGES: &[&str] = &[
     "systemd",
     // lbd's forward filter (and the tests' fault injection: dropped SYNs).
     "nftables",
+    // objcopy and readelf: `cargo xtask build` splits the debug info off the binaries.
+    "binutils",
 ];
 /// What `cargo xtask bench` compares against (not needed by the tests).
 const BENCH_PACKAGES: &[&str] = &["wrk", "nginx", "libnginx-mod-stream", "haproxy"];
@@ -154,6 +157,55 @@ fn build(release: bool) -> Result<()> {
     sh(&mut cargo(&args))
 }
 
+/// The binaries a user installs: release builds without their debug info (tens of MB of
+/// DWARF that a running lbd never reads), which goes to `<bin>.debug` beside each, linked by
+/// `.gnu_debuglink` so that gdb and perf find it when it is installed with the binary (or
+/// under /usr/lib/debug). The release profile keeps debug info for profiling.
+fn dist() -> Result<()> {
+    build(true)?;
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"));
+    let dist = target.join("dist");
+    std::fs::create_dir_all(&dist)?;
+    for bin in ["lbd", "lbctl"] {
+        let built = target.join("release").join(bin);
+        let out = dist.join(bin);
+        let debug = dist.join(format!("{bin}.debug"));
+        sh(Command::new("objcopy")
+            .arg("--only-keep-debug")
+            .arg(&built)
+            .arg(&debug))?;
+        sh(Command::new("objcopy")
+            .args(["--strip-debug", "--strip-unneeded"])
+            .arg(format!("--add-gnu-debuglink={}", debug.display()))
+            .arg(&built)
+            .arg(&out))?;
+        // What is shipped must really be without its DWARF, and must point at it.
+        let sections = Command::new("readelf").arg("-S").arg(&out).output()?;
+        let sections = String::from_utf8_lossy(&sections.stdout);
+        if sections.contains(".debug_info") || !sections.contains(".gnu_debuglink") {
+            bail!(
+                "{} still carries debug info or lacks its debug link",
+                out.display()
+            );
+        }
+        let mib = |p: &std::path::Path| -> Result<f64> {
+            Ok(std::fs::metadata(p)?.len() as f64 / (1 << 20) as f64)
+        };
+        eprintln!(
+            "dist: {} {:.1} MiB (built {:.1} MiB; debug info in {} {:.1} MiB)",
+            out.display(),
+            mib(&out)?,
+            mib(&built)?,
+            debug.display(),
+            mib(&debug)?
+        );
+    }
+    Ok(())
+}
+
 /// Runs every benchmark (each writes a section into target/bench/) and assembles
 /// BENCHMARKS.md from them.
 fn bench() -> Result<()> {
@@ -212,7 +264,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let r = match cli.cmd {
         Cmd::Setup => setup(),
-        Cmd::Build => setup().and_then(|_| build(false)),
+        Cmd::Build => setup().and_then(|_| dist()),
         Cmd::Test => setup().and_then(|_| build(false)).and_then(|_| {
             // fmt and clippy first: cheap, and a red lint is as much a failure as a red test.
             sh(&mut cargo(&["fmt", "--all", "--", "--check"]))?;
