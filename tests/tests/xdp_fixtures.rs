@@ -471,7 +471,36 @@ fn flows_are_natted_both_ways_and_survive_table_changes() {
     assert_eq!(v, XDP_REDIRECT);
     let seen = check(&out);
     assert_eq!(seen.dst, (BACKENDS[0], 8080));
-    snat_port(&seen);
+    let udp_port = snat_port(&seen);
+    // …and the backend's answers come back from the VIP, payload and checksum intact; an
+    // answer without a checksum (0, allowed over IPv4) stays without one.
+    let from_backend_mac = |mut p: Vec<u8>| {
+        p[6..12].copy_from_slice(&backend_mac(0));
+        p
+    };
+    let answer = from_backend_mac(udp((BACKENDS[0], 8080), (SNAT, udp_port), b"answer"));
+    let (v, out) = f.ret(&answer);
+    assert_eq!(v, XDP_REDIRECT);
+    assert_eq!(
+        check(&out),
+        Seen {
+            src: (VIP, 53),
+            dst: (CLIENT, 5353),
+            ttl: 63,
+            smac: LB_MAC,
+            dmac: CLIENT_MAC
+        }
+    );
+    assert_eq!(&out[14 + 20 + 8..], b"answer");
+    let mut bare = answer.clone();
+    bare[14 + 20 + 6..14 + 20 + 8].copy_from_slice(&[0, 0]);
+    let (v, out) = f.ret(&bare);
+    assert_eq!(v, XDP_REDIRECT);
+    assert_eq!(
+        &out[14 + 20 + 6..14 + 20 + 8],
+        &[0, 0],
+        "no checksum stays none"
+    );
 
     // Unresolved neighbour: the rewritten packet goes to the kernel, which resolves and sends it.
     f.table(VIP, 80, 6, 4);
@@ -491,7 +520,10 @@ fn flows_are_natted_both_ways_and_survive_table_changes() {
         b1.new_flows, 2,
         "two flows went to backend 1 (TCP 40000 and UDP)"
     );
-    assert_eq!(b1.packets_to_client, 1);
+    assert_eq!(
+        b1.packets_to_client, 3,
+        "the TCP SYN-ACK and two UDP answers"
+    );
     assert_eq!(f.stat(Stat::NewFlow), 6);
 }
 
