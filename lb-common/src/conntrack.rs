@@ -123,6 +123,8 @@ pub fn alive(last_seen: u64, st: u8, proto: u8, now: u64, t: &crate::Tunables) -
         t.udp_timeout_ns
     } else if st == state::ESTABLISHED {
         t.tcp_established_timeout_ns
+    } else if st == state::SYN {
+        t.tcp_syn_timeout_ns
     } else {
         t.tcp_transient_timeout_ns
     };

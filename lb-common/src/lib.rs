@@ -84,7 +84,7 @@ pub struct Tunables {
     pub cpus: u32,
     /// Idle time after which an established TCP flow is forgotten.
     pub tcp_established_timeout_ns: u64,
-    /// Idle time of a TCP flow that has only seen a SYN, or has seen FIN/RST.
+    /// Idle time of a TCP flow that has seen FIN/RST (what strays still need).
     pub tcp_transient_timeout_ns: u64,
     /// Idle time after which a UDP flow is forgotten.
     pub udp_timeout_ns: u64,
@@ -95,6 +95,11 @@ pub struct Tunables {
     /// that `Connection: close` traffic does not run out of ports: at 10 s per port, a range
     /// of 4536 ports would cap new connections near 450/s per backend.
     pub tcp_closed_reuse_ns: u64,
+    /// Idle time of a TCP flow that has only seen the client's SYN (half-open): short, so
+    /// that SYNs no client follows up (a flood from spoofed sources) hold their SNAT ports
+    /// briefly. A client that has to retransmit its SYN refreshes it; a handshake completes
+    /// in one round trip.
+    pub tcp_syn_timeout_ns: u64,
 }
 
 const SECOND: u64 = 1_000_000_000;
@@ -121,10 +126,12 @@ impl Tunables {
         // The final FIN/ACK exchange takes one round trip; timestamps are refreshed at most
         // once a second, so two seconds idle means the flow is really over.
         tcp_closed_reuse_ns: 2 * SECOND,
+        // Covers a client's first SYN retransmission (1 s) and a backend slow to answer.
+        tcp_syn_timeout_ns: 3 * SECOND,
     };
 }
 
-const _: () = assert!(core::mem::size_of::<Tunables>() == 48);
+const _: () = assert!(core::mem::size_of::<Tunables>() == 56);
 
 #[cfg(feature = "user")]
 mod pod {

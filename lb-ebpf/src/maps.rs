@@ -75,10 +75,12 @@ pub static LB_XDP_STATS: PerCpuArray<u64> =
 pub static LB_SOURCES: LpmTrie<SourceAddr, SourceRule> =
     LpmTrie::with_max_entries(layout::SOURCES.max_entries, 0);
 
-/// Index 0 → this CPU's next SNAT port index within its port class (see `select`). Not
-/// pinned: after a restart allocation starts over, and finds the oldest ports anyway.
+/// Backend id → this CPU's next SNAT port index within its port class towards that backend
+/// (see `select`). Not pinned: after a restart allocation starts over, and finds the oldest
+/// ports anyway.
 #[map]
-pub static LB_SNAT_CURSOR: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
+pub static LB_SNAT_CURSOR: PerCpuArray<u32> =
+    PerCpuArray::with_max_entries(layout::BACKENDS.max_entries, 0);
 
 /// Index 0 → this CPU's flow under construction (see `select::new_flow`): scratch space
 /// that does not fit on the stack. Not pinned.
@@ -94,7 +96,7 @@ pub static LB_ICMP_KEY: PerCpuArray<FlowKey> = PerCpuArray::with_max_entries(1, 
 #[unsafe(no_mangle)]
 pub static LB_TUNABLES: Global<Tunables> = Global::new(Tunables::DEFAULT);
 
-/// The load-time settings, read in place (a copy would take 48 bytes of a stack that the
+/// The load-time settings, read in place (a copy would take 56 bytes of a stack that the
 /// new-flow path has no room for). The pointer is read opaquely so that the compiler cannot
 /// fold the fields to the defaults compiled in: userspace overrides them at load time.
 #[inline(always)]

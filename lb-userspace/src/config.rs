@@ -228,10 +228,13 @@ pub struct Daemon {
     /// Idle timeout of an established TCP flow.
     #[serde(deserialize_with = "duration")]
     pub tcp_established_timeout: Duration,
-    /// Idle timeout of a TCP flow that has not completed its handshake, or is closing
-    /// (FIN/RST seen): what strays and retransmissions still need.
+    /// Idle timeout of a closing TCP flow (FIN/RST seen): what strays still need.
     #[serde(deserialize_with = "duration")]
     pub tcp_closing_timeout: Duration,
+    /// Idle timeout of a half-open TCP flow (only the client's SYN seen): short, so that SYNs
+    /// no client follows up (a flood from spoofed sources) give their SNAT ports back soon.
+    #[serde(deserialize_with = "duration")]
+    pub tcp_syn_timeout: Duration,
     /// Idle timeout of a UDP flow: after it, the flow's next datagram is balanced afresh by
     /// the current split.
     #[serde(deserialize_with = "duration")]
@@ -309,6 +312,7 @@ impl Default for Daemon {
             conntrack_max: lb_common::DEFAULT_CONNTRACK_MAX,
             tcp_established_timeout: Duration::from_nanos(t.tcp_established_timeout_ns),
             tcp_closing_timeout: Duration::from_nanos(t.tcp_transient_timeout_ns),
+            tcp_syn_timeout: Duration::from_nanos(t.tcp_syn_timeout_ns),
             udp_timeout: Duration::from_nanos(t.udp_timeout_ns),
             forward_filter: true,
             limits: Limits::default(),
@@ -1006,6 +1010,7 @@ impl Config {
         for (key, v) in [
             ("tcp_established_timeout", d.tcp_established_timeout),
             ("tcp_closing_timeout", d.tcp_closing_timeout),
+            ("tcp_syn_timeout", d.tcp_syn_timeout),
             ("udp_timeout", d.udp_timeout),
         ] {
             if !(MIN_FLOW_TIMEOUT..=MAX_FLOW_TIMEOUT).contains(&v) {

@@ -256,7 +256,12 @@ impl Daemon {
                 help: "Flows in the connection-tracking table (live or not yet evicted).",
                 samples: vec![(Vec::new(), Value::Gauge(entries as f64))],
             });
-            let (finished, orphaned) = dp.flows_collected();
+            let (finished, orphaned, in_use) = dp.flows_collected();
+            out.push(Sampled {
+                name: "lb_snat_ports_in_use",
+                help: "SNAT ports held by flows (reverse-NAT entries) at the flow collector's last pass, once a second.",
+                samples: vec![(Vec::new(), Value::Gauge(in_use as f64))],
+            });
             out.push(Sampled {
                 name: "lb_flows_collected",
                 help: "Flows whose SNAT port the flow collector freed: finished (idle past their timeout, or closed), or orphaned (their conntrack entry was evicted).",

@@ -172,6 +172,7 @@ async fn run(
     opts.tunables.snat_port_max = d.snat_ports.1;
     opts.tunables.tcp_established_timeout_ns = d.tcp_established_timeout.as_nanos() as u64;
     opts.tunables.tcp_transient_timeout_ns = d.tcp_closing_timeout.as_nanos() as u64;
+    opts.tunables.tcp_syn_timeout_ns = d.tcp_syn_timeout.as_nanos() as u64;
     opts.tunables.udp_timeout_ns = d.udp_timeout.as_nanos() as u64;
     let mut dp = Dataplane::load(&opts)?;
     dp.start_flow_collector()?;

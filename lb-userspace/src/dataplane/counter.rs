@@ -16,7 +16,7 @@ use std::{
 
 use aya::maps::{HashMap, Map, MapData};
 use lb_common::{
-    PROTO_TCP, Tunables,
+    Tunables,
     conntrack::{CtValue, state},
     flow::FlowKey,
 };
@@ -27,14 +27,8 @@ pub const STALE: Duration = Duration::from_secs(1);
 /// Whether a flow counts as active: not closing, and not idle past its timeout (the same rule
 /// as the XDP program's, on the same clock).
 pub fn is_active(ct: &CtValue, proto: u8, now_ns: u64, t: &Tunables) -> bool {
-    let timeout = if proto != PROTO_TCP {
-        t.udp_timeout_ns
-    } else if ct.state == state::ESTABLISHED {
-        t.tcp_established_timeout_ns
-    } else {
-        t.tcp_transient_timeout_ns
-    };
-    ct.state != state::CLOSING && now_ns.saturating_sub(ct.last_seen_ns) <= timeout
+    ct.state != state::CLOSING
+        && lb_common::conntrack::alive(ct.last_seen_ns, ct.state, proto, now_ns, t)
 }
 
 /// The last count of a map's entries and of each backend's active flows, recounted in the

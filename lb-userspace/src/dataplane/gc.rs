@@ -131,6 +131,8 @@ pub fn monotonic_ns() -> u64 {
 pub struct Totals {
     pub finished: AtomicU64,
     pub orphaned: AtomicU64,
+    /// Reverse-NAT entries left after the last pass: the SNAT ports in use.
+    pub in_use: AtomicU64,
 }
 
 /// The running collector; stops (within a pass) when dropped.
@@ -156,6 +158,7 @@ impl Collector {
                         Ok(c) => {
                             tot.finished.fetch_add(c.finished, Ordering::Relaxed);
                             tot.orphaned.fetch_add(c.orphaned, Ordering::Relaxed);
+                            tot.in_use.store(c.kept, Ordering::Relaxed);
                             tracing::debug!(
                                 finished = c.finished,
                                 orphaned = c.orphaned,

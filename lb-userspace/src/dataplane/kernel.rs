@@ -57,9 +57,10 @@ pub trait Kernel: Send {
     fn backend_l4(&self, id: u32) -> Result<L4Stats>;
     /// Active flows per backend id (from a recent walk of the conntrack map; never blocks).
     fn active_flows(&self) -> HashMap<u32, u64>;
-    /// Reverse-NAT entries the flow collector removed so far: (finished, orphaned).
-    fn flows_collected(&self) -> (u64, u64) {
-        (0, 0)
+    /// What the flow collector saw: reverse-NAT entries removed so far (finished,
+    /// orphaned), and the SNAT ports in use after its last pass.
+    fn flows_collected(&self) -> (u64, u64, u64) {
+        (0, 0, 0)
     }
 }
 
@@ -100,7 +101,7 @@ impl Kernel for super::Dataplane {
     fn xdp_stats(&self) -> Result<[u64; STAT_COUNT as usize]> {
         super::Dataplane::xdp_stats(self)
     }
-    fn flows_collected(&self) -> (u64, u64) {
+    fn flows_collected(&self) -> (u64, u64, u64) {
         super::Dataplane::flows_collected(self)
     }
     fn conntrack_fill(&self) -> (u64, u32) {

@@ -220,12 +220,16 @@ impl Dataplane {
         )
     }
 
-    /// Reverse-NAT entries the running collector removed so far: (finished, orphaned).
-    pub fn flows_collected(&self) -> (u64, u64) {
-        self.collector.as_ref().map_or((0, 0), |c| {
+    /// What the running collector saw: reverse-NAT entries removed so far (finished,
+    /// orphaned), and the SNAT ports in use after its last pass.
+    pub fn flows_collected(&self) -> (u64, u64, u64) {
+        self.collector.as_ref().map_or((0, 0, 0), |c| {
+            let get =
+                |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
             (
-                c.totals.finished.load(std::sync::atomic::Ordering::Relaxed),
-                c.totals.orphaned.load(std::sync::atomic::Ordering::Relaxed),
+                get(&c.totals.finished),
+                get(&c.totals.orphaned),
+                get(&c.totals.in_use),
             )
         })
     }

@@ -1,0 +1,168 @@
+//! A SYN flood from spoofed sources at the VIP, while real clients connect and established
+//! keep-alive connections carry requests. Every flood SYN opens a half-open flow (a SNAT
+//! port, both flow entries) that no client ever follows up; `tcp_syn_timeout` (3 s) gives
+//! those ports back soon, so the flood cannot exhaust them and real clients keep getting in.
+//!
+//! `LB_FLOOD_RATE` (SYN/s, default 10 000, as the issue measured it) and
+//! `LB_FLOOD_SYN_TIMEOUT` (e.g. `"10s"`, the old half-open life) let a person compare.
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use lb_tests::{
+    http::{Client, get_in},
+    packets::{self, SYN},
+    raw::{RawSender, parse_mac},
+    require_root,
+    topology::{Topology, VIP},
+};
+
+const FLOOD: Duration = Duration::from_secs(6);
+
+fn metric(t: &Topology, name: &str, labels: &str) -> f64 {
+    let (_, body) = get_in(&t.lb.name, 9091, "/metrics");
+    body.lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .filter(|l| l.contains(labels))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+fn mac(ns: &lb_tests::netns::Netns, iface: &str) -> [u8; 6] {
+    parse_mac(
+        &ns.exec(&["cat", &format!("/sys/class/net/{iface}/address")])
+            .unwrap(),
+    )
+    .unwrap()
+}
+
+/// The `q`-quantile of `v` (sorted here).
+fn quantile(v: &mut [Duration], q: f64) -> Duration {
+    v.sort();
+    v.get(((v.len() as f64 - 1.0) * q).round() as usize)
+        .copied()
+        .unwrap_or_default()
+}
+
+#[test]
+fn a_syn_flood_from_spoofed_sources_leaves_real_clients_and_established_flows_alone() {
+    if !require_root("a_syn_flood_from_spoofed_sources") {
+        return;
+    }
+    let rate: u64 = std::env::var("LB_FLOOD_RATE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10_000);
+    let mut t = Topology::new("sf", "native").unwrap();
+    if let Ok(v) = std::env::var("LB_FLOOD_SYN_TIMEOUT") {
+        t.daemon_keys(&format!("tcp_syn_timeout = \"{v}\""));
+    }
+    t.start_lbd().unwrap();
+    let (lb_mac, client_mac) = (mac(&t.lb, "eth0"), mac(&t.client, "eth0"));
+    let vip_ip: std::net::Ipv4Addr = VIP.parse().unwrap();
+    let vip: SocketAddr = t.vip();
+
+    // Every SYN from another source (100.64.0.0/10, routable, not ours), checksums valid, so
+    // the backends answer them as they would a real flood.
+    let total = (rate * FLOOD.as_secs()) as usize;
+    let frames: Vec<Vec<u8>> = (0..total)
+        .map(|i| {
+            let src = [100, 64 + ((i >> 16) & 63) as u8, (i >> 8) as u8, i as u8];
+            let mut f = packets::tcp((src, 1024 + (i % 60000) as u16), (vip_ip.octets(), 80), SYN);
+            f[..6].copy_from_slice(&lb_mac);
+            f[6..12].copy_from_slice(&client_mac);
+            f
+        })
+        .collect();
+
+    // Established keep-alive connections, opened before the flood.
+    let victims = t.keepalive(20);
+    let new_flows_before = metric(&t, "lb_xdp_events_total", "reason=\"new_flow\"");
+    let refused_before = metric(&t, "lb_xdp_events_total", "reason=\"flow_not_created\"");
+
+    let flooding = Arc::new(AtomicBool::new(true));
+    // The flood, paced in 1 ms slots.
+    let f2 = flooding.clone();
+    let flood = std::thread::spawn({
+        let client = t.client.name.clone();
+        move || {
+            lb_tests::netns::Netns { name: client }
+                .enter_no_drop()
+                .unwrap();
+            let tx = RawSender::open("eth0").unwrap();
+            let per_ms = (rate / 1000).max(1) as usize;
+            let start = Instant::now();
+            let mut sent = 0usize;
+            for (slot, chunk) in frames.chunks(per_ms).enumerate() {
+                for f in chunk {
+                    if tx.send(f).is_ok() {
+                        sent += 1;
+                    }
+                }
+                let due = start + Duration::from_millis(slot as u64 + 1);
+                if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                    std::thread::sleep(wait);
+                }
+            }
+            f2.store(false, Ordering::Relaxed);
+            (sent, start.elapsed())
+        }
+    });
+    // Real clients: a new connection (one request) every 10 ms while the flood lasts.
+    let f3 = flooding.clone();
+    let legit = t.in_client(move || {
+        let mut times = Vec::new();
+        let mut failed = 0usize;
+        while f3.load(Ordering::Relaxed) {
+            let start = Instant::now();
+            match Client::connect(vip).and_then(|mut c| c.get(true)) {
+                Ok(_) => times.push(start.elapsed()),
+                Err(_) => failed += 1,
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        (times, failed)
+    });
+    let (sent, took) = flood.join().unwrap();
+    let (mut times, failed) = legit.unwrap();
+    // The collector's view at the end of the flood: SNAT ports held by flows.
+    let mut ports_peak = 0.0f64;
+    let mut control_worst = Duration::ZERO;
+    for _ in 0..3 {
+        ports_peak = ports_peak.max(metric(&t, "lb_snat_ports_in_use", ""));
+        let s = Instant::now();
+        t.control("show services").unwrap();
+        control_worst = control_worst.max(s.elapsed());
+        std::thread::sleep(Duration::from_millis(400));
+    }
+    let broken = t.in_client(move || {
+        victims
+            .into_iter()
+            .filter_map(|(mut c, name)| (!matches!(c.get(false), Ok(n) if n == name)).then_some(()))
+            .count()
+    });
+    let new_flows = metric(&t, "lb_xdp_events_total", "reason=\"new_flow\"") - new_flows_before;
+    let refused = metric(&t, "lb_xdp_events_total", "reason=\"flow_not_created\"") - refused_before;
+    let ok = times.len();
+    let ratio = ok as f64 / (ok + failed).max(1) as f64;
+    let p95 = quantile(&mut times, 0.95);
+    let max = times.last().copied().unwrap_or_default();
+    eprintln!(
+        "SYN flood: {sent} spoofed SYNs in {took:.1?} ({:.0}/s); {new_flows} flows created, {refused} SYNs refused (no SNAT port); SNAT ports in use after it: {ports_peak}; real clients {ok} of {} connected ({:.2} %), connect+request p95 {p95:?}, max {max:?}; established broken: {broken:?} of 20; control answered within {control_worst:?}",
+        sent as f64 / took.as_secs_f64(),
+        ok + failed,
+        ratio * 100.0
+    );
+    assert!(
+        ratio >= 0.99,
+        "real clients got through {:.2} %",
+        ratio * 100.0
+    );
+    assert_eq!(broken.unwrap(), 0, "established flows broken by the flood");
+}
