@@ -80,6 +80,29 @@ struct Run {
     rps: f64,
     p50_us: f64,
     p99_us: f64,
+    /// Requests wrk completed.
+    requests: f64,
+    /// TCP segments the client namespace retransmitted during the run (`RetransSegs`): each
+    /// a SYN or data retransmission, a stall of at least 200 ms for that client.
+    retrans: f64,
+}
+
+/// The client namespace's TCP `RetransSegs` counter (/proc/net/snmp).
+fn retrans_segs(t: &Topology) -> f64 {
+    let snmp = t
+        .client
+        .exec(&["cat", "/proc/net/snmp"])
+        .unwrap_or_default();
+    let mut tcp = snmp.lines().filter(|l| l.starts_with("Tcp:"));
+    let (Some(names), Some(values)) = (tcp.next(), tcp.next()) else {
+        return f64::NAN;
+    };
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(n, _)| *n == "RetransSegs")
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(f64::NAN)
 }
 
 fn parse_latency(v: &str) -> f64 {
@@ -105,13 +128,24 @@ fn wrk(t: &Topology, url: &str, conns: u32, close: bool) -> Run {
         args.extend(["-H", "Connection: close"]);
     }
     args.push(url);
+    let before = retrans_segs(t);
     let out = t
         .client
         .exec(&args)
         .unwrap_or_else(|e| panic!("wrk {url}: {e}"));
-    let mut r = Run::default();
+    let mut r = Run {
+        retrans: retrans_segs(t) - before,
+        ..Run::default()
+    };
     for l in out.lines() {
         let l = l.trim();
+        if l.contains(" requests in ") {
+            r.requests = l
+                .split_whitespace()
+                .next()
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0.0);
+        }
         if let Some(v) = l.strip_prefix("Requests/sec:") {
             r.rps = v.trim().parse().unwrap_or(0.0);
         } else if let Some(v) = l.strip_prefix("50%") {
@@ -224,10 +258,23 @@ fn end_to_end() {
         ),
         ("HAProxy mode http (L7)", format!("http://{HAPROXY_HTTP}/")),
     ];
-    // Per path: keep-alive rps (32 conns), close rps (32 conns), 1-conn p50/p99, 32-conn p99.
-    let mut res: BTreeMap<usize, Vec<[f64; 5]>> = BTreeMap::new();
+    // `LB_BENCH_PATHS` (comma-separated name prefixes) runs some paths only: to compare two
+    // lbd builds (`LBD_BIN`) on one path without the rest. The full run takes every path.
+    let only: Option<Vec<String>> = std::env::var("LB_BENCH_PATHS")
+        .ok()
+        .map(|v| v.split(',').map(|p| p.trim().to_string()).collect());
+    let wanted = |name: &str| {
+        only.as_ref()
+            .is_none_or(|o| o.iter().any(|p| name.starts_with(p.as_str())))
+    };
+    // Per path: keep-alive rps (32 conns), close rps (32 conns), 1-conn p50/p99, 32-conn p99,
+    // close connections, close retransmissions.
+    let mut res: BTreeMap<usize, Vec<[f64; 7]>> = BTreeMap::new();
     for round in 0..ROUNDS {
         for (i, (name, url)) in paths.iter().enumerate() {
+            if !wanted(name) {
+                continue;
+            }
             eprintln!("round {}/{ROUNDS}: {name}", round + 1);
             // Paths 1 and 2 run through the ideal forwarder's topology, attached for the run.
             let (topo, mode) = match i {
@@ -253,9 +300,15 @@ fn end_to_end() {
                     prog.detach(l).unwrap();
                 }
             }
-            res.entry(i)
-                .or_default()
-                .push([ka.rps, cl.rps, one.p50_us, one.p99_us, ka.p99_us]);
+            res.entry(i).or_default().push([
+                ka.rps,
+                cl.rps,
+                one.p50_us,
+                one.p99_us,
+                ka.p99_us,
+                cl.requests,
+                cl.retrans,
+            ]);
         }
     }
     let med = |i: usize, k: usize| median(res[&i].iter().map(|r| r[k]).collect());
@@ -269,15 +322,22 @@ fn end_to_end() {
     let mut md = String::new();
     writeln!(md, "## End to end (wrk)\n").unwrap();
     writeln!(md, "Client namespace → balancer namespace → bridge → 4 backend namespaces (nginx answering with its name), weights 90/10, all on this machine's 2 cores. wrk `-t2 -c32 -d{SECONDS}s` (keep-alive, and with `Connection: close` = one connection per request) and `-t1 -c1` for single-connection latency. {ROUNDS} interleaved rounds: median (min–max); ratio to direct. The balancer runs in skb XDP mode (on veth it is faster than native).\n").unwrap();
-    writeln!(md, "| path | keep-alive req/s | `Connection: close` conn/s | 1-conn p50 / p99 µs | 32-conn p99 µs |").unwrap();
-    writeln!(md, "|---|---|---|---|---|").unwrap();
-    let (d_ka, d_cl) = (med(0, 0), med(0, 1));
+    writeln!(md, "| path | keep-alive req/s | `Connection: close` conn/s | 1-conn p50 / p99 µs | 32-conn p99 µs | client retransmissions under `Connection: close` (all rounds) |").unwrap();
+    writeln!(md, "|---|---|---|---|---|---|").unwrap();
+    let total = |i: usize, k: usize| res[&i].iter().map(|r| r[k]).sum::<f64>();
+    let (d_ka, d_cl) = match res.get(&0) {
+        Some(_) => (med(0, 0), med(0, 1)),
+        None => (f64::NAN, f64::NAN),
+    };
     for (i, (name, _)) in paths.iter().enumerate() {
+        if !res.contains_key(&i) {
+            continue;
+        }
         let (ka_lo, ka_hi) = range(i, 0);
         let (cl_lo, cl_hi) = range(i, 1);
         writeln!(
             md,
-            "| {name} | {:.0} ({ka_lo:.0}–{ka_hi:.0}) = {:.2}× | {:.0} ({cl_lo:.0}–{cl_hi:.0}) = {:.2}× | {:.0} / {:.0} | {:.0} |",
+            "| {name} | {:.0} ({ka_lo:.0}–{ka_hi:.0}) = {:.2}× | {:.0} ({cl_lo:.0}–{cl_hi:.0}) = {:.2}× | {:.0} / {:.0} | {:.0} | {:.0} in {:.0} connections |",
             med(i, 0),
             med(i, 0) / d_ka,
             med(i, 1),
@@ -285,8 +345,15 @@ fn end_to_end() {
             med(i, 2),
             med(i, 3),
             med(i, 4),
+            total(i, 6),
+            total(i, 5),
         )
         .unwrap();
+    }
+    if only.is_some() {
+        // A partial run: its table only, not a BENCHMARKS.md section.
+        print!("{md}");
+        return;
     }
     let idx = |prefix: &str| {
         paths
