@@ -707,3 +707,54 @@ async fn two_backends_of_a_pool_failing_in_the_same_look_leave_one_in() {
         .count();
     assert_eq!(up, 1, "the pool keeps one backend");
 }
+
+/// The `checksum` field of `show table web`.
+fn table_checksum(d: &mut Daemon) -> String {
+    let reply = run(d, "show table web");
+    reply
+        .lines()
+        .next()
+        .and_then(|l| l.split(" checksum ").nth(1))
+        .unwrap_or_else(|| panic!("no checksum in {reply:?}"))
+        .to_string()
+}
+
+/// Balancer hosts behind one ECMP router must send each flow to the same backend. Two lbd
+/// instances with the same services publish tables whose checksums agree — though one lists
+/// its backends in another order, so that its backend ids differ — and keep agreeing after
+/// the same sequence of `lbctl` changes; a different split gives a different checksum.
+#[test]
+fn two_hosts_with_the_same_config_publish_the_same_table() {
+    let reordered = CONFIG
+        .replace(
+            "backends = [\"10.20.0.11:8080\", \"10.20.0.12:8080\"]",
+            "backends = [\"10.20.0.12:8080\", \"10.20.0.11:8080\"]",
+        )
+        .replace(
+            "backends = [\"10.20.0.21:8080\", \"10.20.0.22:8080\"]",
+            "backends = [\"10.20.0.22:8080\", \"10.20.0.21:8080\"]",
+        );
+    assert_ne!(reordered, CONFIG);
+    let (mut a, _) = daemon(CONFIG);
+    let (mut b, _) = daemon(&reordered);
+    assert_ne!(
+        id(&a, "10.20.0.11:8080"),
+        id(&b, "10.20.0.11:8080"),
+        "the hosts number their backends differently"
+    );
+    let first = table_checksum(&mut a);
+    assert_eq!(first, table_checksum(&mut b));
+    for line in [
+        "set split web legacy=50 k8s=50",
+        "set weight web/k8s/10.20.0.21:8080 3",
+        "set state web/legacy/10.20.0.12:8080 drain",
+    ] {
+        run(&mut a, line);
+        run(&mut b, line);
+        let (ca, cb) = (table_checksum(&mut a), table_checksum(&mut b));
+        assert_eq!(ca, cb, "after {line:?}");
+        assert_ne!(ca, first, "{line:?} changed the table");
+    }
+    run(&mut b, "set split web legacy=40 k8s=60");
+    assert_ne!(table_checksum(&mut a), table_checksum(&mut b));
+}
