@@ -1,6 +1,6 @@
 //! Request mode in namespaces: per-request smooth weighted round robin even on one keep-alive
 //! connection, the canary header, X-Forwarded-For, live split changes, 503 when nothing can
-//! answer, and the request metrics.
+//! answer, the request metrics, and an IPv6 VIP.
 
 use std::time::Duration;
 
@@ -97,4 +97,76 @@ fn one_keepalive_connection_is_balanced_per_request() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("503"), "{e}");
+}
+
+/// Request mode on an IPv6 VIP, in front of the same IPv4 pools: clients reach it over IPv6,
+/// requests follow the split per request, and X-Forwarded-For carries the client's IPv6
+/// address.
+#[test]
+fn request_mode_serves_an_ipv6_vip() {
+    if !require_root("request_mode_serves_an_ipv6_vip") {
+        return;
+    }
+    let mut t = Topology::new("q6", "skb").unwrap();
+    // IPv6 between the client and the balancer; the VIP on the balancer's loopback.
+    t.client
+        .ip(&[
+            "-6",
+            "addr",
+            "add",
+            "fd00:99:1::2/64",
+            "dev",
+            "eth0",
+            "nodad",
+        ])
+        .unwrap();
+    t.lb.ip(&[
+        "-6",
+        "addr",
+        "add",
+        "fd00:99:1::1/64",
+        "dev",
+        "eth0",
+        "nodad",
+    ])
+    .unwrap();
+    t.lb.ip(&["-6", "addr", "add", "fd00:99::11/128", "dev", "lo"])
+        .unwrap();
+    t.client
+        .ip(&["-6", "route", "add", "fd00:99::/64", "via", "fd00:99:1::1"])
+        .unwrap();
+    let pool = |name: &str, weight: u32| {
+        let members: Vec<String> = lb_tests::topology::BACKENDS
+            .iter()
+            .filter(|(p, _, _)| *p == name)
+            .map(|(_, n, a)| format!("{{ addr = \"{a}\", name = \"{n}\" }}"))
+            .collect();
+        format!(
+            "[[service.pool]]\nname = \"{name}\"\nweight = {weight}\nbackends = [{}]\n",
+            members.join(", ")
+        )
+    };
+    let service = format!(
+        "\n[[service]]\nname = \"web6\"\nvip = \"fd00:99::11\"\nport = 80\nmode = \"request\"\n\n[service.health]\ncheck = \"http\"\npath = \"/healthz\"\ninterval = \"200ms\"\ntimeout = \"150ms\"\n\n{}\n{}",
+        pool("legacy", 90),
+        pool("k8s", 10)
+    );
+    let cfg = t.config_text() + &service;
+    std::fs::write(&t.config, cfg).unwrap();
+    t.start_lbd().unwrap();
+    let vip: std::net::SocketAddr = "[fd00:99::11]:80".parse().unwrap();
+    let (names, xff) = t
+        .in_client(move || {
+            let mut c = Client::connect(vip).unwrap();
+            let names: Vec<String> = (0..100).map(|_| c.get(false).unwrap()).collect();
+            let xff = c.request("/xff", &[], false).unwrap();
+            (names, xff)
+        })
+        .unwrap();
+    let k8s = names.iter().filter(|n| n.starts_with("k8s")).count();
+    eprintln!(
+        "IPv6 VIP, request mode: {k8s} of 100 requests to k8s at 90/10; X-Forwarded-For {xff:?}"
+    );
+    assert_eq!(k8s, 10, "{names:?}");
+    assert_eq!(xff, "fd00:99:1::2");
 }

@@ -13,9 +13,11 @@
 //!   between a new flow's two inserts is never mistaken for an orphan. The flow's client
 //!   packets already find no flow (the host resets them); its port is free again.
 //!
-//! Only the collector removes entries, and an entry cannot change under it between its read
-//! and its removal (the XDP program never overwrites one), so what it removes is exactly
-//! what it judged.
+//! Only the collector removes entries (besides a new flow taking back the entry it has just
+//! made, when its conntrack insert fails), and the XDP program never replaces an entry with
+//! another flow's: what the collector removes is the flow it judged. (A closed flow's stray
+//! packet may refresh it in between; its port is freed all the same, as a closed flow's
+//! port always was after `tcp_closed_reuse`.)
 
 use std::{
     collections::HashSet,
