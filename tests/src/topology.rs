@@ -53,6 +53,20 @@ pub struct Topology {
     _backend_ns: Vec<Netns>,
 }
 
+/// The `[[service.pool]]` table of the topology's pool `name` (its HTTP backends, by name)
+/// with `weight`.
+pub fn pool_toml(name: &str, weight: u32) -> String {
+    let members: Vec<String> = BACKENDS
+        .iter()
+        .filter(|(p, _, _)| *p == name)
+        .map(|(_, n, a)| format!("{{ addr = \"{a}\", name = \"{n}\" }}"))
+        .collect();
+    format!(
+        "[[service.pool]]\nname = \"{name}\"\nweight = {weight}\nbackends = [{}]\n",
+        members.join(", ")
+    )
+}
+
 /// Path of one of lb-userspace's binaries (`lbd`, `lbctl`): `LBD_BIN`/`LBCTL_BIN` when set,
 /// else the workspace's target directory.
 pub fn binary(name: &str) -> Result<PathBuf> {
@@ -144,17 +158,6 @@ impl Topology {
             self.start_backend(i)?;
         }
         // Health and pools, the same for both services (written once, from BACKENDS).
-        let pool = |name: &str, weight: u32| {
-            let members: Vec<String> = BACKENDS
-                .iter()
-                .filter(|(p, _, _)| *p == name)
-                .map(|(_, n, a)| format!("{{ addr = \"{a}\", name = \"{n}\" }}"))
-                .collect();
-            format!(
-                "[[service.pool]]\nname = \"{name}\"\nweight = {weight}\nbackends = [{}]\n",
-                members.join(", ")
-            )
-        };
         let body = format!(
             r#"
 [service.health]
@@ -167,8 +170,8 @@ fall = {HEALTH_FALL}
 
 {}
 {}"#,
-            pool("legacy", 90),
-            pool("k8s", 10)
+            pool_toml("legacy", 90),
+            pool_toml("k8s", 10)
         );
         let cfg = format!(
             r#"[daemon]

@@ -135,17 +135,7 @@ fn request_mode_serves_an_ipv6_vip() {
     t.client
         .ip(&["-6", "route", "add", "fd00:99::/64", "via", "fd00:99:1::1"])
         .unwrap();
-    let pool = |name: &str, weight: u32| {
-        let members: Vec<String> = lb_tests::topology::BACKENDS
-            .iter()
-            .filter(|(p, _, _)| *p == name)
-            .map(|(_, n, a)| format!("{{ addr = \"{a}\", name = \"{n}\" }}"))
-            .collect();
-        format!(
-            "[[service.pool]]\nname = \"{name}\"\nweight = {weight}\nbackends = [{}]\n",
-            members.join(", ")
-        )
-    };
+    use lb_tests::topology::pool_toml as pool;
     let service = format!(
         "\n[[service]]\nname = \"web6\"\nvip = \"fd00:99::11\"\nport = 80\nmode = \"request\"\n\n[service.health]\ncheck = \"http\"\npath = \"/healthz\"\ninterval = \"200ms\"\ntimeout = \"150ms\"\n\n{}\n{}",
         pool("legacy", 90),
