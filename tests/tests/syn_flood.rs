@@ -2,6 +2,8 @@
 //! keep-alive connections carry requests. Every flood SYN opens a half-open flow (a SNAT
 //! port, both flow entries) that no client ever follows up; `tcp_syn_timeout` (3 s) gives
 //! those ports back soon, so the flood cannot exhaust them and real clients keep getting in.
+//! And a flood larger than the flow tables never evicts an established flow: the
+//! reverse-NAT map, never evicted, caps what the flood can open.
 //!
 //! `LB_FLOOD_RATE` (SYN/s, default 10 000, as the issue measured it) and
 //! `LB_FLOOD_SYN_TIMEOUT` (e.g. `"10s"`, the old half-open life) let a person compare.
@@ -50,6 +52,56 @@ fn quantile(v: &mut [Duration], q: f64) -> Duration {
         .unwrap_or_default()
 }
 
+/// `n` spoofed SYNs to the VIP, each from another source (100.64.0.0/10: routable, not
+/// ours) and port, checksums valid so that the backends answer them as they would a real
+/// flood; addressed from the client's interface to the balancer's.
+fn flood_frames(t: &Topology, n: usize) -> Vec<Vec<u8>> {
+    let (lb_mac, client_mac) = (mac(&t.lb, "eth0"), mac(&t.client, "eth0"));
+    let vip_ip: std::net::Ipv4Addr = VIP.parse().unwrap();
+    (0..n)
+        .map(|i| {
+            let src = [100, 64 + ((i >> 16) & 63) as u8, (i >> 8) as u8, i as u8];
+            let mut f = packets::tcp((src, 1024 + (i % 60000) as u16), (vip_ip.octets(), 80), SYN);
+            f[..6].copy_from_slice(&lb_mac);
+            f[6..12].copy_from_slice(&client_mac);
+            f
+        })
+        .collect()
+}
+
+/// Sends `frames` from the client namespace at `rate` per second (1 ms slots) on a thread of
+/// its own; clears `flooding` when done. Returns frames sent and the time taken.
+fn flood(
+    t: &Topology,
+    frames: Vec<Vec<u8>>,
+    rate: u64,
+    flooding: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<(usize, Duration)> {
+    let client = t.client.name.clone();
+    std::thread::spawn(move || {
+        lb_tests::netns::Netns { name: client }
+            .enter_no_drop()
+            .unwrap();
+        let tx = RawSender::open("eth0").unwrap();
+        let per_ms = (rate / 1000).max(1) as usize;
+        let start = Instant::now();
+        let mut sent = 0usize;
+        for (slot, chunk) in frames.chunks(per_ms).enumerate() {
+            for f in chunk {
+                if tx.send(f).is_ok() {
+                    sent += 1;
+                }
+            }
+            let due = start + Duration::from_millis(slot as u64 + 1);
+            if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait);
+            }
+        }
+        flooding.store(false, Ordering::Relaxed);
+        (sent, start.elapsed())
+    })
+}
+
 #[test]
 fn a_syn_flood_from_spoofed_sources_leaves_real_clients_and_established_flows_alone() {
     if !require_root("a_syn_flood_from_spoofed_sources") {
@@ -64,22 +116,8 @@ fn a_syn_flood_from_spoofed_sources_leaves_real_clients_and_established_flows_al
         t.daemon_keys(&format!("tcp_syn_timeout = \"{v}\""));
     }
     t.start_lbd().unwrap();
-    let (lb_mac, client_mac) = (mac(&t.lb, "eth0"), mac(&t.client, "eth0"));
-    let vip_ip: std::net::Ipv4Addr = VIP.parse().unwrap();
     let vip: SocketAddr = t.vip();
-
-    // Every SYN from another source (100.64.0.0/10, routable, not ours), checksums valid, so
-    // the backends answer them as they would a real flood.
-    let total = (rate * FLOOD.as_secs()) as usize;
-    let frames: Vec<Vec<u8>> = (0..total)
-        .map(|i| {
-            let src = [100, 64 + ((i >> 16) & 63) as u8, (i >> 8) as u8, i as u8];
-            let mut f = packets::tcp((src, 1024 + (i % 60000) as u16), (vip_ip.octets(), 80), SYN);
-            f[..6].copy_from_slice(&lb_mac);
-            f[6..12].copy_from_slice(&client_mac);
-            f
-        })
-        .collect();
+    let frames = flood_frames(&t, (rate * FLOOD.as_secs()) as usize);
 
     // Established keep-alive connections, opened before the flood.
     let victims = t.keepalive(20);
@@ -87,33 +125,7 @@ fn a_syn_flood_from_spoofed_sources_leaves_real_clients_and_established_flows_al
     let refused_before = metric(&t, "lb_xdp_events_total", "reason=\"flow_not_created\"");
 
     let flooding = Arc::new(AtomicBool::new(true));
-    // The flood, paced in 1 ms slots.
-    let f2 = flooding.clone();
-    let flood = std::thread::spawn({
-        let client = t.client.name.clone();
-        move || {
-            lb_tests::netns::Netns { name: client }
-                .enter_no_drop()
-                .unwrap();
-            let tx = RawSender::open("eth0").unwrap();
-            let per_ms = (rate / 1000).max(1) as usize;
-            let start = Instant::now();
-            let mut sent = 0usize;
-            for (slot, chunk) in frames.chunks(per_ms).enumerate() {
-                for f in chunk {
-                    if tx.send(f).is_ok() {
-                        sent += 1;
-                    }
-                }
-                let due = start + Duration::from_millis(slot as u64 + 1);
-                if let Some(wait) = due.checked_duration_since(Instant::now()) {
-                    std::thread::sleep(wait);
-                }
-            }
-            f2.store(false, Ordering::Relaxed);
-            (sent, start.elapsed())
-        }
-    });
+    let flood = flood(&t, frames, rate, flooding.clone());
     // Real clients: a new connection (one request) every 10 ms while the flood lasts.
     let f3 = flooding.clone();
     let legit = t.in_client(move || {
@@ -165,4 +177,46 @@ fn a_syn_flood_from_spoofed_sources_leaves_real_clients_and_established_flows_al
         ratio * 100.0
     );
     assert_eq!(broken.unwrap(), 0, "established flows broken by the flood");
+}
+
+/// A flood far larger than the flow tables (`conntrack_max = 4096`, 60 000 spoofed SYNs):
+/// the reverse-NAT map, which is never evicted, caps the flows the flood can open at the
+/// table's size, so the conntrack LRU is not churned through and no established flow is
+/// evicted, even one idle all through the flood (an LRU reverse-NAT map set no such cap).
+/// New flows are refused while the flood's
+/// half-open flows hold every entry (the table is that small), and get in again once they
+/// have timed out.
+#[test]
+fn a_syn_flood_larger_than_the_flow_table_evicts_no_established_flow() {
+    if !require_root("a_syn_flood_larger_than_the_flow_table") {
+        return;
+    }
+    let mut t = Topology::new("sg", "native").unwrap();
+    t.daemon_keys("conntrack_max = 4096");
+    t.start_lbd().unwrap();
+    let frames = flood_frames(&t, 60_000);
+    // Idle through the whole flood: the least recently used flows of all.
+    let victims = t.keepalive(20);
+    let (sent, took) = flood(&t, frames, 10_000, Arc::new(AtomicBool::new(true)))
+        .join()
+        .unwrap();
+    let broken = t
+        .in_client(move || {
+            victims
+                .into_iter()
+                .filter_map(|(mut c, name)| {
+                    (!matches!(c.get(false), Ok(n) if n == name)).then_some(())
+                })
+                .count()
+        })
+        .unwrap();
+    let refused = metric(&t, "lb_xdp_events_total", "reason=\"flow_not_created\"");
+    // The flood's half-open flows time out (3 s), the collector frees their entries.
+    std::thread::sleep(Duration::from_secs(5));
+    let (by, failed) = t.new_connections(20);
+    eprintln!(
+        "SYN flood into a 4096-flow table: {sent} SYNs in {took:.1?}, {refused} refused; established broken: {broken} of 20; afterwards {failed} of 20 new connections failed ({by:?})"
+    );
+    assert_eq!(broken, 0, "established flows evicted by the flood");
+    assert_eq!(failed, 0, "new flows get in again after the flood");
 }
