@@ -116,13 +116,12 @@ pub fn send(ctx: &XdpContext, pkt: &Packet, ifindex: u32, smac: &[u8; 6], dmac: 
 /// As [`send`], for a frame that is not a parsed [`Packet`] (a translated ICMP error).
 #[inline(always)]
 pub fn send_frame(ctx: &XdpContext, ifindex: u32, smac: &[u8; 6], dmac: &[u8; 6]) -> u32 {
-    let start = ctx.data();
-    if start + EthHdr::LEN > ctx.data_end() {
+    let Some(eth) = crate::parse::ptr_at::<EthHdr>(ctx, 0) else {
         return xdp_action::XDP_DROP;
-    }
-    // SAFETY: the Ethernet header is in bounds (checked just above).
+    };
+    // SAFETY: the Ethernet header is in bounds (checked by `ptr_at`).
     unsafe {
-        let eth = &mut *(start as *mut EthHdr);
+        let eth = &mut *eth;
         eth.src_addr = *smac;
         eth.dst_addr = *dmac;
     }

@@ -32,6 +32,7 @@ use lb_common::{
 use crate::{
     conntrack, forward,
     maps::{LB_CONNTRACK, LB_ICMP_KEY, LB_REVERSE_NAT},
+    parse::ptr_at,
     stats,
 };
 
@@ -53,17 +54,7 @@ const INNER_TCP_CSUM: usize = INNER_L4 + 16;
 /// The frame's first `N` bytes, if it has them.
 #[inline(always)]
 fn head<const N: usize>(ctx: &XdpContext) -> Option<*mut [u8; N]> {
-    at::<N>(ctx, 0)
-}
-
-/// `N` bytes at `offset`, if the frame has them.
-#[inline(always)]
-fn at<const N: usize>(ctx: &XdpContext, offset: usize) -> Option<*mut [u8; N]> {
-    let start = ctx.data();
-    if start + offset + N > ctx.data_end() {
-        return None;
-    }
-    Some((start + offset) as *mut [u8; N])
+    ptr_at::<[u8; N]>(ctx, 0)
 }
 
 #[inline(always)]
@@ -274,8 +265,8 @@ fn rewrite(
         let new = q_l4.apply_udp(old);
         icmp = icmp.word(old, new);
         set_word(b, INNER_L4 + 6, new);
-    } else if let Some(c) = at::<2>(ctx, INNER_TCP_CSUM) {
-        // SAFETY: in bounds (checked by `at`), and past `b`'s bytes.
+    } else if let Some(c) = ptr_at::<[u8; 2]>(ctx, INNER_TCP_CSUM) {
+        // SAFETY: in bounds (checked by `ptr_at`), and past `b`'s bytes.
         let c = unsafe { &mut *c };
         let old = word(c, 0);
         let new = q_l4.apply(old);

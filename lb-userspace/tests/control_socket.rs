@@ -13,7 +13,7 @@ use std::{
     time::Duration,
 };
 
-use common::{Backend, Lbd, TempDir, free_port};
+use common::{Backend, Lbd, TempDir, daemon_toml, free_port, pools_toml};
 
 /// Sends raw bytes (one line or not) and reads one reply.
 fn raw(socket: &Path, bytes: &[u8]) -> String {
@@ -43,34 +43,12 @@ fn snapshot(t: &Lbd) -> String {
 /// The namespace topology's services (a connection-mode `web` and a request-mode `web-req`
 /// over the same 4 backends, 90/10), with its backends on 127.0.0.1 and TCP checks.
 fn config(dir: &Path, backends: &[Backend]) -> String {
-    let names = ["legacy-1", "legacy-2", "k8s-1", "k8s-2"];
-    let pool = |name: &str, weight: u32, range: std::ops::Range<usize>| {
-        let members: Vec<String> = range
-            .map(|i| {
-                format!(
-                    "{{ addr = \"{}\", name = \"{}\" }}",
-                    backends[i].addr, names[i]
-                )
-            })
-            .collect();
-        format!(
-            "[[service.pool]]\nname = \"{name}\"\nweight = {weight}\nbackends = [{}]\n",
-            members.join(", ")
-        )
-    };
     let body = format!(
-        "[service.health]\ncheck = \"tcp\"\ninterval = \"100ms\"\ntimeout = \"50ms\"\n\n{}{}",
-        pool("legacy", 90, 0..2),
-        pool("k8s", 10, 2..4)
+        "[service.health]\ncheck = \"tcp\"\ninterval = \"100ms\"\ntimeout = \"50ms\"\n\n{}",
+        pools_toml(backends, 90, 10)
     );
     format!(
-        r#"[daemon]
-interfaces = ["test0"]
-control_socket = "{sock}"
-metrics = "127.0.0.1:{metrics}"
-pin_dir = "{pins}"
-state_file = "{state}"
-
+        r#"{daemon}
 [[service]]
 name = "web"
 vip = "10.99.0.10"
@@ -83,10 +61,7 @@ vip = "127.0.0.1"
 port = {req}
 mode = "request"
 {body}"#,
-        sock = dir.join("lb.sock").display(),
-        metrics = free_port(),
-        pins = dir.join("pins").display(),
-        state = dir.join("state.json").display(),
+        daemon = daemon_toml(dir),
         req = free_port(),
     )
 }

@@ -6,49 +6,14 @@ mod common;
 
 use std::{collections::HashMap, path::Path};
 
-use common::{Backend, Lbd, TempDir, free_port};
+use common::{Backend, Lbd, TempDir, daemon_toml, pools_toml};
 use lb_userspace::dataplane::FakeKernel;
 
 fn config(dir: &Path, backends: &[Backend]) -> String {
-    let b =
-        |i: usize, name: &str| format!("{{ addr = \"{}\", name = \"{name}\" }}", backends[i].addr);
     format!(
-        r#"[daemon]
-interfaces = ["test0"]
-control_socket = "{sock}"
-metrics = "127.0.0.1:{metrics}"
-pin_dir = "{pins}"
-state_file = "{state}"
-
-[[service]]
-name = "web"
-vip = "10.99.0.10"
-port = 80
-snat = "10.20.0.1"
-
-[service.health]
-check = "tcp"
-interval = "100ms"
-timeout = "50ms"
-
-[[service.pool]]
-name = "legacy"
-weight = 90
-backends = [{l1}, {l2}]
-
-[[service.pool]]
-name = "k8s"
-weight = 10
-backends = [{k1}, {k2}]
-"#,
-        sock = dir.join("lb.sock").display(),
-        metrics = free_port(),
-        pins = dir.join("pins").display(),
-        state = dir.join("state.json").display(),
-        l1 = b(0, "legacy-1"),
-        l2 = b(1, "legacy-2"),
-        k1 = b(2, "k8s-1"),
-        k2 = b(3, "k8s-2"),
+        "{}\n[[service]]\nname = \"web\"\nvip = \"10.99.0.10\"\nport = 80\nsnat = \"10.20.0.1\"\n\n[service.health]\ncheck = \"tcp\"\ninterval = \"100ms\"\ntimeout = \"50ms\"\n\n{}",
+        daemon_toml(dir),
+        pools_toml(backends, 90, 10)
     )
 }
 

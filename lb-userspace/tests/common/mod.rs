@@ -67,6 +67,43 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// The `[daemon]` table of an lbd run in process whose control socket, pins and state file
+/// live in `dir`, with its metrics on a free port.
+pub fn daemon_toml(dir: &Path) -> String {
+    format!(
+        "[daemon]\ninterfaces = [\"test0\"]\ncontrol_socket = \"{}\"\nmetrics = \"127.0.0.1:{}\"\npin_dir = \"{}\"\nstate_file = \"{}\"\n",
+        dir.join("lb.sock").display(),
+        free_port(),
+        dir.join("pins").display(),
+        dir.join("state.json").display(),
+    )
+}
+
+/// The two pools over four backends, named legacy-1, legacy-2 (pool `legacy`, weight
+/// `legacy`) and k8s-1, k8s-2 (pool `k8s`, weight `k8s`).
+pub fn pools_toml(backends: &[Backend], legacy: u32, k8s: u32) -> String {
+    let names = ["legacy-1", "legacy-2", "k8s-1", "k8s-2"];
+    let pool = |name: &str, weight: u32, range: std::ops::Range<usize>| {
+        let members: Vec<String> = range
+            .map(|i| {
+                format!(
+                    "{{ addr = \"{}\", name = \"{}\" }}",
+                    backends[i].addr, names[i]
+                )
+            })
+            .collect();
+        format!(
+            "[[service.pool]]\nname = \"{name}\"\nweight = {weight}\nbackends = [{}]\n",
+            members.join(", ")
+        )
+    };
+    format!(
+        "{}\n{}",
+        pool("legacy", legacy, 0..2),
+        pool("k8s", k8s, 2..4)
+    )
+}
+
 /// A private directory under the system's temp dir, removed on drop.
 pub struct TempDir(pub PathBuf);
 

@@ -1,4 +1,4 @@
-use lb_common::stats::{BackendStats, L4Stats, first_byte_bound_ns};
+use lb_common::stats::{BackendStats, L4Stats};
 
 use crate::control::CommandError;
 use crate::daemon::Daemon;
@@ -14,33 +14,10 @@ const COLUMNS: &str = "service,pool,backend,addr,pool_weight,weight,share,state,
 connections,packets_to_backend,bytes_to_backend,packets_to_client,bytes_to_client,\
 active_flows,connect_resets,connect_timeouts,first_byte_p50_ms,first_byte_p99_ms";
 
-/// A quantile of the time-to-first-byte histogram in ms (interpolated within its bucket),
-/// or `None` without samples.
+/// A quantile of the time-to-first-byte histogram in ms (interpolated within its bucket, as
+/// rollouts judge it), or `None` without samples.
 pub fn first_byte_quantile_ms(l4: &L4Stats, q: f64) -> Option<f64> {
-    let total = l4.first_byte_count();
-    if total == 0 {
-        return None;
-    }
-    let rank = q * total as f64;
-    let mut seen = 0u64;
-    for (i, n) in l4.first_byte.iter().enumerate() {
-        if *n == 0 {
-            continue;
-        }
-        if (seen + n) as f64 >= rank {
-            let lo = if i == 0 {
-                0
-            } else {
-                first_byte_bound_ns(i - 1).unwrap_or(0)
-            };
-            // The open last bucket: its lower bound is all that is known.
-            let hi = first_byte_bound_ns(i).unwrap_or(lo);
-            let within = ((rank - seen as f64) / *n as f64).clamp(0.0, 1.0);
-            return Some((lo as f64 + within * (hi - lo) as f64) / 1e6);
-        }
-        seen += n;
-    }
-    None
+    crate::rollout::quantile(&l4.first_byte, q).map(|d| d.as_secs_f64() * 1e3)
 }
 
 impl ShowStat {
