@@ -41,6 +41,14 @@ impl CsumDiff {
         )
     }
 
+    /// Eight bytes changed, as a word whose memory bytes are the packet's (part of an IPv6
+    /// address: see `flow::IpBytes`).
+    #[inline(always)]
+    pub fn word64(self, old: u64, new: u64) -> Self {
+        let (o, n) = (old.to_ne_bytes(), new.to_ne_bytes());
+        self.bytes4(&o[..4], &n[..4]).bytes4(&o[4..], &n[4..])
+    }
+
     /// Applies the accumulated change to a checksum field (as read from the packet).
     #[inline(always)]
     pub fn apply(self, csum: u16) -> u16 {

@@ -23,6 +23,7 @@ pub enum MapKind {
     Array,
     PerCpuArray,
     LpmTrie,
+    ProgramArray,
 }
 
 /// One map's shape.
@@ -144,8 +145,16 @@ pub const SOURCES: MapLayout = map(
     MAX_SOURCE_RULES,
 );
 
+/// Index → program, for tail calls: [`NEW_FLOW_PROGRAM`] holds the new-flow program. Pinned
+/// like the maps it shares, so that new flows keep opening while lbd restarts (the kernel
+/// empties a program array when no process or pin holds it any more).
+pub const PROGRAMS: MapLayout = map(map_names::PROGRAMS, MapKind::ProgramArray, 4, 4, 1);
+
+/// The index of the new-flow program in [`PROGRAMS`].
+pub const NEW_FLOW_PROGRAM: u32 = 0;
+
 /// Every pinned map, in the order userspace pins them.
-pub const PINNED: [MapLayout; 11] = [
+pub const PINNED: [MapLayout; 12] = [
     SERVICES,
     PORTS,
     TABLES,
@@ -157,6 +166,7 @@ pub const PINNED: [MapLayout; 11] = [
     BACKEND_L4,
     XDP_STATS,
     SOURCES,
+    PROGRAMS,
 ];
 
 const _: () = {

@@ -66,6 +66,8 @@ pub mod map_names {
     /// Source guard (LPM trie): [`crate::guard::SourceAddr`] prefix →
     /// [`crate::guard::SourceRule`] (where SYNs from it may come from, if anywhere).
     pub const SOURCES: &str = "LB_SOURCES";
+    /// See [`crate::layout::PROGRAMS`].
+    pub const PROGRAMS: &str = "LB_PROGRAMS";
 }
 
 /// Name of the load-time global holding [`Tunables`].

@@ -193,7 +193,9 @@ pub enum Stat {
     /// not parse (a length below 2 or past the header).
     BadTcpHeader = 18,
     /// Passed: an ICMP error that quotes no live flow of ours (or whose outer or quoted
-    /// header has IPv4 options, or is cut short before the quoted ports).
+    /// header has IPv4 options, or is cut short before the quoted ports); and every ICMPv6
+    /// error (those are not translated yet; neighbour discovery and echo count as
+    /// `NotOurs`).
     IcmpNotTranslated = 19,
     /// An ICMP error about a packet sent to a backend, translated and sent to its client
     /// (e.g. "fragmentation needed" from a router on the backends' side).
@@ -205,10 +207,14 @@ pub enum Stat {
     /// removed and the packet handled as one without a flow (TCP: passed, the host resets;
     /// UDP: a new flow). Never two flows on one port.
     FlowLostPort = 22,
+    /// Passed: an IPv6 packet whose extension headers the balancer does not walk (more than
+    /// four, a routing header with segments left, AH, ESP, or one cut short); the kernel
+    /// handles it.
+    Ipv6ExtUnhandled = 23,
 }
 
 /// Number of entries in the per-CPU XDP counter array.
-pub const STAT_COUNT: u32 = 23;
+pub const STAT_COUNT: u32 = 24;
 
 #[cfg(test)]
 mod tests {

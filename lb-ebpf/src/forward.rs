@@ -8,7 +8,7 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use core::mem::size_of;
-use lb_common::{FAMILY_V4, backend::NextHop, stats::Stat};
+use lb_common::{FAMILY_V4, backend::NextHop, flow::IpBytes, stats::Stat};
 use network_types::eth::EthHdr;
 
 use crate::{maps::LB_NEXT_HOPS, parse::Packet, stats};
@@ -17,15 +17,15 @@ const BPF_FIB_LKUP_RET_SUCCESS: i64 = 0;
 /// The route is there but the neighbour is not resolved: the egress interface is known.
 const BPF_FIB_LKUP_RET_NO_NEIGH: i64 = 7;
 
-/// The next hop towards `backend_id` at `dst`, from the cache or a fresh fib lookup.
-/// `Err(ifindex)` when the kernel must forward it (the neighbour is not resolved yet): the
-/// egress interface of the route, or 0 when there is no usable route.
+/// The next hop towards `backend_id` at `dst` (from `src`, both of `family`), from the cache
+/// or a fresh fib lookup. `Err(ifindex)` when the kernel must forward it (the neighbour is
+/// not resolved yet): the egress interface of the route, or 0 when there is no usable route.
 #[inline(always)]
 pub fn next_hop(
     ctx: &XdpContext,
     backend_id: u32,
-    src: [u8; 4],
-    dst: [u8; 4],
+    family: u8,
+    (src, dst): (&IpBytes, &IpBytes),
     now: u64,
     ttl_ns: u64,
 ) -> Result<NextHop, u32> {
@@ -35,32 +35,33 @@ pub fn next_hop(
     if cached.expires_ns > now {
         return Ok(*cached);
     }
-    let rc = resolve(
-        ctx,
-        cached,
-        u32::from_ne_bytes(src),
-        u32::from_ne_bytes(dst),
-        now + ttl_ns,
-    );
+    let rc = resolve(ctx, cached, family, src, dst);
     if rc == 0 {
+        cached.expires_ns = now + ttl_ns;
         Ok(*cached)
     } else {
         Err(rc.max(0) as u32)
     }
 }
 
-/// A fib lookup from `src` to `dst`: on success fills `out` (valid until `expires_ns`) and
+/// A fib lookup from `src` to `dst`: on success fills `out` (the caller sets its expiry) and
 /// returns 0; when only the neighbour is missing returns the egress interface; else -1.
 /// Not inlined: its 64-byte parameter block gets a stack frame of its own, which the
 /// callers' frames (the new-flow path above all) have no room for.
 #[inline(never)]
-fn resolve(ctx: &XdpContext, out: &mut NextHop, src: u32, dst: u32, expires_ns: u64) -> i64 {
+fn resolve(ctx: &XdpContext, out: &mut NextHop, family: u8, src: &IpBytes, dst: &IpBytes) -> i64 {
     // SAFETY: plain C struct, all-zero is valid.
     let mut p: bpf_fib_lookup = unsafe { core::mem::zeroed() };
-    p.family = FAMILY_V4;
+    p.family = family;
     p.ifindex = ctx.ingress_ifindex() as u32;
-    p.__bindgen_anon_3.ipv4_src = src;
-    p.__bindgen_anon_4.ipv4_dst = dst;
+    // The IPv6 address fields start where the IPv4 ones are, and an IPv4 address sits in an
+    // `IpBytes`' first four bytes: one copy serves both families. (`IpBytes` is 16 bytes
+    // whose memory is the address, so the transmute is the address's four words.)
+    // SAFETY: two plain 16-byte values.
+    unsafe {
+        p.__bindgen_anon_3.ipv6_src = core::mem::transmute::<IpBytes, [u32; 4]>(*src);
+        p.__bindgen_anon_4.ipv6_dst = core::mem::transmute::<IpBytes, [u32; 4]>(*dst);
+    }
     // SAFETY: helper call with a valid context and a stack struct of the size passed.
     let rc = unsafe { fib_lookup(ctx.as_ptr(), &mut p, size_of::<bpf_fib_lookup>() as i32, 0) };
     if rc == BPF_FIB_LKUP_RET_NO_NEIGH {
@@ -70,7 +71,7 @@ fn resolve(ctx: &XdpContext, out: &mut NextHop, src: u32, dst: u32, expires_ns: 
         return -1;
     }
     *out = NextHop {
-        expires_ns,
+        expires_ns: 0,
         ifindex: p.ifindex,
         dmac: p.dmac,
         smac: p.smac,
@@ -86,7 +87,7 @@ pub fn ideal(ctx: &XdpContext) -> u32 {
     let Ok(pkt) = crate::parse::parse(ctx) else {
         return xdp_action::XDP_PASS;
     };
-    if crate::nat::ttl(&pkt) <= 1 {
+    if pkt.is_v6() || crate::nat::ttl(&pkt) <= 1 {
         return xdp_action::XDP_PASS;
     }
     let k = &pkt.key;

@@ -117,10 +117,7 @@ pub fn check_syn(ctx: &XdpContext, pkt: &Packet) -> Result<u8, Stat> {
     }
     let doff = tcp_byte(pkt, 12).ok_or(Stat::BadTcpHeader)? >> 4;
     let hdr_len = doff as usize * 4;
-    // SAFETY: bounds-checked by `parse`.
-    let ip = unsafe { &*pkt.ip };
-    let segment =
-        (u16::from_be_bytes(ip.tot_len) as usize).saturating_sub((ip.vihl & 0x0f) as usize * 4);
+    let segment = pkt.l4_len as usize;
     if doff < 5 || hdr_len > segment || tcp_byte(pkt, hdr_len - 1).is_none() {
         return Err(Stat::BadTcpHeader);
     }

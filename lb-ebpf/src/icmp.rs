@@ -100,7 +100,11 @@ pub fn handle(ctx: &XdpContext, t: &Tunables) -> u32 {
         return pass(Stat::Malformed);
     };
     // SAFETY: the bytes are in bounds (checked just above).
-    let ty = unsafe { (*h)[ICMP] };
+    let (ty, ether_type) = unsafe { ((*h)[ICMP], [(*h)[12], (*h)[13]]) };
+    if ether_type != [0x08, 0x00] {
+        // An ICMPv6 error (the parser sends only those here): not translated yet.
+        return pass(Stat::IcmpNotTranslated);
+    }
     if ty != DEST_UNREACH && ty != TIME_EXCEEDED && ty != PARAMETER_PROBLEM {
         // Echo and the rest: the host's.
         return pass(Stat::NotOurs);
@@ -121,7 +125,14 @@ pub fn handle(ctx: &XdpContext, t: &Tunables) -> u32 {
     let (src, dst) = (addr(b, IP + 12), addr(b, IP + 16));
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
-    match forward::next_hop(ctx, outcome as u32, src, dst, now, t.next_hop_ttl_ns) {
+    match forward::next_hop(
+        ctx,
+        outcome as u32,
+        FAMILY_V4,
+        (&v4(src), &v4(dst)),
+        now,
+        t.next_hop_ttl_ns,
+    ) {
         Ok(nh) => forward::send_frame(ctx, nh.ifindex, &nh.smac, &nh.dmac),
         Err(_) => {
             stats::bump(Stat::FibPass);

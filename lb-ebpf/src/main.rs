@@ -37,11 +37,27 @@ use crate::{
 /// The balancer. Attached to every configured interface.
 #[xdp]
 pub fn lb_xdp(ctx: XdpContext) -> u32 {
-    let action = match try_balance(&ctx) {
+    count(match try_balance(&ctx) {
         Ok(a) => a,
         Err(()) => XDP_ABORTED,
-    };
-    // The verdicts are the first entries of the counter array.
+    })
+}
+
+/// The new-flow half of the balancer, tail-called by `lb_xdp` for a packet to a VIP without
+/// a live flow (never attached itself). A program of its own so that it has a whole stack:
+/// the new-flow path's frames (service, backend, next hop, SNAT port) do not fit on top of
+/// the per-packet path's.
+#[xdp]
+pub fn lb_new_flow(ctx: XdpContext) -> u32 {
+    count(match try_new_flow(&ctx) {
+        Ok(a) => a,
+        Err(()) => XDP_ABORTED,
+    })
+}
+
+/// Counts the verdict (the first entries of the counter array) and returns it.
+#[inline(always)]
+fn count(action: u32) -> u32 {
     if let Some(c) = maps::LB_XDP_STATS.get_ptr_mut(action) {
         // SAFETY: per-CPU slot.
         unsafe { *c += 1 };
@@ -80,39 +96,61 @@ fn try_balance(ctx: &XdpContext) -> Result<u32, ()> {
         Err(Stat::IcmpNotTranslated) => return Ok(icmp::handle(ctx, maps::tunables())),
         Err(reason) => return Ok(pass(reason)),
     };
-    let dport = u16::from_be(pkt.key.dport);
     let t = maps::tunables();
     // An array lookup (inlined by the verifier) instead of hashing a service key for every
     // packet: packets to other ports, or to other addresses on a served port, end here.
-    if let Some(on_port) = LB_PORTS.get(dport as u32) {
+    if let Some(on_port) = LB_PORTS.get(u16::from_be(pkt.key.dport) as u32) {
         let dst_v4 = if pkt.key.family == FAMILY_V4 {
             u32::from_ne_bytes(pkt.key.dst.v4_octets())
         } else {
             0
         };
         if on_port.may_serve(dst_v4) {
-            if let Some(action) = to_backend(ctx, &pkt, on_port.ids, t)? {
-                return Ok(action);
-            }
+            return to_backend(ctx, &pkt, on_port.ids, t);
         }
     }
+    from_backend(ctx, &pkt, t)
+}
+
+/// The new-flow program's body: the packet is parsed again (the tail call keeps only the
+/// frame), then [`open_flow`].
+#[inline(always)]
+fn try_new_flow(ctx: &XdpContext) -> Result<u32, ()> {
+    let pkt = match parse::parse(ctx) {
+        Ok(p) => p,
+        Err(reason) => return Ok(pass(reason)),
+    };
+    let t = maps::tunables();
+    // SAFETY: helper without arguments.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    match open_flow(ctx, &pkt, t, now) {
+        NOT_A_SERVICE => from_backend(ctx, &pkt, t),
+        action => Ok(action),
+    }
+}
+
+/// What is not for a service: a backend's answer to a SNAT address:port (to its client), or
+/// not ours at all (passed).
+#[inline(always)]
+fn from_backend(ctx: &XdpContext, pkt: &Packet, t: &Tunables) -> Result<u32, ()> {
+    let dport = u16::from_be(pkt.key.dport);
     if dport >= t.snat_port_min && dport <= t.snat_port_max {
         if let Some(r) = LB_REVERSE_NAT.get_ptr_mut(&pkt.key) {
-            return to_client(ctx, &pkt, r, t);
+            return to_client(ctx, pkt, r, t);
         }
     }
     Ok(pass(Stat::NotOurs))
 }
 
-/// Client → VIP: find or create the flow, rewrite towards its backend, send. `None` when
-/// the packet belongs to no service (the port is served, but not at this address).
+/// Client → VIP: a packet of a live flow is rewritten towards its backend and sent; any
+/// other goes to the new-flow program.
 #[inline(always)]
 fn to_backend(
     ctx: &XdpContext,
     pkt: &Packet,
     services_on_port: u32,
     t: &Tunables,
-) -> Result<Option<u32>, ()> {
+) -> Result<u32, ()> {
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
     let proto = pkt.key.proto;
@@ -129,116 +167,131 @@ fn to_backend(
                 .is_some_and(|m| m & 1 != 0);
         reusable.then_some(e)
     });
-    let mut new_flow = false;
-    let mut hop = None;
-    let ct = match existing {
-        Some(e) => {
-            if nat::ttl(pkt) <= 1 {
-                return Ok(Some(pass(Stat::TtlExceeded)));
-            }
-            if pkt.is_tcp() && e.signals & lb_common::conntrack::signal::REQUEST == 0 {
-                signals::from_client(pkt, e, syn);
-            }
-            if conntrack::observe(
-                &mut e.last_seen_ns,
-                &mut e.state,
-                pkt.tcp_flags,
-                proto,
-                true,
-                now,
-            ) {
-                let rkey = conntrack::reverse_key(e, &pkt.key);
-                if let Some(r) = LB_REVERSE_NAT.get_ptr_mut(&rkey) {
-                    // SAFETY: as above.
-                    let r = unsafe { &mut *r };
-                    conntrack::sync(&mut r.last_seen_ns, &mut r.state, e.last_seen_ns, e.state);
-                }
-            }
-            &*e
-        }
-        None => {
-            let svc_key = ServiceKey {
-                addr: pkt.key.dst,
-                port: pkt.key.dport,
-                proto: pkt.key.proto,
-                family: pkt.key.family,
-                _pad: 0,
-            };
-            // SAFETY: userspace replaces service values whole (an atomic element swap);
-            // copied at once.
-            let Some(svc) = (unsafe { LB_SERVICES.get(&svc_key) }).copied() else {
-                return Ok(None);
-            };
-            if nat::ttl(pkt) <= 1 {
-                return Ok(Some(pass(Stat::TtlExceeded)));
-            }
-            if pkt.is_tcp() && !syn {
-                // No flow: the host's stack answers with a RST (the VIP is a local address),
-                // so the client learns at once instead of retransmitting into a void.
-                return Ok(Some(pass(Stat::NonSynMiss)));
-            }
-            // Only what a real client sends opens a flow: crafted SYNs are dropped before
-            // they take any state (passed, the host would answer them).
-            let wscale = if pkt.is_tcp() {
-                match guard::check_syn(ctx, pkt) {
-                    Ok(w) => w,
-                    Err(reason) => return Ok(Some(drop(reason))),
-                }
-            } else {
-                0
-            };
-            if let Err(reason) = guard::check_source(ctx, &pkt.key) {
-                return Ok(Some(drop(reason)));
-            }
-            let Some(f) = maps::LB_NEW_FLOW.get_ptr_mut(0) else {
-                return Ok(Some(drop(Stat::FlowNotCreated)));
-            };
-            // SAFETY: this CPU's scratch slot: nothing else touches it while this runs.
-            let f = unsafe { &mut *f };
-            f.backend_id = match select::pick(&svc, &pkt.key, &mut f.backend) {
-                Ok(id) => id,
-                // No backend: the host answers the SYN with a RST (nothing listens there).
-                Err(_) => return Ok(Some(pass(Stat::NoBackend))),
-            };
-            // The route towards the backend, now: where its answers must come from.
-            match forward::next_hop(
-                ctx,
-                f.backend_id,
-                svc.snat_addr.v4_octets(),
-                f.backend.addr.v4_octets(),
-                now,
-                t.next_hop_ttl_ns,
-            ) {
-                Ok(nh) => {
-                    f.hop = nh;
-                    f.routed = 1;
-                }
-                Err(ifindex) => {
-                    f.routed = 0;
-                    f.route_ifindex = ifindex;
-                }
-            }
-            match select::new_flow(ctx, pkt, &svc, t, wscale as u32) {
-                Ok(()) => {
-                    new_flow = true;
-                    hop = Some(if f.routed != 0 { Ok(f.hop) } else { Err(0) });
-                    stats::bump(Stat::NewFlow);
-                    &f.ct
-                }
-                Err(reason) => {
-                    stats::bump(reason);
-                    return Ok(Some(XDP_DROP));
-                }
-            }
-        }
+    let Some(e) = existing else {
+        // SAFETY: a tail call with this program's context; it returns only when the slot is
+        // empty (lbd fills it at load).
+        unsafe { maps::LB_PROGRAMS.tail_call(ctx, lb_common::layout::NEW_FLOW_PROGRAM) };
+        return Ok(drop(Stat::FlowNotCreated));
     };
-    let src = ct.snat_addr.v4_octets();
-    let dst = ct.backend_addr.v4_octets();
+    if nat::ttl(pkt) <= 1 {
+        return Ok(pass(Stat::TtlExceeded));
+    }
+    if pkt.is_tcp() && e.signals & lb_common::conntrack::signal::REQUEST == 0 {
+        signals::from_client(pkt, e, syn);
+    }
+    if conntrack::observe(
+        &mut e.last_seen_ns,
+        &mut e.state,
+        pkt.tcp_flags,
+        proto,
+        true,
+        now,
+    ) {
+        let rkey = conntrack::reverse_key(e, &pkt.key);
+        if let Some(r) = LB_REVERSE_NAT.get_ptr_mut(&rkey) {
+            // SAFETY: as above.
+            let r = unsafe { &mut *r };
+            conntrack::sync(&mut r.last_seen_ns, &mut r.state, e.last_seen_ns, e.state);
+        }
+    }
+    deliver(ctx, pkt, e, None, now, t)
+}
+
+/// What [`open_flow`] returns when the packet is for no service at its address.
+const NOT_A_SERVICE: u32 = u32::MAX;
+
+/// A packet to a VIP without a live flow: a SYN (or a UDP datagram) of a service opens one —
+/// backend from the Maglev table, next hop, SNAT port — and is sent; anything else is
+/// passed or dropped, counted. [`NOT_A_SERVICE`] when no service listens at the address.
+///
+#[inline(always)]
+fn open_flow(ctx: &XdpContext, pkt: &Packet, t: &Tunables, now: u64) -> u32 {
+    let syn = pkt.is_tcp() && conntrack::is_syn(pkt.tcp_flags);
+    let svc_key = ServiceKey {
+        addr: pkt.key.dst,
+        port: pkt.key.dport,
+        proto: pkt.key.proto,
+        family: pkt.key.family,
+        _pad: 0,
+    };
+    // SAFETY: userspace replaces service values whole (an atomic element swap); copied at
+    // once.
+    let Some(svc) = (unsafe { LB_SERVICES.get(&svc_key) }).copied() else {
+        return NOT_A_SERVICE;
+    };
+    if nat::ttl(pkt) <= 1 {
+        return pass(Stat::TtlExceeded);
+    }
+    if pkt.is_tcp() && !syn {
+        // No flow: the host's stack answers with a RST (the VIP is a local address), so the
+        // client learns at once instead of retransmitting into a void.
+        return pass(Stat::NonSynMiss);
+    }
+    // Only what a real client sends opens a flow: crafted SYNs are dropped before they take
+    // any state (passed, the host would answer them).
+    let wscale = if pkt.is_tcp() {
+        match guard::check_syn(ctx, pkt) {
+            Ok(w) => w,
+            Err(reason) => return drop(reason),
+        }
+    } else {
+        0
+    };
+    if let Err(reason) = guard::check_source(ctx, &pkt.key) {
+        return drop(reason);
+    }
+    let Some(f) = maps::LB_NEW_FLOW.get_ptr_mut(0) else {
+        return drop(Stat::FlowNotCreated);
+    };
+    // SAFETY: this CPU's scratch slot: nothing else touches it while this runs.
+    let f = unsafe { &mut *f };
+    f.backend_id = match select::pick(&svc, &pkt.key, &mut f.backend) {
+        Ok(id) => id,
+        // No backend: the host answers the SYN with a RST (nothing listens there).
+        Err(_) => return pass(Stat::NoBackend),
+    };
+    // The route towards the backend, now: where its answers must come from.
+    match forward::next_hop(
+        ctx,
+        f.backend_id,
+        pkt.key.family,
+        (&svc.snat_addr, &f.backend.addr),
+        now,
+        t.next_hop_ttl_ns,
+    ) {
+        Ok(nh) => {
+            f.hop = nh;
+            f.routed = 1;
+        }
+        Err(ifindex) => {
+            f.routed = 0;
+            f.route_ifindex = ifindex;
+        }
+    }
+    if let Err(reason) = select::new_flow(ctx, pkt, &svc, t, wscale as u32) {
+        return drop(reason);
+    }
+    stats::bump(Stat::NewFlow);
+    let hop = if f.routed != 0 { Ok(f.hop) } else { Err(0) };
+    deliver(ctx, pkt, &f.ct, Some(hop), now, t).unwrap_or(XDP_ABORTED)
+}
+
+/// Rewrites a client packet of flow `ct` towards its backend, counts it and sends it: through
+/// `hop` when the caller has it (a new flow), else the cached next hop.
+#[inline(always)]
+fn deliver(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    ct: &lb_common::conntrack::CtValue,
+    hop: Option<Result<lb_common::backend::NextHop, u32>>,
+    now: u64,
+    t: &Tunables,
+) -> Result<u32, ()> {
     nat::rewrite(
         pkt,
         &Rewrite {
-            src,
-            dst,
+            src: &ct.snat_addr,
+            dst: &ct.backend_addr,
             sport: ct.snat_port,
             dport: ct.backend_port,
         },
@@ -246,17 +299,24 @@ fn to_backend(
     if pkt.is_tcp() {
         tcpts::shift(pkt, tcpts::Field::Val, ct.ts_delta);
     }
-    stats::backend(ct.backend_id, Direction::ToBackend, pkt.len, new_flow);
+    stats::backend(ct.backend_id, Direction::ToBackend, pkt.len, hop.is_some());
     let hop = match hop {
         Some(h) => h,
-        None => forward::next_hop(ctx, ct.backend_id, src, dst, now, t.next_hop_ttl_ns),
+        None => forward::next_hop(
+            ctx,
+            ct.backend_id,
+            pkt.key.family,
+            (&ct.snat_addr, &ct.backend_addr),
+            now,
+            t.next_hop_ttl_ns,
+        ),
     };
-    Ok(Some(match hop {
+    Ok(match hop {
         Ok(nh) => forward::send(ctx, pkt, nh.ifindex, &nh.smac, &nh.dmac),
-        // Next hop unknown (e.g. no ARP entry yet): the kernel forwards the rewritten packet
-        // and resolves the neighbour; the next packets take the fast path.
+        // Next hop unknown (e.g. no ARP/NDP entry yet): the kernel forwards the rewritten
+        // packet and resolves the neighbour; the next packets take the fast path.
         Err(_) => pass(Stat::FibPass),
-    }))
+    })
 }
 
 /// Backend → SNAT address:port: rewrite back to VIP → client and send it the way the client's
@@ -327,11 +387,11 @@ fn to_client(
             conntrack::sync(&mut c.last_seen_ns, &mut c.state, e.last_seen_ns, e.state);
         }
     }
-    nat::rewrite(
+    nat::rewrite_inlined(
         pkt,
         &Rewrite {
-            src: e.vip_addr.v4_octets(),
-            dst: e.client_addr.v4_octets(),
+            src: &e.vip_addr,
+            dst: &e.client_addr,
             sport: e.vip_port,
             dport: e.client_port,
         },

@@ -5,7 +5,7 @@
 use aya_ebpf::{
     Global,
     macros::map,
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray},
 };
 use lb_common::{
     Tunables,
@@ -17,6 +17,11 @@ use lb_common::{
     service::{MaglevTable, PortServices, ServiceKey, ServiceValue},
     stats::{BackendStats, L4Stats},
 };
+
+/// Index → program for tail calls: `layout::NEW_FLOW_PROGRAM` → `lb_new_flow`.
+#[map]
+pub static LB_PROGRAMS: ProgramArray =
+    ProgramArray::with_max_entries(layout::PROGRAMS.max_entries, 0);
 
 /// (VIP, port, proto) → service index, which of its two tables is live, SNAT address.
 #[map]

@@ -1,10 +1,12 @@
 //! Header parsing with the bounds checks the verifier wants. Anything the balancer does not
-//! handle comes back as `Verdict::Pass(reason)`; nothing here writes the packet.
+//! handle comes back as the reason it is passed (`Err(Stat)`); nothing here writes the packet.
 
-use aya_ebpf::programs::XdpContext;
+use aya_ebpf::{cty::c_void, helpers::bpf_xdp_load_bytes, programs::XdpContext};
 use core::mem::size_of;
 use lb_common::{
-    FAMILY_V4, PROTO_ICMP, PROTO_TCP, PROTO_UDP, conntrack::Segment, flow::FlowKey, flow::v4,
+    FAMILY_V4, FAMILY_V6, PROTO_ICMP, PROTO_TCP, PROTO_UDP,
+    conntrack::Segment,
+    flow::{FlowKey, IpBytes, v4},
     stats::Stat,
 };
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
@@ -16,21 +18,31 @@ pub const TCP_RST: u8 = 0x04;
 pub const TCP_ACK: u8 = 0x10;
 
 const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const NH_AH: u8 = 51;
+const NH_ESP: u8 = 50;
+/// Bytes of the fixed IPv6 header.
+pub const IPV6_HDR_LEN: usize = 40;
 /// Bytes of the TCP header the balancer reads and writes.
 pub const TCP_HDR_LEN: usize = 20;
 /// Bytes of the UDP header.
 pub const UDP_HDR_LEN: usize = 8;
 
-/// A parsed IPv4 TCP/UDP packet, with raw pointers into it (checked against `data_end`).
+/// A parsed IPv4 or IPv6 TCP/UDP packet, with raw pointers into it (checked against
+/// `data_end`).
 pub struct Packet {
     pub eth: *mut EthHdr,
-    pub ip: *mut Ipv4Hdr,
+    /// The IP header: IPv4 (at least 20 bytes in bounds) or IPv6 (40), as `key.family` says.
+    pub l3: *mut u8,
     /// Start of the TCP/UDP header; at least 20 (TCP) or 8 (UDP) bytes are in bounds.
     pub l4: *mut u8,
     /// The flow as it arrived (src → dst).
     pub key: FlowKey,
     /// TCP flags, 0 for UDP.
     pub tcp_flags: u8,
+    /// Bytes of the TCP/UDP segment as the IP header gives them (its length less the IP
+    /// and extension headers): what the segment's payload length is computed from.
+    pub l4_len: u32,
     /// Frame length in bytes (for counters).
     pub len: u64,
     /// End of packet data: writers re-check against it, because the verifier cannot always
@@ -44,20 +56,22 @@ impl Packet {
         self.key.proto == PROTO_TCP
     }
 
+    #[inline(always)]
+    pub fn is_v6(&self) -> bool {
+        self.key.family == FAMILY_V6
+    }
+
     /// A TCP segment's sequence and acknowledgment numbers (host order) and payload length.
     #[inline(always)]
     pub fn tcp_segment(&self) -> Option<Segment> {
         let h = crate::nat::l4_bytes::<TCP_HDR_LEN>(self.l4, &self.data_end).ok()?;
         // SAFETY: 20 bytes in bounds, checked just above.
         let h = unsafe { &*h };
-        // SAFETY: bounds-checked by `parse`.
-        let ip = unsafe { &*self.ip };
-        let hdrs = (ip.vihl & 0x0f) as u32 * 4 + (h[12] >> 4) as u32 * 4;
         Some(Segment {
             seq: u32::from_be_bytes([h[4], h[5], h[6], h[7]]),
             ack: u32::from_be_bytes([h[8], h[9], h[10], h[11]]),
             flags: h[13],
-            payload_len: (u16::from_be_bytes(ip.tot_len) as u32).saturating_sub(hdrs),
+            payload_len: self.l4_len.saturating_sub((h[12] >> 4) as u32 * 4),
         })
     }
 }
@@ -72,36 +86,18 @@ pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
     Some((start + offset) as *mut T)
 }
 
-/// Parses Ethernet / IPv4 (with options) / TCP or UDP.
+/// Parses Ethernet / IPv4 (with options) or IPv6 (with extension headers) / TCP or UDP.
 #[inline(always)]
 pub fn parse(ctx: &XdpContext) -> Result<Packet, Stat> {
     let eth: *mut EthHdr = ptr_at(ctx, 0).ok_or(Stat::Malformed)?;
     // SAFETY: bounds checked by ptr_at.
-    if u16::from_be(unsafe { (*eth).ether_type }) != ETH_P_IP {
-        // ARP, IPv6 (forwarding comes later), VLANs: the kernel's business.
-        return Err(Stat::NotOurs);
-    }
-    let ip: *mut Ipv4Hdr = ptr_at(ctx, EthHdr::LEN).ok_or(Stat::Malformed)?;
-    // SAFETY: bounds checked.
-    let iph = unsafe { &*ip };
-    let ihl = (iph.vihl & 0x0f) as usize;
-    if iph.vihl >> 4 != 4 || ihl < 5 {
-        return Err(Stat::Malformed);
-    }
-    let proto = iph.proto;
-    if proto != PROTO_TCP && proto != PROTO_UDP {
-        // ICMP may be an error about one of our flows: `icmp` decides (and counts).
-        return Err(if proto == PROTO_ICMP {
-            Stat::IcmpNotTranslated
-        } else {
-            Stat::NotOurs
-        });
-    }
-    // More-fragments flag or a non-zero offset: ports are not (all) here.
-    if (u16::from_be_bytes(iph.frags) & 0x3fff) != 0 {
-        return Err(Stat::Fragment);
-    }
-    let l4_off = EthHdr::LEN + ihl * 4;
+    let (l3, l4_off, proto, l4_len, src, dst, family) =
+        match u16::from_be(unsafe { (*eth).ether_type }) {
+            ETH_P_IP => ipv4(ctx)?,
+            ETH_P_IPV6 => ipv6(ctx)?,
+            // ARP, VLANs: the kernel's business.
+            _ => return Err(Stat::NotOurs),
+        };
     let (l4, sport, dport, tcp_flags) = if proto == PROTO_TCP {
         let l4: *mut [u8; TCP_HDR_LEN] = ptr_at(ctx, l4_off).ok_or(Stat::Malformed)?;
         // SAFETY: 20 bytes in bounds.
@@ -125,19 +121,152 @@ pub fn parse(ctx: &XdpContext) -> Result<Packet, Stat> {
     };
     Ok(Packet {
         eth,
-        ip,
+        l3,
         l4,
         key: FlowKey {
-            src: v4(iph.src_addr),
-            dst: v4(iph.dst_addr),
+            src,
+            dst,
             sport,
             dport,
             proto,
-            family: FAMILY_V4,
+            family,
             _pad: 0,
         },
         tcp_flags,
+        l4_len,
         len: (ctx.data_end() - ctx.data()) as u64,
         data_end: ctx.data_end(),
     })
+}
+
+/// What the IP layer gives the L4 parse: the IP header, the L4 offset in the frame, the
+/// protocol, the segment's length, the addresses and the family.
+type L3 = (*mut u8, usize, u8, u32, IpBytes, IpBytes, u8);
+
+/// The IPv4 header (options skipped); TCP and UDP only, not fragmented.
+#[inline(always)]
+fn ipv4(ctx: &XdpContext) -> Result<L3, Stat> {
+    let ip: *mut Ipv4Hdr = ptr_at(ctx, EthHdr::LEN).ok_or(Stat::Malformed)?;
+    // SAFETY: bounds checked.
+    let iph = unsafe { &*ip };
+    let ihl = (iph.vihl & 0x0f) as usize;
+    if iph.vihl >> 4 != 4 || ihl < 5 {
+        return Err(Stat::Malformed);
+    }
+    let proto = iph.proto;
+    if proto != PROTO_TCP && proto != PROTO_UDP {
+        // ICMP may be an error about one of our flows: `icmp` decides (and counts).
+        return Err(if proto == PROTO_ICMP {
+            Stat::IcmpNotTranslated
+        } else {
+            Stat::NotOurs
+        });
+    }
+    // More-fragments flag or a non-zero offset: ports are not (all) here.
+    if (u16::from_be_bytes(iph.frags) & 0x3fff) != 0 {
+        return Err(Stat::Fragment);
+    }
+    let l4_len = (u16::from_be_bytes(iph.tot_len) as u32).saturating_sub(ihl as u32 * 4);
+    Ok((
+        ip as *mut u8,
+        EthHdr::LEN + ihl * 4,
+        proto,
+        l4_len,
+        v4(iph.src_addr),
+        v4(iph.dst_addr),
+        FAMILY_V4,
+    ))
+}
+
+/// IPv6 next-header values the parser walks past or stops at.
+const NH_HOP_BY_HOP: u8 = 0;
+const NH_ROUTING: u8 = 43;
+const NH_FRAGMENT: u8 = 44;
+const NH_ICMPV6: u8 = 58;
+const NH_DEST_OPTS: u8 = 60;
+/// Extension headers walked before giving up (passed, counted): real traffic to a service
+/// carries none or one (hop-by-hop, destination options).
+const MAX_EXT_HEADERS: usize = 4;
+
+/// The IPv6 header and its extension headers; TCP and UDP only, not fragmented.
+#[inline(always)]
+fn ipv6(ctx: &XdpContext) -> Result<L3, Stat> {
+    let mut addrs = [IpBytes { lo: 0, hi: 0 }; 2];
+    let walked = ipv6_walk(ctx, &mut addrs)?;
+    let ip: *mut [u8; IPV6_HDR_LEN] = ptr_at(ctx, EthHdr::LEN).ok_or(Stat::Malformed)?;
+    Ok((
+        ip as *mut u8,
+        // At most 14 + 40 + 4 × 2048: 14 bits, a bound the verifier can add a header to.
+        (walked & 0x3fff) as usize,
+        (walked >> 16) as u8,
+        (walked >> 32) as u32,
+        addrs[0],
+        addrs[1],
+        FAMILY_V6,
+    ))
+}
+
+/// Reads the IPv6 addresses into `addrs` (source, destination) and walks the extension
+/// headers: the L4 offset in the frame (bits 0–15), the protocol (16–23) and the segment's
+/// length (32–63).
+///
+/// Not inlined: the unrolled walk needs registers and spill slots that would otherwise sit
+/// in the main frame, under every other subprogram's. It reads the packet with
+/// `bpf_xdp_load_bytes` only: a subprogram given packet pointers gets them back from the
+/// compiler in forms the verifier refuses (`data_end` shifted as an integer).
+#[inline(never)]
+fn ipv6_walk(ctx: &XdpContext, addrs: &mut [IpBytes; 2]) -> Result<u64, Stat> {
+    let load = |off: usize, to: *mut u8, len: u32| {
+        // SAFETY: the helper writes at most `len` bytes to `to`, which has room for them.
+        unsafe { bpf_xdp_load_bytes(ctx.ctx, off as u32, to as *mut c_void, len) == 0 }
+    };
+    let mut h = [0u8; 8];
+    if !load(EthHdr::LEN, h.as_mut_ptr(), 8) || h[0] >> 4 != 6 {
+        return Err(Stat::Malformed);
+    }
+    let payload_len = u16::from_be_bytes([h[4], h[5]]) as u32;
+    let mut next = h[6];
+    let mut off = EthHdr::LEN + IPV6_HDR_LEN;
+    for _ in 0..MAX_EXT_HEADERS {
+        match next {
+            NH_HOP_BY_HOP | NH_ROUTING | NH_DEST_OPTS => {
+                let mut e = [0u8; 4];
+                if !load(off, e.as_mut_ptr(), 4) {
+                    return Err(Stat::Ipv6ExtUnhandled);
+                }
+                // A routing header with segments left: the destination is not the last
+                // one (the packet is only passing through this address).
+                if next == NH_ROUTING && e[3] != 0 {
+                    return Err(Stat::Ipv6ExtUnhandled);
+                }
+                next = e[0];
+                off += (e[1] as usize + 1) * 8;
+            }
+            _ => break,
+        }
+    }
+    let proto = next;
+    if proto == NH_ICMPV6 {
+        // Errors (types below 128) may be about a flow; neighbour discovery, echo and the
+        // rest are the host's.
+        let mut ty = [0u8; 1];
+        return Err(if load(off, ty.as_mut_ptr(), 1) && ty[0] < 128 {
+            Stat::IcmpNotTranslated
+        } else {
+            Stat::NotOurs
+        });
+    }
+    if proto != PROTO_TCP && proto != PROTO_UDP {
+        return Err(match proto {
+            NH_FRAGMENT => Stat::Fragment,
+            NH_HOP_BY_HOP | NH_ROUTING | NH_DEST_OPTS | NH_AH | NH_ESP => Stat::Ipv6ExtUnhandled,
+            _ => Stat::NotOurs,
+        });
+    }
+    // Source and destination follow each other in the header as in `addrs`.
+    if !load(EthHdr::LEN + 8, addrs.as_mut_ptr() as *mut u8, 32) {
+        return Err(Stat::Malformed);
+    }
+    let ext = (off - EthHdr::LEN - IPV6_HDR_LEN) as u64;
+    Ok(off as u64 | (proto as u64) << 16 | (payload_len as u64).saturating_sub(ext) << 32)
 }

@@ -9,6 +9,7 @@ pub mod bench;
 pub mod http;
 pub mod netns;
 pub mod packets;
+pub mod packets6;
 pub mod raw;
 pub mod topology;
 pub mod traffic;

@@ -50,8 +50,81 @@ pub fn private_netns(tag: &str, neighbours: &[([u8; 4], [u8; 6])]) -> Netns {
         .unwrap();
     }
     ns.sysctl("net.ipv4.ip_forward", "1").unwrap();
+    // IPv6 too: `fd00:20::1/64` on veth0 ([`SNAT6`]), forwarding on (the fib lookup helper
+    // refuses to route IPv6 without it).
+    ns.sysctl("net.ipv6.conf.all.forwarding", "1").unwrap();
+    ns.ip(&["addr", "add", "fd00:20::1/64", "dev", "veth0", "nodad"])
+        .unwrap();
     ns.enter().unwrap();
     ns
+}
+
+/// The IPv6 SNAT address of fixture services (`veth0`'s IPv6 address).
+pub const SNAT6: [u8; 16] = crate::packets6::addr6(0x20, 1);
+
+/// Adds a permanent neighbour entry on `veth0` (the calling thread is in the namespace).
+pub fn neighbour(ns: &Netns, addr: std::net::IpAddr, mac: [u8; 6]) {
+    let m = mac
+        .iter()
+        .map(|x| format!("{x:02x}"))
+        .collect::<Vec<_>>()
+        .join(":");
+    ns.ip(&[
+        "neigh",
+        "add",
+        &addr.to_string(),
+        "lladdr",
+        &m,
+        "dev",
+        "veth0",
+        "nud",
+        "permanent",
+    ])
+    .unwrap();
+}
+
+/// Writes backend `id` at `addr:port`, of either family.
+pub fn set_backend_ip(dp: &mut Dataplane, id: u32, addr: std::net::IpAddr, port: u16) {
+    let (bytes, family) = lb_userspace::dataplane::ip_bytes(addr);
+    let info = BackendInfo {
+        addr: bytes,
+        port: port.to_be(),
+        family,
+        flags: BackendInfo::VALID,
+        _pad: 0,
+    };
+    dp.set_backend(id, Some(info)).unwrap();
+}
+
+/// Publishes a table for service slot `svc_id` (`vip:port`, `proto`, either family) whose
+/// every bucket is `backend`, with SNAT address `snat` (of the VIP's family).
+pub fn service_ip(
+    dp: &mut Dataplane,
+    svc_id: u32,
+    (vip, port): (std::net::IpAddr, u16),
+    proto: u8,
+    backend: u32,
+    snat: std::net::IpAddr,
+) {
+    let (addr, family) = lb_userspace::dataplane::ip_bytes(vip);
+    let key = ServiceKey {
+        addr,
+        port: port.to_be(),
+        proto,
+        family,
+        _pad: 0,
+    };
+    let mut t = empty_table();
+    t.buckets = [backend; TABLE_SIZE as usize];
+    if let Some(until) = dp.grace_until(svc_id) {
+        std::thread::sleep(
+            until
+                .into_std()
+                .saturating_duration_since(std::time::Instant::now()),
+        );
+    }
+    dp.publish_table(&key, svc_id, lb_userspace::dataplane::ip_bytes(snat).0, &t)
+        .unwrap();
 }
 
 /// Loads the program (no pins) with the real CPU count and `tweak` applied to the tunables.

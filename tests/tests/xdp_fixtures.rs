@@ -10,6 +10,10 @@ use lb_tests::{
         self, ACK, CLIENT_MAC, FIN, LB_MAC, RST, RST_ACK, SYN, SYN_ACK, Seen, check, tcp, tcp_seq,
         tcp_with, udp, with_ttl,
     },
+    packets6::{
+        Seen6, addr6, check6, dest_opts, fragment, hop_by_hop, icmp6, routing, tcp6, tcp6_full,
+        udp6,
+    },
     require_root,
     xdp::{self, SNAT, VETH_MAC},
 };
@@ -137,7 +141,7 @@ fn packets_that_are_not_ours_pass_untouched() {
     icmp[14 + 9] = 1;
     let mut gre = syn.clone();
     gre[14 + 9] = 47;
-    let mut ipv6 = syn.clone();
+    let mut ipv6 = syn.clone(); // version nibble 4 where 6 belongs
     ipv6[12..14].copy_from_slice(&[0x86, 0xdd]);
     let mut arp = syn.clone();
     arp[12..14].copy_from_slice(&[0x08, 0x06]);
@@ -157,7 +161,7 @@ fn packets_that_are_not_ours_pass_untouched() {
             Stat::NotOurs,
         ),
         ("ARP", arp, Stat::NotOurs),
-        ("IPv6 (not forwarded yet)", ipv6, Stat::NotOurs),
+        ("IPv4 bytes under the IPv6 ethertype", ipv6, Stat::Malformed),
         ("ICMP to the VIP", icmp, Stat::NotOurs),
         ("GRE to the VIP", gre, Stat::NotOurs),
         ("IP fragment to the VIP", frag, Stat::Fragment),
@@ -1215,4 +1219,297 @@ fn a_snat_port_goes_to_a_new_flow_only_once_its_flow_is_gone_from_both_maps() {
     let (v, out, _) = xdp::run(&mut dp, PROGRAM, &from(40002, SYN), 1);
     assert_eq!(v, XDP_REDIRECT);
     assert_eq!(check(&out).src.1, port, "C got the port B closed");
+}
+
+const VIP6: [u8; 16] = addr6(0x99, 0x10);
+const OTHER6: [u8; 16] = addr6(0x99, 0x11);
+const CLIENT6: [u8; 16] = addr6(0x99, 0x102);
+/// IPv6 backends 5..=7: the first two with permanent neighbour entries, the third none.
+const BACKENDS6: [[u8; 16]; 3] = [addr6(0x20, 0x11), addr6(0x20, 0x12), addr6(0x20, 0x21)];
+
+impl Fixture {
+    /// The IPv6 side: backends 5..=7, service slot 3 (VIP6 port 80 TCP) on backend `tcp`
+    /// and slot 4 (VIP6 port 53 UDP) on backend 5, SNAT address [`xdp::SNAT6`].
+    fn v6(&mut self, tcp: u32) {
+        for (i, b) in BACKENDS6.iter().enumerate() {
+            if i < 2 {
+                xdp::neighbour(&self._ns, (*b).into(), backend_mac(i));
+            }
+            xdp::set_backend_ip(&mut self.dp, 5 + i as u32, (*b).into(), 8080);
+        }
+        self.table6(tcp);
+        xdp::service_ip(&mut self.dp, 4, (VIP6.into(), 53), 17, 5, xdp::SNAT6.into());
+    }
+
+    fn table6(&mut self, backend: u32) {
+        xdp::service_ip(
+            &mut self.dp,
+            3,
+            (VIP6.into(), 80),
+            6,
+            backend,
+            xdp::SNAT6.into(),
+        );
+    }
+}
+
+/// IPv6 in connection mode: what the IPv4 table checks, for IPv6 flows — NAT both ways with
+/// valid checksums and the hop limit decremented, established flows keeping their backend
+/// across a table change, extension headers walked past and forwarded intact, UDP; and the
+/// IPv6 packets the balancer must leave to the kernel, each counted by its reason.
+#[test]
+fn ipv6_flows_are_natted_both_ways_and_what_is_not_ours_passes() {
+    if !require_root("ipv6_flows_are_natted_both_ways_and_what_is_not_ours_passes") {
+        return;
+    }
+    let mut f = Fixture::new();
+    f.v6(5);
+    let from_backend6 = |i: usize, port: u16, fl, seq_ack, payload: &[u8]| {
+        tcp6_full(
+            backend_mac(i),
+            (BACKENDS6[i], 8080),
+            (xdp::SNAT6, port),
+            fl,
+            seq_ack,
+            payload,
+            &[],
+        )
+    };
+
+    let (v, out) = f.run(&tcp6((CLIENT6, 40000), (VIP6, 80), SYN));
+    assert_eq!(v, XDP_REDIRECT, "SYN to the IPv6 VIP goes to its backend");
+    let seen = check6(&out);
+    let port = seen.src.1;
+    assert_eq!(
+        seen,
+        Seen6 {
+            src: (xdp::SNAT6, port),
+            dst: (BACKENDS6[0], 8080),
+            hop_limit: 63,
+            smac: VETH_MAC,
+            dmac: backend_mac(0),
+        }
+    );
+    let (_, out) = f.run(&tcp6((CLIENT6, 40000), (VIP6, 80), SYN));
+    assert_eq!(
+        check6(&out).src,
+        (xdp::SNAT6, port),
+        "a retransmitted SYN stays on its flow"
+    );
+
+    let (v, out) = f.ret(&from_backend6(
+        0,
+        port,
+        SYN_ACK,
+        (BACKEND_ISN, CLIENT_ISN + 1),
+        b"",
+    ));
+    assert_eq!(
+        v, XDP_REDIRECT,
+        "the backend's answer goes back to the client"
+    );
+    assert_eq!(
+        check6(&out),
+        Seen6 {
+            src: (VIP6, 80),
+            dst: (CLIENT6, 40000),
+            hop_limit: 63,
+            smac: LB_MAC,
+            dmac: CLIENT_MAC,
+        }
+    );
+    // The same answer from another MAC is spoofed.
+    let mut spoofed = from_backend6(0, port, ACK, (BACKEND_ISN + 1, CLIENT_ISN + 1), b"x");
+    spoofed[6..12].copy_from_slice(&[0x02, 0, 0, 0, 0x66, 0x66]);
+    assert_eq!(
+        f.ret(&spoofed).0,
+        XDP_DROP,
+        "return traffic from elsewhere is dropped"
+    );
+
+    // A table change: the established flow stays, a new one follows the table.
+    f.table6(6);
+    let data = tcp6_full(
+        CLIENT_MAC,
+        (CLIENT6, 40000),
+        (VIP6, 80),
+        ACK,
+        (CLIENT_ISN + 1, BACKEND_ISN + 1),
+        b"GET / HTTP/1.1\r\n\r\n",
+        &[],
+    );
+    let (v, out) = f.run(&data);
+    assert_eq!(v, XDP_REDIRECT);
+    assert_eq!(
+        check6(&out).dst,
+        (BACKENDS6[0], 8080),
+        "established flow keeps its backend"
+    );
+    let (_, out) = f.run(&tcp6((CLIENT6, 40002), (VIP6, 80), SYN));
+    assert_eq!(
+        check6(&out).dst,
+        (BACKENDS6[1], 8080),
+        "a new flow follows the new table"
+    );
+
+    // Hop-by-hop and destination options are walked past and forwarded as they came.
+    let exts = [hop_by_hop(), dest_opts(1)];
+    let with_exts = tcp6_full(
+        CLIENT_MAC,
+        (CLIENT6, 40004),
+        (VIP6, 80),
+        SYN,
+        (CLIENT_ISN, 0),
+        b"",
+        &exts,
+    );
+    let (v, out) = f.run(&with_exts);
+    assert_eq!(
+        v, XDP_REDIRECT,
+        "a SYN behind extension headers is balanced"
+    );
+    assert_eq!(check6(&out).dst, (BACKENDS6[1], 8080));
+    assert_eq!(
+        &out[14 + 40 + 2..14 + 40 + 8],
+        &with_exts[14 + 40 + 2..14 + 40 + 8]
+    );
+    assert_eq!(out.len(), with_exts.len());
+
+    // UDP both ways, checksums valid (mandatory over IPv6).
+    let (v, out) = f.run(&udp6(CLIENT_MAC, (CLIENT6, 5353), (VIP6, 53), b"query"));
+    assert_eq!(v, XDP_REDIRECT);
+    let seen = check6(&out);
+    assert_eq!(seen.dst, (BACKENDS6[0], 8080));
+    let (v, out) = f.ret(&udp6(
+        backend_mac(0),
+        (BACKENDS6[0], 8080),
+        (xdp::SNAT6, seen.src.1),
+        b"answer",
+    ));
+    assert_eq!(v, XDP_REDIRECT);
+    assert_eq!(check6(&out).src, (VIP6, 53));
+    assert_eq!(check6(&out).dst, (CLIENT6, 5353));
+    assert_eq!(&out[14 + 40 + 8..], b"answer");
+
+    // An unresolved neighbour: rewritten, handed to the kernel.
+    f.table6(7);
+    let before = f.stat(Stat::FibPass);
+    let (v, out) = f.run(&tcp6((CLIENT6, 40006), (VIP6, 80), SYN));
+    assert_eq!(v, XDP_PASS);
+    assert_eq!(
+        check6(&out).dst,
+        (BACKENDS6[2], 8080),
+        "handed over already rewritten"
+    );
+    assert_eq!(f.stat(Stat::FibPass), before + 1);
+
+    // What is not ours passes untouched, counted.
+    let flows = f.stat(Stat::NewFlow);
+    let mut hop1 = tcp6((CLIENT6, 40008), (VIP6, 80), SYN);
+    hop1[14 + 7] = 1;
+    let five = [
+        hop_by_hop(),
+        dest_opts(0),
+        dest_opts(0),
+        dest_opts(0),
+        dest_opts(0),
+    ];
+    let cases: Vec<(&str, Vec<u8>, Stat)> = vec![
+        (
+            "SYN to another IPv6 address on a served port",
+            tcp6((CLIENT6, 40000), (OTHER6, 80), SYN),
+            Stat::NotOurs,
+        ),
+        (
+            "neighbour solicitation for the VIP",
+            icmp6(CLIENT6, VIP6, 135, 0, &[0; 20]),
+            Stat::NotOurs,
+        ),
+        (
+            "an ICMPv6 packet too big",
+            icmp6(CLIENT6, VIP6, 2, 0, &[0, 0, 5, 0x78]),
+            Stat::IcmpNotTranslated,
+        ),
+        (
+            "a first fragment",
+            tcp6_full(
+                CLIENT_MAC,
+                (CLIENT6, 40010),
+                (VIP6, 80),
+                SYN,
+                (1, 0),
+                b"",
+                &[fragment()],
+            ),
+            Stat::Fragment,
+        ),
+        (
+            "a routing header with segments left",
+            tcp6_full(
+                CLIENT_MAC,
+                (CLIENT6, 40012),
+                (VIP6, 80),
+                SYN,
+                (1, 0),
+                b"",
+                &[routing(1)],
+            ),
+            Stat::Ipv6ExtUnhandled,
+        ),
+        (
+            "five extension headers",
+            tcp6_full(
+                CLIENT_MAC,
+                (CLIENT6, 40014),
+                (VIP6, 80),
+                SYN,
+                (1, 0),
+                b"",
+                &five,
+            ),
+            Stat::Ipv6ExtUnhandled,
+        ),
+        (
+            "a SYN whose hop limit would expire",
+            hop1,
+            Stat::TtlExceeded,
+        ),
+        (
+            "an ACK without a flow",
+            tcp6((CLIENT6, 40016), (VIP6, 80), ACK),
+            Stat::NonSynMiss,
+        ),
+        (
+            "truncated TCP header",
+            cut(tcp6((CLIENT6, 40018), (VIP6, 80), SYN), 14 + 40 + 12),
+            Stat::Malformed,
+        ),
+    ];
+    for (name, pkt, reason) in cases {
+        let before = f.stat(reason);
+        let (verdict, out) = f.run(&pkt);
+        assert_eq!(verdict, XDP_PASS, "{name}: verdict");
+        assert_eq!(out, pkt, "{name}: the packet must not be rewritten");
+        assert_eq!(
+            f.stat(reason),
+            before + 1,
+            "{name}: reason {reason:?} counted"
+        );
+    }
+    assert_eq!(f.stat(Stat::NewFlow), flows, "none of them opened a flow");
+    // A routing header with no segments left is the last hop's: balanced.
+    f.table6(5);
+    let (v, _) = f.run(&tcp6_full(
+        CLIENT_MAC,
+        (CLIENT6, 40020),
+        (VIP6, 80),
+        SYN,
+        (1, 0),
+        b"",
+        &[routing(0)],
+    ));
+    assert_eq!(
+        v, XDP_REDIRECT,
+        "a routing header at its last segment is balanced"
+    );
 }

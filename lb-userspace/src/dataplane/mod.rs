@@ -3,7 +3,7 @@
 //! `Kernel` trait (`kernel`). Nothing else in the daemon touches kernel maps.
 //!
 //! Pin layout (versioned so that an incompatible map layout is never misread):
-//! `pin_dir/v2/maps/<MAP>` and `pin_dir/v2/links/<interface>`.
+//! `pin_dir/v3/maps/<MAP>` and `pin_dir/v3/links/<interface>`.
 
 mod counter;
 pub mod gc;
@@ -20,7 +20,7 @@ use std::{collections::HashMap as StdHashMap, path::PathBuf, time::Duration};
 use anyhow::{Context as _, Result, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, MapData, PerCpuArray, lpm_trie::LpmTrie},
+    maps::{Array, HashMap, MapData, PerCpuArray, ProgramArray, lpm_trie::LpmTrie},
     programs::{
         Xdp, XdpMode,
         links::{FdLink, PinnedLink},
@@ -41,12 +41,14 @@ pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DI
 
 /// The balancer program's name in the object.
 pub const PROGRAM: &str = "lb_xdp";
+/// The new-flow program, which the balancer tail-calls for packets without a live flow.
+pub const NEW_FLOW_PROGRAM: &str = "lb_new_flow";
 /// The always-pass program (benchmark baseline).
 pub const PASS_PROGRAM: &str = "lb_pass";
 /// The benchmarks' ideal forwarder (fib lookup + redirect; no balancing).
 pub const IDEAL_FORWARDER: &str = "lb_ideal_fwd";
 /// Version of the pin layout; bump when a map's key or value changes.
-pub const PIN_LAYOUT: &str = "v2";
+pub const PIN_LAYOUT: &str = "v3";
 
 /// A packet reads a table half for well under a microsecond; waiting this long before
 /// rewriting a half that was live guarantees no packet still reads it.
@@ -55,7 +57,7 @@ const HALF_GRACE: Duration = Duration::from_millis(5);
 /// How to load the program.
 #[derive(Clone, Debug)]
 pub struct LoadOptions {
-    /// Pin maps and links under `pin_dir/v2/` (and adopt what is pinned there).
+    /// Pin maps and links under `pin_dir/v3/` (and adopt what is pinned there).
     pub pin_dir: Option<PathBuf>,
     pub tunables: Tunables,
     pub conntrack_max: u32,
@@ -104,7 +106,7 @@ pub struct Dataplane {
 }
 
 impl Dataplane {
-    /// Loads the object (adopting pinned maps under `pin_dir/v2/maps` when they exist).
+    /// Loads the object (adopting pinned maps under `pin_dir/v3/maps` when they exist).
     /// With `LB_VERIFIER_LOG` set, a rejected program comes with the verifier's whole log.
     pub fn load(opts: &LoadOptions) -> Result<Dataplane> {
         let mut loader = EbpfLoader::new();
@@ -145,6 +147,23 @@ impl Dataplane {
             .try_into()?;
         prog.load()
             .with_context(|| format!("verifier rejected {PROGRAM}"))?;
+        // The new-flow half, which the balancer tail-calls: loaded and put in its slot now,
+        // before any interface runs this object's balancer.
+        let new_flow: &mut Xdp = ebpf
+            .program_mut(NEW_FLOW_PROGRAM)
+            .ok_or_else(|| anyhow!("program {NEW_FLOW_PROGRAM} missing from the object"))?
+            .try_into()?;
+        new_flow
+            .load()
+            .with_context(|| format!("verifier rejected {NEW_FLOW_PROGRAM}"))?;
+        let new_flow_fd = new_flow.fd()?.try_clone()?;
+        let mut programs = ProgramArray::try_from(
+            ebpf.map_mut(map_names::PROGRAMS)
+                .ok_or_else(|| anyhow!("map {} missing from the object", map_names::PROGRAMS))?,
+        )?;
+        programs
+            .set(lb_common::layout::NEW_FLOW_PROGRAM, &new_flow_fd, 0)
+            .context("putting the new-flow program in its tail-call slot")?;
         let mut take = |name: &str| {
             ebpf.take_map(name)
                 .ok_or_else(|| anyhow!("map {name} missing from the object"))

@@ -71,6 +71,7 @@ fn expected_maps() -> impl Iterator<Item = (&'static str, MapType, usize, usize,
             MapKind::Array => MapType::Array,
             MapKind::PerCpuArray => MapType::PerCpuArray,
             MapKind::LpmTrie => MapType::LpmTrie,
+            MapKind::ProgramArray => MapType::ProgramArray,
         };
         (
             m.name,
