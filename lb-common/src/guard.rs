@@ -48,3 +48,12 @@ pub const MARTIAN_V4: [([u8; 4], u8); 4] = [
     ([224, 0, 0, 0], 4),
     ([240, 0, 0, 0], 4),
 ];
+
+/// IPv6 sources no client can have (RFC 4291, RFC 6890): unspecified, loopback,
+/// IPv4-mapped (never on the wire) and multicast. (Address, prefix length.)
+pub const MARTIAN_V6: [([u8; 16], u8); 4] = [
+    ([0; 16], 128),
+    ([0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1], 128),
+    ([0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 0, 0, 0, 0], 96),
+    ([0xff, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0], 8),
+];

@@ -793,14 +793,6 @@ impl Config {
             };
             if mode == Mode::Connection {
                 connection_services += 1;
-                if vip.is_ipv6() {
-                    return Err(at(
-                        s.vip.span(),
-                        format!(
-                            "service {name:?}: IPv6 VIPs are not forwarded yet (connection mode)"
-                        ),
-                    ));
-                }
                 match &s.snat {
                     None => {
                         return Err(at(

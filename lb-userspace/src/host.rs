@@ -10,6 +10,8 @@ pub trait Host: Send {
     -> Result<()>;
     /// See [`prepare_interface`].
     fn prepare_interface(&mut self, iface: &str) -> Result<()>;
+    /// See [`prepare_ipv6`].
+    fn prepare_ipv6(&mut self) -> Result<()>;
 }
 
 /// This host (sysctls under /proc/sys, nftables).
@@ -29,6 +31,9 @@ impl Host for RealHost {
     fn prepare_interface(&mut self, iface: &str) -> Result<()> {
         prepare_interface(iface)
     }
+    fn prepare_ipv6(&mut self) -> Result<()> {
+        prepare_ipv6()
+    }
 }
 
 /// A host that is left as it is (in-process tests); it records the interfaces it was
@@ -47,6 +52,9 @@ impl Host for NoHost {
     }
     fn prepare_interface(&mut self, iface: &str) -> Result<()> {
         self.prepared.push(iface.to_string());
+        Ok(())
+    }
+    fn prepare_ipv6(&mut self) -> Result<()> {
         Ok(())
     }
 }
@@ -113,6 +121,24 @@ pub fn prepare_interface(iface: &str) -> Result<()> {
     Ok(())
 }
 
+/// Turns IPv6 forwarding on, for a connection-mode service on an IPv6 VIP: the fib lookup
+/// helper refuses IPv6 routes without it, and the first packet towards an unresolved
+/// neighbour is the kernel's to forward. (IPv6 has no martian check on a local source
+/// address, so nothing like `accept_local` is needed.)
+pub fn prepare_ipv6() -> Result<()> {
+    let all = "/proc/sys/net/ipv6/conf/all/forwarding";
+    if !std::path::Path::new(all).exists() {
+        bail!("a connection-mode service has an IPv6 VIP, but IPv6 is disabled on this host");
+    }
+    if read(all)? != "1" {
+        write(all, "1")?;
+        tracing::warn!(
+            "enabled net.ipv6.conf.all.forwarding (an IPv6 VIP is balanced); interfaces with accept_ra = 1 now ignore router advertisements: set accept_ra = 2 on those the host needs them on"
+        );
+    }
+    Ok(())
+}
+
 /// The nftables table lbd owns (one per network namespace).
 pub const NFT_TABLE: &str = "lb";
 
@@ -132,18 +158,27 @@ pub fn forward_filter_rules(interfaces: &[String], sources: &[std::net::IpAddr])
         .filter(|a| a.is_ipv4())
         .map(|a| a.to_string())
         .collect();
-    let v4_rule = if v4.is_empty() {
-        format!(
-            "    iifname {{ {ifs} }} meta nfproto ipv4 counter drop comment \"not the balancer's\"\n"
-        )
-    } else {
-        format!(
-            "    iifname {{ {ifs} }} ip saddr != {{ {} }} counter drop comment \"not the balancer's\"\n",
-            v4.join(", ")
-        )
+    let v6: Vec<String> = sources
+        .iter()
+        .filter(|a| a.is_ipv6())
+        .map(|a| a.to_string())
+        .collect();
+    let rule = |family: &str, field: &str, addrs: &[String]| {
+        if addrs.is_empty() {
+            format!(
+                "    iifname {{ {ifs} }} meta nfproto {family} counter drop comment \"not the balancer's\"\n"
+            )
+        } else {
+            format!(
+                "    iifname {{ {ifs} }} meta nfproto {family} {field} saddr != {{ {} }} counter drop comment \"not the balancer's\"\n",
+                addrs.join(", ")
+            )
+        }
     };
     format!(
-        "table inet {NFT_TABLE}\ndelete table inet {NFT_TABLE}\ntable inet {NFT_TABLE} {{\n  chain forward {{\n    type filter hook forward priority filter; policy accept;\n{v4_rule}    iifname {{ {ifs} }} meta nfproto ipv6 counter drop comment \"not the balancer's\"\n  }}\n}}\n"
+        "table inet {NFT_TABLE}\ndelete table inet {NFT_TABLE}\ntable inet {NFT_TABLE} {{\n  chain forward {{\n    type filter hook forward priority filter; policy accept;\n{}{}  }}\n}}\n",
+        rule("ipv4", "ip", &v4),
+        rule("ipv6", "ip6", &v6)
     )
 }
 
@@ -203,11 +238,21 @@ mod tests {
         );
         assert!(
             r.contains(
-                "iifname { \"eth0\", \"eth1\" } ip saddr != { 10.20.0.1, 10.99.0.10 } counter drop"
+                "iifname { \"eth0\", \"eth1\" } meta nfproto ipv4 ip saddr != { 10.20.0.1, 10.99.0.10 } counter drop"
             ),
             "{r}"
         );
         assert!(r.contains("meta nfproto ipv6 counter drop"), "{r}");
+        let dual = forward_filter_rules(
+            &["eth0".into()],
+            &["10.20.0.1".parse().unwrap(), "fd00:20::1".parse().unwrap()],
+        );
+        assert!(
+            dual.contains(
+                "iifname { \"eth0\" } meta nfproto ipv6 ip6 saddr != { fd00:20::1 } counter drop"
+            ),
+            "{dual}"
+        );
         assert!(
             r.contains("policy accept"),
             "other interfaces are not ours to filter: {r}"

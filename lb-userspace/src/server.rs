@@ -110,6 +110,9 @@ pub async fn run(
             "forward_filter = false: the host forwards whatever arrives on the balancer's interfaces, by its own rules"
         );
     }
+    if balances_ipv6(&cfg) {
+        host.prepare_ipv6()?;
+    }
     for iface in &d.interfaces {
         host.prepare_interface(iface)?;
         daemon.kernel.attach(iface, d.xdp_mode)?;
@@ -276,6 +279,13 @@ fn restore(path: &Path, state: &mut State, fresh: bool) -> crate::persist::Store
 
 /// Sources of what the data plane hands the kernel to forward: the SNAT addresses (towards
 /// backends) and the VIPs (towards clients) of the connection-mode services.
+/// Whether a connection-mode service has an IPv6 VIP (the host must forward IPv6).
+fn balances_ipv6(cfg: &Config) -> bool {
+    cfg.services
+        .iter()
+        .any(|s| s.mode == crate::config::Mode::Connection && s.vip.is_ipv6())
+}
+
 fn balancer_sources(cfg: &Config) -> Vec<std::net::IpAddr> {
     let mut out: Vec<std::net::IpAddr> = cfg
         .services
@@ -304,6 +314,21 @@ fn reload(daemon: &mut Daemon, running: &mut Config, path: &Path, host: &mut dyn
     };
     if running.daemon != cfg.daemon {
         tracing::warn!("reload: [daemon] settings changed; they take effect on the next restart");
+    }
+    // Before the new services' tables are live: their first packets need IPv6 forwarding.
+    if balances_ipv6(&cfg) {
+        if let Err(e) = host.prepare_ipv6() {
+            tracing::error!(
+                error = format!("{e:#}"),
+                "reload refused: IPv6 forwarding is needed and could not be turned on"
+            );
+            daemon
+                .metrics
+                .reloads
+                .get_or_create(&vec![("result", "error".to_string())])
+                .inc();
+            return;
+        }
     }
     match daemon.reload(&cfg) {
         Ok(()) => {

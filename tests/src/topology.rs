@@ -23,6 +23,18 @@ pub const REQ_VIP: &str = "10.99.0.11";
 /// The balancer's address towards the backends (also the SNAT address).
 pub const LB_BACKEND_SIDE: &str = "10.20.0.1";
 
+/// The IPv6 VIP of [`Topology::dual_stack`]'s service `web6`.
+pub const VIP6: &str = "fd00:99::10";
+/// The balancer's IPv6 address towards the backends (`web6`'s SNAT address).
+pub const LB_BACKEND_SIDE6: &str = "fd00:20::1";
+/// The backends' IPv6 addresses, in [`BACKENDS`] order (same names, same pools).
+pub const BACKENDS6: [&str; 4] = [
+    "[fd00:20::11]:8080",
+    "[fd00:20::12]:8080",
+    "[fd00:20::21]:8080",
+    "[fd00:20::22]:8080",
+];
+
 /// Health-check interval, rise and fall written into the topology's config.
 pub const HEALTH_INTERVAL_MS: u64 = 200;
 pub const HEALTH_RISE: u32 = 2;
@@ -42,6 +54,8 @@ pub struct Topology {
     lbd: Option<ChildGuard>,
     /// The HTTP backends, in [`BACKENDS`] order (`None` while stopped).
     backends: Vec<Option<Backend>>,
+    /// Their IPv6 listeners, after [`Topology::dual_stack`].
+    backends6: Vec<Backend>,
     pub dir: PathBuf,
     pub config: PathBuf,
     pub socket: PathBuf,
@@ -107,6 +121,7 @@ impl Topology {
         let mut t = Topology {
             lbd: None,
             backends: Vec::new(),
+            backends6: Vec::new(),
             config: dir.join("lb.toml"),
             socket: dir.join("lb.sock"),
             lbd_bin: binary("lbd")?,
@@ -209,6 +224,104 @@ pool = "k8s"
         );
         std::fs::write(&self.config, cfg)?;
         Ok(())
+    }
+
+    /// Makes the topology dual-stack (before lbd starts): IPv6 addresses and routes beside the
+    /// IPv4 ones, each backend answering on its IPv6 address too (same name), and a service
+    /// `web6` on [`VIP6`] with the same pools, split and health checks as `web`.
+    pub fn dual_stack(&mut self) -> Result<()> {
+        let (client, lb) = (&self.client, &self.lb);
+        let add = |ns: &Netns, cidr: &str, dev: &str| {
+            ns.ip(&["-6", "addr", "add", cidr, "dev", dev, "nodad"])
+        };
+        add(client, "fd00:99:1::2/64", "eth0")?;
+        client.ip(&["-6", "route", "add", "default", "via", "fd00:99:1::1"])?;
+        add(lb, "fd00:99:1::1/64", "eth0")?;
+        add(lb, &format!("{VIP6}/128"), "lo")?;
+        add(lb, &format!("{LB_BACKEND_SIDE6}/64"), "eth1")?;
+        for (i, ns) in self._backend_ns.iter().enumerate() {
+            let addr: SocketAddr = BACKENDS6[i].parse()?;
+            add(ns, &format!("{}/64", addr.ip()), "eth0")?;
+            ns.ip(&["-6", "route", "add", "default", "via", LB_BACKEND_SIDE6])?;
+            self.backends6
+                .push(Backend::start(ns, addr, BACKENDS[i].1)?);
+        }
+        let pool = |name: &str, weight: u32| {
+            let members: Vec<String> = BACKENDS
+                .iter()
+                .zip(BACKENDS6)
+                .filter(|((p, _, _), _)| *p == name)
+                .map(|((_, n, _), a)| format!("{{ addr = \"{a}\", name = \"{n}\" }}"))
+                .collect();
+            format!(
+                "[[service.pool]]\nname = \"{name}\"\nweight = {weight}\nbackends = [{}]\n",
+                members.join(", ")
+            )
+        };
+        let service = format!(
+            r#"
+[[service]]
+name = "web6"
+vip = "{VIP6}"
+port = 80
+protocol = "tcp"
+mode = "connection"
+snat = "{LB_BACKEND_SIDE6}"
+
+[service.health]
+check = "http"
+path = "/healthz"
+interval = "{HEALTH_INTERVAL_MS}ms"
+timeout = "150ms"
+rise = {HEALTH_RISE}
+fall = {HEALTH_FALL}
+
+{}
+{}"#,
+            pool("legacy", 90),
+            pool("k8s", 10)
+        );
+        let mut cfg = self.config_text();
+        cfg.push_str(&service);
+        std::fs::write(&self.config, cfg)?;
+        Ok(())
+    }
+
+    /// The IPv6 VIP clients connect to (after [`Topology::dual_stack`]).
+    pub fn vip6(&self) -> SocketAddr {
+        format!("[{VIP6}]:80").parse().expect("literal")
+    }
+
+    /// Makes `n` new connections from the client to `vip` (one request each); returns the
+    /// answers per backend name and the number of failures.
+    pub fn new_connections_to(&self, vip: SocketAddr, n: usize) -> (HashMap<String, usize>, usize) {
+        self.in_client(move || {
+            let mut by = HashMap::new();
+            let mut failed = 0;
+            for _ in 0..n {
+                match get_once(vip) {
+                    Ok(name) => *by.entry(name).or_insert(0) += 1,
+                    Err(_) => failed += 1,
+                }
+            }
+            (by, failed)
+        })
+        .expect("client thread")
+    }
+
+    /// Opens `n` keep-alive connections to `vip` from the client namespace, one request each:
+    /// the connections with the backend that answered.
+    pub fn keepalive_to(&self, vip: SocketAddr, n: usize) -> Vec<(crate::http::Client, String)> {
+        self.in_client(move || {
+            (0..n)
+                .map(|_| {
+                    let mut c = crate::http::Client::connect(vip).unwrap();
+                    let name = c.get(false).unwrap();
+                    (c, name)
+                })
+                .collect()
+        })
+        .expect("client thread")
     }
 
     /// Starts lbd in the balancer namespace and waits for its control socket.
@@ -415,35 +528,13 @@ pool = "k8s"
     /// Makes `n` new connections from the client (one request each); returns the answers
     /// per backend name and the number of failures.
     pub fn new_connections(&self, n: usize) -> (HashMap<String, usize>, usize) {
-        let vip = self.vip();
-        self.in_client(move || {
-            let mut by = HashMap::new();
-            let mut failed = 0;
-            for _ in 0..n {
-                match get_once(vip) {
-                    Ok(name) => *by.entry(name).or_insert(0) += 1,
-                    Err(_) => failed += 1,
-                }
-            }
-            (by, failed)
-        })
-        .expect("client thread")
+        self.new_connections_to(self.vip(), n)
     }
 
     /// Opens `n` keep-alive connections through the VIP from the client namespace, one
     /// request each: the connections with the backend that answered.
     pub fn keepalive(&self, n: usize) -> Vec<(crate::http::Client, String)> {
-        let vip = self.vip();
-        self.in_client(move || {
-            (0..n)
-                .map(|_| {
-                    let mut c = crate::http::Client::connect(vip).unwrap();
-                    let name = c.get(false).unwrap();
-                    (c, name)
-                })
-                .collect()
-        })
-        .expect("client thread")
+        self.keepalive_to(self.vip(), n)
     }
 
     /// lbd's resident memory (VmRSS, KiB), while it runs.
@@ -472,6 +563,7 @@ impl Drop for Topology {
             c.terminate();
         }
         self.backends.clear();
+        self.backends6.clear();
         if self.config.exists() {
             let _ = std::process::Command::new(&self.lbd_bin)
                 .args(["down", "--config"])
