@@ -193,9 +193,8 @@ pub enum Stat {
     /// not parse (a length below 2 or past the header).
     BadTcpHeader = 18,
     /// Passed: an ICMP error that quotes no live flow of ours (or whose outer or quoted
-    /// header has IPv4 options, or is cut short before the quoted ports); and every ICMPv6
-    /// error (those are not translated yet; neighbour discovery and echo count as
-    /// `NotOurs`).
+    /// header has IPv4 options or the ICMPv6 error an extension header, or is cut short
+    /// before the quoted ports).
     IcmpNotTranslated = 19,
     /// An ICMP error about a packet sent to a backend, translated and sent to its client
     /// (e.g. "fragmentation needed" from a router on the backends' side).

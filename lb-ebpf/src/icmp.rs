@@ -26,7 +26,8 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    FAMILY_V4, PROTO_TCP, PROTO_UDP, Tunables, csum::CsumDiff, flow::FlowKey, flow::v4, stats::Stat,
+    FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP, Tunables, csum::CsumDiff, flow::FlowKey, flow::v4,
+    stats::Stat,
 };
 
 use crate::{
@@ -53,7 +54,7 @@ const INNER_TCP_CSUM: usize = INNER_L4 + 16;
 
 /// The frame's first `N` bytes, if it has them.
 #[inline(always)]
-fn head<const N: usize>(ctx: &XdpContext) -> Option<*mut [u8; N]> {
+pub(crate) fn head<const N: usize>(ctx: &XdpContext) -> Option<*mut [u8; N]> {
     ptr_at::<[u8; N]>(ctx, 0)
 }
 
@@ -63,12 +64,12 @@ fn addr(b: &[u8], at: usize) -> [u8; 4] {
 }
 
 #[inline(always)]
-fn word(b: &[u8], at: usize) -> u16 {
+pub(crate) fn word(b: &[u8], at: usize) -> u16 {
     u16::from_ne_bytes([b[at], b[at + 1]])
 }
 
 #[inline(always)]
-fn set_word(b: &mut [u8], at: usize, w: u16) {
+pub(crate) fn set_word(b: &mut [u8], at: usize, w: u16) {
     let w = w.to_ne_bytes();
     b[at] = w[0];
     b[at + 1] = w[1];
@@ -85,12 +86,13 @@ fn set_addr(b: &mut [u8], at: usize, a: &[u8; 4]) {
 /// What [`translate`] did, in one register (a BPF subprogram returns one): the verdict for an
 /// error sent to the client (or dropped), [`TO_BACKEND`] with the backend's id for one to be
 /// sent towards a backend, or [`NOT_TRANSLATED`].
-type Outcome = u64;
-const NOT_TRANSLATED: Outcome = u64::MAX;
-const TO_BACKEND: Outcome = 1 << 32;
+pub(crate) type Outcome = u64;
+pub(crate) const NOT_TRANSLATED: Outcome = u64::MAX;
+pub(crate) const TO_BACKEND: Outcome = 1 << 32;
 
-/// An IPv4 ICMP packet (the parser hands every one here): an error about one of the
-/// balancer's flows is translated and sent on; anything else passes to the host.
+/// An ICMP packet, or an ICMPv6 error (the parser hands those here): an error about one of
+/// the balancer's flows is translated (IPv6: `icmp6`) and sent on; anything else passes to
+/// the host.
 ///
 /// The translation is a subprogram of its own, so that its frame is not on the stack beside
 /// the fib lookup's (the main program's frame leaves little room).
@@ -101,35 +103,50 @@ pub fn handle(ctx: &XdpContext, t: &Tunables) -> u32 {
     };
     // SAFETY: the bytes are in bounds (checked just above).
     let (ty, ether_type) = unsafe { ((*h)[ICMP], [(*h)[12], (*h)[13]]) };
-    if ether_type != [0x08, 0x00] {
-        // An ICMPv6 error (the parser sends only those here): not translated yet.
-        return pass(Stat::IcmpNotTranslated);
-    }
-    if ty != DEST_UNREACH && ty != TIME_EXCEEDED && ty != PARAMETER_PROBLEM {
+    let v6 = ether_type != [0x08, 0x00];
+    let outcome = if v6 {
+        crate::icmp6::translate(ctx, t)
+    } else if ty != DEST_UNREACH && ty != TIME_EXCEEDED && ty != PARAMETER_PROBLEM {
         // Echo and the rest: the host's.
         return pass(Stat::NotOurs);
-    }
-    let outcome = translate(ctx, t);
+    } else {
+        translate(ctx, t)
+    };
     if outcome == NOT_TRANSLATED {
         return pass(Stat::IcmpNotTranslated);
     }
     if outcome < TO_BACKEND {
         return outcome as u32;
     }
-    // Towards the backend: the rewritten outer header says from where to where.
-    let Some(b) = head::<ICMP>(ctx) else {
-        return XDP_DROP;
+    towards_backend(ctx, t, outcome as u32, v6)
+}
+
+/// Sends a translated error on towards backend `backend_id`: the rewritten outer header says
+/// from where to where. A subprogram: the two addresses it reads are not in the main frame.
+#[inline(never)]
+fn towards_backend(ctx: &XdpContext, t: &Tunables, backend_id: u32, v6: bool) -> u32 {
+    let (family, src, dst) = if v6 {
+        let Some(b) = head::<{ crate::icmp6::OUTER }>(ctx) else {
+            return XDP_DROP;
+        };
+        // SAFETY: in bounds (checked just above).
+        let (src, dst) = crate::icmp6::outer(unsafe { &*b });
+        (FAMILY_V6, src, dst)
+    } else {
+        let Some(b) = head::<ICMP>(ctx) else {
+            return XDP_DROP;
+        };
+        // SAFETY: in bounds (checked just above).
+        let b = unsafe { &*b };
+        (FAMILY_V4, v4(addr(b, IP + 12)), v4(addr(b, IP + 16)))
     };
-    // SAFETY: in bounds (checked just above).
-    let b = unsafe { &*b };
-    let (src, dst) = (addr(b, IP + 12), addr(b, IP + 16));
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
     match forward::next_hop(
         ctx,
-        outcome as u32,
-        FAMILY_V4,
-        (&v4(src), &v4(dst)),
+        backend_id,
+        family,
+        (&src, &dst),
         now,
         t.next_hop_ttl_ns,
     ) {

@@ -11,6 +11,7 @@ mod conntrack;
 mod forward;
 mod guard;
 mod icmp;
+mod icmp6;
 mod maps;
 mod nat;
 mod parse;

@@ -140,12 +140,92 @@ pub fn udp6(smac: [u8; 6], src: Endpoint6, dst: Endpoint6, payload: &[u8]) -> Ve
     frame(smac, (src.0, dst.0), &[], 17, &l4)
 }
 
-/// An ICMPv6 message (`ty`, `code`, body) from `src` to `dst` (checksum left zero: the
-/// balancer does not read it).
-pub fn icmp6(src: [u8; 16], dst: [u8; 16], ty: u8, code: u8, body: &[u8]) -> Vec<u8> {
+/// The ICMPv6 checksum of `msg` (its checksum field zero) from `src` to `dst`.
+fn icmp6_csum(src: &[u8; 16], dst: &[u8; 16], msg: &[u8]) -> u16 {
+    let mut data = Vec::new();
+    data.extend_from_slice(src);
+    data.extend_from_slice(dst);
+    data.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+    data.extend_from_slice(&[0, 0, 0, 58]);
+    data.extend_from_slice(msg);
+    crate::packets::inet_csum(&data)
+}
+
+/// An ICMPv6 message (`ty`, `code`, body) from `src` to `dst`, sent by `smac`, with a
+/// correct checksum.
+pub fn icmp6_from(
+    smac: [u8; 6],
+    src: [u8; 16],
+    dst: [u8; 16],
+    ty: u8,
+    code: u8,
+    body: &[u8],
+) -> Vec<u8> {
     let mut m = vec![ty, code, 0, 0];
     m.extend_from_slice(body);
-    frame(CLIENT_MAC, (src, dst), &[], 58, &m)
+    let c = icmp6_csum(&src, &dst, &m).to_be_bytes();
+    m[2..4].copy_from_slice(&c);
+    frame(smac, (src, dst), &[], 58, &m)
+}
+
+/// A client's ICMPv6 message.
+pub fn icmp6(src: [u8; 16], dst: [u8; 16], ty: u8, code: u8, body: &[u8]) -> Vec<u8> {
+    icmp6_from(CLIENT_MAC, src, dst, ty, code, body)
+}
+
+/// A "packet too big" (type 2) with `mtu` from `src` to `dst`, sent by `smac`, quoting
+/// `quoted` (an IPv6 packet, or its start).
+pub fn packet_too_big(
+    smac: [u8; 6],
+    src: [u8; 16],
+    dst: [u8; 16],
+    mtu: u32,
+    quoted: &[u8],
+) -> Vec<u8> {
+    let mut body = mtu.to_be_bytes().to_vec();
+    body.extend_from_slice(quoted);
+    icmp6_from(smac, src, dst, 2, 0, &body)
+}
+
+/// What a checked ICMPv6 error frame says.
+#[derive(Debug, PartialEq)]
+pub struct SeenIcmp6 {
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    pub hop_limit: u8,
+    pub smac: [u8; 6],
+    pub dmac: [u8; 6],
+    pub ty: u8,
+    /// The 4 bytes after the checksum (a "packet too big"'s MTU).
+    pub rest: [u8; 4],
+    /// The quoted packet, as sent.
+    pub quoted: Vec<u8>,
+}
+
+/// Parses an ICMPv6 error frame (no extension headers) and asserts that its checksum is
+/// right.
+pub fn check_icmp6(frame: &[u8]) -> SeenIcmp6 {
+    let (e, rest) = Ethernet2Header::from_slice(frame).expect("ethernet");
+    let (h, msg) = Ipv6Header::from_slice(rest).expect("ipv6");
+    assert_eq!(h.next_header.0, 58, "an ICMPv6 packet");
+    let mut zeroed = msg.to_vec();
+    zeroed[2] = 0;
+    zeroed[3] = 0;
+    assert_eq!(
+        u16::from_be_bytes([msg[2], msg[3]]),
+        icmp6_csum(&h.source, &h.destination, &zeroed),
+        "ICMPv6 checksum"
+    );
+    SeenIcmp6 {
+        src: h.source,
+        dst: h.destination,
+        hop_limit: h.hop_limit,
+        smac: e.source,
+        dmac: e.destination,
+        ty: msg[0],
+        rest: [msg[4], msg[5], msg[6], msg[7]],
+        quoted: msg[8..].to_vec(),
+    }
 }
 
 /// What a checked IPv6 output frame says.

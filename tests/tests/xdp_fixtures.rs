@@ -11,8 +11,8 @@ use lb_tests::{
         tcp_with, udp, with_ttl,
     },
     packets6::{
-        Seen6, addr6, check6, dest_opts, fragment, hop_by_hop, icmp6, routing, tcp6, tcp6_full,
-        udp6,
+        Seen6, addr6, check_icmp6, check6, dest_opts, fragment, hop_by_hop, icmp6, packet_too_big,
+        routing, tcp6, tcp6_full, udp6,
     },
     require_root,
     xdp::{self, SNAT, VETH_MAC},
@@ -1512,4 +1512,111 @@ fn ipv6_flows_are_natted_both_ways_and_what_is_not_ours_passes() {
         v, XDP_REDIRECT,
         "a routing header at its last segment is balanced"
     );
+}
+
+/// Everything of an IPv6 packet but its hop limit (byte 7).
+fn but_hop_limit(p: &[u8]) -> (Vec<u8>, Vec<u8>) {
+    (p[..7].to_vec(), p[8..].to_vec())
+}
+
+/// ICMPv6 errors about a flow ("packet too big" above all: IPv6 routers never fragment) are
+/// translated to the flow's other end, quoting that end's own packet, checksums valid; an
+/// error about no flow of ours passes, and one claiming to come from a backend's side from
+/// elsewhere is dropped.
+#[test]
+fn icmpv6_errors_about_a_flow_are_translated_to_its_other_end() {
+    if !require_root("icmpv6_errors_about_a_flow_are_translated_to_its_other_end") {
+        return;
+    }
+    let mut f = Fixture::new();
+    f.v6(5);
+    let router_b = addr6(0x20, 0xfe);
+    let router_c = addr6(0x99, 0xfe);
+
+    let syn = tcp6((CLIENT6, 40000), (VIP6, 80), SYN);
+    let (_, to_backend) = f.run(&syn);
+    let port = check6(&to_backend).src.1;
+    // A router on the backends' side: the SYN does not fit its next link.
+    let ptb = packet_too_big(
+        backend_mac(0),
+        router_b,
+        xdp::SNAT6,
+        1280,
+        &to_backend[14..],
+    );
+    let (v, out) = f.ret(&ptb);
+    assert_eq!(v, XDP_REDIRECT, "the error goes to the client");
+    let seen = check_icmp6(&out);
+    assert_eq!(
+        (
+            seen.src,
+            seen.dst,
+            seen.hop_limit,
+            seen.smac,
+            seen.dmac,
+            seen.ty
+        ),
+        (VIP6, CLIENT6, 63, LB_MAC, CLIENT_MAC, 2)
+    );
+    assert_eq!(seen.rest, 1280u32.to_be_bytes(), "the MTU is kept");
+    assert_eq!(
+        but_hop_limit(&seen.quoted),
+        but_hop_limit(&syn[14..]),
+        "it quotes the client's own SYN (its checksum valid again)"
+    );
+    assert_eq!(f.stat(Stat::IcmpToClient), 1);
+
+    // The same error from another MAC on the backends' side is spoofed.
+    let mut spoofed = ptb.clone();
+    spoofed[6..12].copy_from_slice(&[0x02, 0, 0, 0, 0x66, 0x66]);
+    assert_eq!(f.ret(&spoofed).0, XDP_DROP);
+
+    // A router on the client's side: the backend's answer does not fit.
+    let (_, to_client) = f.ret(&tcp6_full(
+        backend_mac(0),
+        (BACKENDS6[0], 8080),
+        (xdp::SNAT6, port),
+        SYN_ACK,
+        (BACKEND_ISN, CLIENT_ISN + 1),
+        b"",
+        &[],
+    ));
+    assert_eq!(check6(&to_client).dst, (CLIENT6, 40000));
+    let ptb = packet_too_big(CLIENT_MAC, router_c, VIP6, 1300, &to_client[14..]);
+    let (v, out) = f.run(&ptb);
+    assert_eq!(v, XDP_REDIRECT, "the error goes to the backend");
+    let seen = check_icmp6(&out);
+    assert_eq!(
+        (seen.src, seen.dst, seen.hop_limit, seen.smac, seen.dmac),
+        (xdp::SNAT6, BACKENDS6[0], 63, VETH_MAC, backend_mac(0))
+    );
+    let quoted = check6(&[&to_client[..14], &seen.quoted[..]].concat());
+    assert_eq!(
+        (quoted.src, quoted.dst),
+        ((BACKENDS6[0], 8080), (xdp::SNAT6, port)),
+        "it quotes the backend's own packet, its TCP checksum valid"
+    );
+    assert_eq!(f.stat(Stat::IcmpToBackend), 1);
+
+    // UDP: the quoted checksum is fixed too.
+    let (_, udp_out) = f.run(&udp6(CLIENT_MAC, (CLIENT6, 5353), (VIP6, 53), b"query"));
+    let (v, out) = f.ret(&packet_too_big(
+        backend_mac(0),
+        router_b,
+        xdp::SNAT6,
+        1280,
+        &udp_out[14..],
+    ));
+    assert_eq!(v, XDP_REDIRECT);
+    let seen = check_icmp6(&out);
+    let quoted = check6(&[&udp_out[..14], &seen.quoted[..]].concat());
+    assert_eq!((quoted.src, quoted.dst), ((CLIENT6, 5353), (VIP6, 53)));
+
+    // About no flow of ours: the host's.
+    let stranger = tcp6((CLIENT6, 40100), (VIP6, 80), ACK);
+    let before = f.stat(Stat::IcmpNotTranslated);
+    let pkt = packet_too_big(CLIENT_MAC, router_c, CLIENT6, 1280, &stranger[14..]);
+    let (v, out) = f.run(&pkt);
+    assert_eq!((v, out), (XDP_PASS, pkt));
+    assert_eq!(f.stat(Stat::IcmpNotTranslated), before + 1);
 }
