@@ -65,6 +65,27 @@ impl Netns {
         Ok(())
     }
 
+    /// Waits (at most `timeout`) until no IPv6 address in the namespace is tentative: a fresh
+    /// interface's link-local address goes through duplicate address detection (~1–2 s), and
+    /// neighbour discovery sent before it ends is not answered, which costs the first
+    /// connection a one-second retransmission.
+    pub fn wait_ipv6_ready(&self, timeout: std::time::Duration) -> Result<()> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let tentative = self.ip(&["-6", "addr", "show", "tentative"])?;
+            if tentative.trim().is_empty() {
+                return Ok(());
+            }
+            if std::time::Instant::now() > deadline {
+                bail!(
+                    "{}: IPv6 addresses still tentative:\n{tentative}",
+                    self.name
+                );
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+
     /// Starts a long-running command inside the namespace; it is killed when the guard drops.
     pub fn spawn(&self, args: &[&str], log: &std::path::Path) -> Result<ChildGuard> {
         self.spawn_passing(args, log, None)

@@ -284,6 +284,12 @@ fall = {HEALTH_FALL}
         let mut cfg = self.config_text();
         cfg.push_str(&service);
         std::fs::write(&self.config, cfg)?;
+        for ns in [&self.client, &self.lb, &self._bridge]
+            .into_iter()
+            .chain(&self._backend_ns)
+        {
+            ns.wait_ipv6_ready(Duration::from_secs(5))?;
+        }
         Ok(())
     }
 

@@ -26,7 +26,7 @@ use std::{
 use lb_tests::{
     netns::{Netns, tx_csum_off, unique_prefix, veth},
     require_root,
-    topology::{BACKENDS, LB_BACKEND_SIDE, Topology, VIP},
+    topology::{LB_BACKEND_SIDE, LB_BACKEND_SIDE6, Topology, VIP, VIP6},
 };
 
 const BULK_PORT: u16 = 9000;
@@ -168,70 +168,169 @@ fn events(t: &Topology, reason: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// One family's addresses for the test.
+struct Plan {
+    /// The VIP and SNAT address of the services.
+    vip: &'static str,
+    snat: &'static str,
+    /// `ip` arguments selecting the family.
+    ip: &'static str,
+    forwarding: &'static str,
+    /// The far client's link (client end, far end, prefix length) and the client's address
+    /// the balancer routes it through.
+    far_client_link: (&'static str, &'static str, u8),
+    client: &'static str,
+    /// The far backend's link (router end, far end, prefix length); the router is backend 0.
+    far_backend_link: (&'static str, &'static str, u8),
+    /// The near backends' addresses (the router first).
+    backends: [&'static str; 4],
+    /// The metric that counts the translations towards the backend and the client.
+    prefix: (&'static str, &'static str),
+}
+
+const V4: Plan = Plan {
+    vip: VIP,
+    snat: LB_BACKEND_SIDE,
+    ip: "-4",
+    forwarding: "net.ipv4.ip_forward",
+    far_client_link: ("10.98.0.1", FAR_CLIENT, 24),
+    client: "10.99.1.2",
+    far_backend_link: ("10.30.0.1", FAR_BACKEND, 24),
+    backends: ["10.20.0.11", "10.20.0.12", "10.20.0.21", "10.20.0.22"],
+    prefix: ("10.98.0.0/24", "10.30.0.0/24"),
+};
+
+const V6: Plan = Plan {
+    vip: VIP6,
+    snat: LB_BACKEND_SIDE6,
+    ip: "-6",
+    forwarding: "net.ipv6.conf.all.forwarding",
+    far_client_link: ("fd00:98::1", "fd00:98::2", 64),
+    client: "fd00:99:1::2",
+    far_backend_link: ("fd00:30::1", "fd00:30::2", 64),
+    backends: ["fd00:20::11", "fd00:20::12", "fd00:20::21", "fd00:20::22"],
+    prefix: ("fd00:98::/64", "fd00:30::/64"),
+};
+
+fn sock(ip: &str, port: u16) -> SocketAddr {
+    SocketAddr::new(ip.parse().unwrap(), port)
+}
+
 #[test]
 fn path_mtu_discovery_completes_through_the_balancer_both_ways() {
     if !require_root("path_mtu_discovery_completes") {
         return;
     }
-    let t = Topology::new("pmtu", "native").unwrap();
-    let p = unique_prefix("pmtux");
+    path_mtu_discovery("pmtu", &V4);
+}
+
+/// The same over IPv6, where the errors are ICMPv6 "packet too big" (IPv6 routers never
+/// fragment, so nothing else gets a large transfer through).
+#[test]
+fn ipv6_path_mtu_discovery_completes_through_the_balancer_both_ways() {
+    if !require_root("ipv6_path_mtu_discovery_completes") {
+        return;
+    }
+    path_mtu_discovery("pmt6", &V6);
+}
+
+fn path_mtu_discovery(tag: &str, f: &Plan) {
+    let mut t = Topology::new(tag, "native").unwrap();
+    if f.ip == "-6" {
+        t.dual_stack().unwrap();
+    }
+    let p = unique_prefix(&format!("{tag}x"));
+    let with_len = |a: &str, len: u8| format!("{a}/{len}");
     // A client behind the client namespace, which routes for it over a smaller link.
     let far_client = Netns::new(&format!("{p}fc")).unwrap();
     veth(&t.client, "eth1", &far_client, "eth0").unwrap();
+    let (near_end, far_end, len) = f.far_client_link;
     t.client
-        .ip(&["addr", "add", "10.98.0.1/24", "dev", "eth1"])
+        .ip(&[
+            f.ip,
+            "addr",
+            "add",
+            &with_len(near_end, len),
+            "dev",
+            "eth1",
+            "nodad",
+        ])
         .unwrap();
     t.client
         .ip(&["link", "set", "eth1", "mtu", SMALL_MTU])
         .unwrap();
-    t.client.sysctl("net.ipv4.ip_forward", "1").unwrap();
+    t.client.sysctl(f.forwarding, "1").unwrap();
     far_client
-        .ip(&["addr", "add", &format!("{FAR_CLIENT}/24"), "dev", "eth0"])
+        .ip(&[
+            f.ip,
+            "addr",
+            "add",
+            &with_len(far_end, len),
+            "dev",
+            "eth0",
+            "nodad",
+        ])
         .unwrap();
     far_client
-        .ip(&["route", "add", "default", "via", "10.98.0.1"])
+        .ip(&[f.ip, "route", "add", "default", "via", near_end])
         .unwrap();
     tx_csum_off(&far_client, "eth0").unwrap();
-    t.lb.ip(&["route", "add", "10.98.0.0/24", "via", "10.99.1.2"])
+    t.lb.ip(&[f.ip, "route", "add", f.prefix.0, "via", f.client])
         .unwrap();
+    let far_client_addr = far_end;
     // A backend behind the first backend's namespace, which routes for it the same way.
     let router = t.backend_ns(0);
-    let router_addr = BACKENDS[0].2.split(':').next().unwrap();
     let far_backend = Netns::new(&format!("{p}fb")).unwrap();
     veth(router, "eth1", &far_backend, "eth0").unwrap();
+    let (near_end, far_end, len) = f.far_backend_link;
     router
-        .ip(&["addr", "add", "10.30.0.1/24", "dev", "eth1"])
+        .ip(&[
+            f.ip,
+            "addr",
+            "add",
+            &with_len(near_end, len),
+            "dev",
+            "eth1",
+            "nodad",
+        ])
         .unwrap();
     router
         .ip(&["link", "set", "eth1", "mtu", SMALL_MTU])
         .unwrap();
-    router.sysctl("net.ipv4.ip_forward", "1").unwrap();
+    router.sysctl(f.forwarding, "1").unwrap();
     far_backend
-        .ip(&["addr", "add", &format!("{FAR_BACKEND}/24"), "dev", "eth0"])
+        .ip(&[
+            f.ip,
+            "addr",
+            "add",
+            &with_len(far_end, len),
+            "dev",
+            "eth0",
+            "nodad",
+        ])
         .unwrap();
     far_backend
-        .ip(&["route", "add", "default", "via", "10.30.0.1"])
+        .ip(&[f.ip, "route", "add", "default", "via", near_end])
         .unwrap();
     tx_csum_off(&far_backend, "eth0").unwrap();
-    t.lb.ip(&["route", "add", "10.30.0.0/24", "via", router_addr])
+    t.lb.ip(&[f.ip, "route", "add", f.prefix.1, "via", f.backends[0]])
         .unwrap();
+    let far_backend_addr = far_end;
+    for ns in [&t.client, &far_client, router, &far_backend] {
+        ns.wait_ipv6_ready(Duration::from_secs(5)).unwrap();
+    }
 
-    let mut servers: Vec<Bulk> = BACKENDS
+    let mut servers: Vec<Bulk> = f
+        .backends
         .iter()
         .enumerate()
-        .map(|(i, (_, _, a))| {
-            let ip = a.split(':').next().unwrap();
-            Bulk::start(
-                &t.backend_ns(i).name,
-                format!("{ip}:{BULK_PORT}").parse().unwrap(),
-            )
-        })
+        .map(|(i, a)| Bulk::start(&t.backend_ns(i).name, sock(a, BULK_PORT)))
         .collect();
     servers.push(Bulk::start(
         &far_backend.name,
-        format!("{FAR_BACKEND}:{BULK_PORT}").parse().unwrap(),
+        sock(far_backend_addr, BULK_PORT),
     ));
-    let pool = |name: &str, addrs: &[String]| {
+    let pool = |name: &str, addrs: &[SocketAddr]| {
         let list: Vec<String> = addrs
             .iter()
             .enumerate()
@@ -242,20 +341,18 @@ fn path_mtu_discovery_completes_through_the_balancer_both_ways() {
             list.join(", ")
         )
     };
-    let near: Vec<String> = BACKENDS
-        .iter()
-        .map(|(_, _, a)| format!("{}:{BULK_PORT}", a.split(':').next().unwrap()))
-        .collect();
+    let near: Vec<SocketAddr> = f.backends.iter().map(|a| sock(a, BULK_PORT)).collect();
     let svc = |name: &str, port: u16, pool_text: String| {
         format!(
-            "\n[[service]]\nname = \"{name}\"\nvip = \"{VIP}\"\nport = {port}\nprotocol = \"tcp\"\nsnat = \"{LB_BACKEND_SIDE}\"\n\n[service.health]\ncheck = \"tcp\"\ninterval = \"200ms\"\ntimeout = \"150ms\"\nrise = 1\nfall = 2\n\n{pool_text}"
+            "\n[[service]]\nname = \"{name}\"\nvip = \"{}\"\nport = {port}\nprotocol = \"tcp\"\nsnat = \"{}\"\n\n[service.health]\ncheck = \"tcp\"\ninterval = \"200ms\"\ntimeout = \"150ms\"\nrise = 1\nfall = 2\n\n{pool_text}",
+            f.vip, f.snat
         )
     };
     let extra = svc("bulk", BULK_PORT, pool("near", &near))
         + &svc(
             "far",
             FAR_VIP_PORT,
-            pool("far", &[format!("{FAR_BACKEND}:{BULK_PORT}")]),
+            pool("far", &[sock(far_backend_addr, BULK_PORT)]),
         );
     let marker = "# The same pools and split, balanced per request";
     let cfg = t.config_text();
@@ -264,7 +361,6 @@ fn path_mtu_discovery_completes_through_the_balancer_both_ways() {
         cfg.replacen(marker, &format!("{extra}\n{marker}"), 1),
     )
     .unwrap();
-    let mut t = t;
     t.start_lbd().unwrap();
     let up = |svc: &str, n: usize| {
         let s = t
@@ -281,7 +377,7 @@ fn path_mtu_discovery_completes_through_the_balancer_both_ways() {
     // Download to the client behind the small link: the router's error goes to the VIP and
     // must reach the backend.
     let to_backend = events(&t, "icmp_to_backend");
-    let vip: SocketAddr = format!("{VIP}:{BULK_PORT}").parse().unwrap();
+    let vip = sock(f.vip, BULK_PORT);
     let fc = far_client.name.clone();
     let (down, took) = std::thread::spawn(move || {
         Netns { name: fc }.enter_no_drop().unwrap();
@@ -291,7 +387,7 @@ fn path_mtu_discovery_completes_through_the_balancer_both_ways() {
     .unwrap();
     let translated = events(&t, "icmp_to_backend") - to_backend;
     eprintln!(
-        "download over a {SMALL_MTU}-byte hop: {down} of {BYTES} bytes in {took:?}; {translated} errors sent on to the backend"
+        "[{tag}] download to {far_client_addr} over a {SMALL_MTU}-byte hop: {down} of {BYTES} bytes in {took:?}; {translated} errors sent on to the backend"
     );
     assert_eq!(down, BYTES, "the download completes");
     assert!(translated >= 1, "the router's error was translated");
@@ -299,11 +395,11 @@ fn path_mtu_discovery_completes_through_the_balancer_both_ways() {
     // Upload from the client to the backend behind the small link: the router's error goes
     // to the SNAT address and must reach the client.
     let to_client = events(&t, "icmp_to_client");
-    let far_vip: SocketAddr = format!("{VIP}:{FAR_VIP_PORT}").parse().unwrap();
+    let far_vip = sock(f.vip, FAR_VIP_PORT);
     let (up_bytes, took) = t.in_client(move || transfer(far_vip, "up")).unwrap();
     let translated = events(&t, "icmp_to_client") - to_client;
     eprintln!(
-        "upload over a {SMALL_MTU}-byte hop: {up_bytes} of {BYTES} bytes in {took:?}; {translated} errors sent on to the client"
+        "[{tag}] upload over a {SMALL_MTU}-byte hop: {up_bytes} of {BYTES} bytes in {took:?}; {translated} errors sent on to the client"
     );
     assert_eq!(up_bytes, BYTES, "the upload completes");
     assert!(translated >= 1, "the router's error was translated");
