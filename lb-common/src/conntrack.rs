@@ -131,6 +131,22 @@ pub fn alive(last_seen: u64, st: u8, proto: u8, now: u64, t: &crate::Tunables) -
     now.saturating_sub(last_seen) <= timeout
 }
 
+/// Whether the reverse-NAT entry `r` is a half-open flow whose port a new flow may take at
+/// `now`: only its client's SYN seen, idle at least `tcp_syn_reclaim_ns`, still alive (a dead
+/// entry is the flow collector's to remove, never replaced under it).
+///
+/// A real client answers the backend's SYN-ACK within its round trip; a spoofed SYN's
+/// "client" never does. A port is wanted again only when the CPU's port walk towards that
+/// backend comes back to it, about every `ports / new flows per second` (16 s for 1 000/s
+/// with the default range): only a flood comes back within the reclaim age.
+#[inline(always)]
+pub fn half_open_reclaimable(r: &RnatValue, proto: u8, now: u64, t: &crate::Tunables) -> bool {
+    proto == crate::PROTO_TCP
+        && r.state == state::SYN
+        && now.saturating_sub(r.last_seen_ns) >= t.tcp_syn_reclaim_ns
+        && alive(r.last_seen_ns, r.state, proto, now, t)
+}
+
 /// Whether a flow's SNAT port may go to a new flow: the flow is dead, or closed and idle long
 /// enough that nothing but strays can still come. lbd's flow collector frees such ports.
 #[inline(always)]

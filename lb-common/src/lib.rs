@@ -102,6 +102,10 @@ pub struct Tunables {
     /// briefly. A client that has to retransmit its SYN refreshes it; a handshake completes
     /// in one round trip.
     pub tcp_syn_timeout_ns: u64,
+    /// Age from which a half-open TCP flow's SNAT port may go to a new flow that wants it
+    /// (see `conntrack::half_open_reclaimable`): what keeps a SYN flood from holding every
+    /// port. A real client answers the backend's SYN-ACK within its round trip.
+    pub tcp_syn_reclaim_ns: u64,
 }
 
 const SECOND: u64 = 1_000_000_000;
@@ -130,10 +134,11 @@ impl Tunables {
         tcp_closed_reuse_ns: 2 * SECOND,
         // Covers a client's first SYN retransmission (1 s) and a backend slow to answer.
         tcp_syn_timeout_ns: 3 * SECOND,
+        tcp_syn_reclaim_ns: SECOND / 4,
     };
 }
 
-const _: () = assert!(core::mem::size_of::<Tunables>() == 56);
+const _: () = assert!(core::mem::size_of::<Tunables>() == 64);
 
 #[cfg(feature = "user")]
 mod pod {

@@ -210,10 +210,14 @@ pub enum Stat {
     /// four, a routing header with segments left, AH, ESP, or one cut short); the kernel
     /// handles it.
     Ipv6ExtUnhandled = 23,
+    /// A new flow took the SNAT port of a half-open flow (only a SYN seen from its client, for
+    /// at least [`crate::conntrack::SYN_RECLAIM_NS`]): what keeps a SYN flood from holding
+    /// every port.
+    HalfOpenReclaimed = 24,
 }
 
 /// Number of entries in the per-CPU XDP counter array.
-pub const STAT_COUNT: u32 = 24;
+pub const STAT_COUNT: u32 = 25;
 
 #[cfg(test)]
 mod tests {

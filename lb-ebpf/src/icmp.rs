@@ -32,7 +32,7 @@ use lb_common::{
 
 use crate::{
     conntrack, forward,
-    maps::{LB_CONNTRACK, LB_ICMP_KEY, LB_REVERSE_NAT},
+    maps::{LB_CONNTRACK, LB_REVERSE_NAT, LB_SCRATCH_KEY},
     parse::ptr_at,
     stats,
 };
@@ -194,7 +194,7 @@ fn translate(ctx: &XdpContext, t: &Tunables) -> Outcome {
         stats::bump(Stat::TtlExceeded);
         return XDP_PASS as Outcome;
     }
-    let Some(key) = LB_ICMP_KEY.get_ptr_mut(0) else {
+    let Some(key) = LB_SCRATCH_KEY.get_ptr_mut(0) else {
         return NOT_TRANSLATED;
     };
     // SAFETY: this CPU's scratch slot: nothing else touches it while this runs.

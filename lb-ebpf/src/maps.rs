@@ -92,10 +92,11 @@ pub static LB_SNAT_CURSOR: PerCpuArray<u32> =
 #[map]
 pub static LB_NEW_FLOW: PerCpuArray<crate::select::NewFlow> = PerCpuArray::with_max_entries(1, 0);
 
-/// Index 0 → this CPU's scratch flow key for the lookups of an ICMP error's quoted flow (see
-/// `icmp`): on the stack it would not fit beside the main program's frame. Not pinned.
+/// Index 0 → this CPU's scratch flow key, for lookups whose key would not fit on the stack
+/// beside the callers' frames: an ICMP error's quoted flow (`icmp`, `icmp6`), the flow whose
+/// half-open port a new flow takes (`select`). Not pinned.
 #[map]
-pub static LB_ICMP_KEY: PerCpuArray<FlowKey> = PerCpuArray::with_max_entries(1, 0);
+pub static LB_SCRATCH_KEY: PerCpuArray<FlowKey> = PerCpuArray::with_max_entries(1, 0);
 
 /// Load-time settings (SNAT port range, timeouts); userspace overrides the default.
 #[unsafe(no_mangle)]

@@ -1,14 +1,14 @@
 //! New flows: the Maglev bucket → backend, and a SNAT port that no live flow holds.
 
 use aya_ebpf::{
-    bindings::{BPF_ANY, BPF_NOEXIST},
+    bindings::{BPF_ANY, BPF_EXIST, BPF_NOEXIST},
     helpers::{bpf_get_smp_processor_id, bpf_ktime_get_coarse_ns},
     programs::XdpContext,
 };
 use lb_common::{
     NO_BACKEND, PROTO_TCP, Tunables,
     backend::{BackendInfo, NextHop},
-    conntrack::{CtValue, RnatValue, state},
+    conntrack::{CtValue, RnatValue, half_open_reclaimable, state},
     flow::FlowKey,
     hash,
     service::ServiceValue,
@@ -92,10 +92,11 @@ fn alloc_snat_port(
         idx += 1;
         rkey.dport = (port as u16).to_be();
         // Taken, or the map is full: the next port (a full map fails them all, and the SYN
-        // is dropped and counted; the client retries).
+        // is dropped and counted; the client retries) — unless a half-open flow holds it.
         if LB_REVERSE_NAT
             .insert(&*rkey, rval, BPF_NOEXIST as u64)
             .is_ok()
+            || reclaim(rkey, rval, t)
         {
             *cursor = idx;
             return Ok(());
@@ -103,6 +104,49 @@ fn alloc_snat_port(
     }
     *cursor = idx;
     Err(Stat::FlowNotCreated)
+}
+
+/// Takes the port of `rkey` from the half-open flow that holds it, if it may
+/// ([`half_open_reclaimable`]) and its conntrack entry is still its own: that entry goes
+/// first (its client's next packet finds no flow, as after a timeout), then the reverse
+/// entry is replaced whole (an element swap: the return path sees the old flow or the new).
+///
+/// An entry without its own conntrack entry is left to lbd's flow collector, which frees
+/// such orphans: so the collector never removes an entry this has just given to another
+/// flow, and this never replaces one the collector is about to remove.
+#[inline(always)]
+fn reclaim(rkey: &FlowKey, rval: &RnatValue, t: &Tunables) -> bool {
+    let Some(old) = LB_REVERSE_NAT.get_ptr(rkey) else {
+        return false;
+    };
+    // SAFETY: plain integers, read in place.
+    let old = unsafe { &*old };
+    if !half_open_reclaimable(old, rkey.proto, rval.last_seen_ns, t) {
+        return false;
+    }
+    let Some(fkey) = crate::maps::LB_SCRATCH_KEY.get_ptr_mut(0) else {
+        return false;
+    };
+    // SAFETY: this CPU's scratch slot: nothing else touches it while this runs.
+    let fkey = unsafe { &mut *fkey };
+    *fkey = crate::conntrack::forward_key(old, rkey);
+    let fkey: &FlowKey = fkey;
+    // Its own as the flow collector judges it (so that it never judges this entry orphaned).
+    // SAFETY: as above.
+    let own = LB_CONNTRACK.get_ptr(fkey).is_some_and(|c| unsafe {
+        (*c).snat_port == rkey.dport
+            && (*c).backend_port == rkey.sport
+            && (*c).backend_addr == rkey.src
+            && (*c).snat_addr == rkey.dst
+    });
+    if !own || LB_CONNTRACK.remove(fkey).is_err() {
+        return false;
+    }
+    if LB_REVERSE_NAT.insert(rkey, rval, BPF_EXIST as u64).is_err() {
+        return false;
+    }
+    crate::stats::bump(Stat::HalfOpenReclaimed);
+    true
 }
 
 /// A new flow under construction, in the per-CPU scratch map `LB_NEW_FLOW` rather than on

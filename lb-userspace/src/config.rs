@@ -39,6 +39,9 @@ pub enum ConfigError {
 pub const MIN_HEALTH_INTERVAL: Duration = Duration::from_millis(50);
 /// Bounds of the flow idle timeouts (`daemon.tcp_established_timeout` and the like).
 const MIN_FLOW_TIMEOUT: Duration = Duration::from_secs(1);
+/// Shortest `tcp_syn_reclaim`: below it, clients far away (a round trip of 100 ms and more)
+/// would lose their handshakes to a flood's SYNs.
+const MIN_SYN_RECLAIM: Duration = Duration::from_millis(100);
 const MAX_FLOW_TIMEOUT: Duration = Duration::from_secs(7 * 24 * 3600);
 /// How long a closed TCP flow keeps its SNAT port (`Tunables::tcp_closed_reuse_ns`).
 const CLOSED_REUSE: Duration =
@@ -235,6 +238,10 @@ pub struct Daemon {
     /// no client follows up (a flood from spoofed sources) give their SNAT ports back soon.
     #[serde(deserialize_with = "duration")]
     pub tcp_syn_timeout: Duration,
+    /// Age from which a half-open TCP flow's SNAT port may go to a new flow that wants it:
+    /// under a SYN flood, what keeps the flood from holding every port.
+    #[serde(deserialize_with = "duration")]
+    pub tcp_syn_reclaim: Duration,
     /// Idle timeout of a UDP flow: after it, the flow's next datagram is balanced afresh by
     /// the current split.
     #[serde(deserialize_with = "duration")]
@@ -313,6 +320,7 @@ impl Default for Daemon {
             tcp_established_timeout: Duration::from_nanos(t.tcp_established_timeout_ns),
             tcp_closing_timeout: Duration::from_nanos(t.tcp_transient_timeout_ns),
             tcp_syn_timeout: Duration::from_nanos(t.tcp_syn_timeout_ns),
+            tcp_syn_reclaim: Duration::from_nanos(t.tcp_syn_reclaim_ns),
             udp_timeout: Duration::from_nanos(t.udp_timeout_ns),
             forward_filter: true,
             limits: Limits::default(),
@@ -1014,6 +1022,15 @@ impl Config {
                 ));
             }
         }
+        if d.tcp_syn_reclaim < MIN_SYN_RECLAIM || d.tcp_syn_reclaim >= d.tcp_syn_timeout {
+            return Err(key_err(
+                "tcp_syn_reclaim",
+                format!(
+                    "daemon.tcp_syn_reclaim = {:?} must be at least {MIN_SYN_RECLAIM:?} (a real client's round trip) and below tcp_syn_timeout ({:?})",
+                    d.tcp_syn_reclaim, d.tcp_syn_timeout
+                ),
+            ));
+        }
         if d.tcp_closing_timeout <= CLOSED_REUSE {
             return Err(key_err(
                 "tcp_closing_timeout",
@@ -1367,6 +1384,18 @@ backends = [{ addr = "10.20.0.21:8080", name = "k8s-a" }]
                 "interfaces = [\"eth0\"]\ntcp_closing_timeout = \"2s\"",
                 4,
                 "must be above 2s",
+            ),
+            (
+                "interfaces = [\"eth0\"]",
+                "interfaces = [\"eth0\"]\ntcp_syn_reclaim = \"50ms\"",
+                4,
+                "daemon.tcp_syn_reclaim = 50ms must be at least 100ms",
+            ),
+            (
+                "interfaces = [\"eth0\"]",
+                "interfaces = [\"eth0\"]\ntcp_syn_reclaim = \"3s\"",
+                4,
+                "below tcp_syn_timeout (3s)",
             ),
             (
                 "interfaces = [\"eth0\"]",

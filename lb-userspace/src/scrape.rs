@@ -248,6 +248,7 @@ impl Daemon {
                         ("icmp_to_backend", Stat::IcmpToBackend),
                         ("flow_lost_port", Stat::FlowLostPort),
                         ("ipv6_ext_unhandled", Stat::Ipv6ExtUnhandled),
+                        ("half_open_reclaimed", Stat::HalfOpenReclaimed),
                     ],
                 ));
             }

@@ -560,6 +560,78 @@ fn a_flow_that_cannot_get_a_snat_port_is_dropped_and_counted() {
     assert_eq!(dp.xdp_stats().unwrap()[Stat::FlowNotCreated as usize], 1);
 }
 
+/// Under a SYN flood every SNAT port would be held by a half-open flow whose "client" never
+/// answers. A new flow may take the port of a flow that has seen only its client's SYN for at
+/// least `tcp_syn_reclaim` (250 ms): the old flow's conntrack entry goes with it (its
+/// client's next packet finds no flow). An established flow's port is never taken.
+#[test]
+fn a_half_open_flows_port_goes_to_a_new_flow_after_tcp_syn_reclaim_an_established_ones_never() {
+    if !require_root("a_half_open_flows_port_goes_to_a_new_flow") {
+        return;
+    }
+    // One port per CPU, as above: every new flow on this CPU wants that port.
+    let _ns = xdp::private_netns("fh", &[(BACKENDS[0], backend_mac(0))]);
+    let mut dp = xdp::load(|t| {
+        t.snat_port_min = 61000;
+        t.snat_port_max = 61000 + t.cpus as u16 - 1;
+    });
+    pin_to_cpu0();
+    xdp::set_backend(&mut dp, 1, BACKENDS[0]);
+    xdp::single_backend_table(&mut dp, 0, VIP, 80, 6, 1);
+    let stat = |dp: &Dataplane, s: Stat| dp.xdp_stats().unwrap()[s as usize];
+    let syn = |port| tcp((CLIENT, port), (VIP, 80), SYN);
+
+    assert_eq!(xdp::run(&mut dp, PROGRAM, &syn(40000), 1).0, XDP_REDIRECT);
+    assert_eq!(
+        xdp::run(&mut dp, PROGRAM, &syn(40001), 1).0,
+        XDP_DROP,
+        "a young half-open flow keeps its port"
+    );
+    let reclaim = std::time::Duration::from_nanos(lb_common::Tunables::DEFAULT.tcp_syn_reclaim_ns);
+    // The data plane's coarse clock ticks every few ms: a little more than the reclaim age.
+    std::thread::sleep(reclaim + std::time::Duration::from_millis(50));
+    let (v, out, _) = xdp::run(&mut dp, PROGRAM, &syn(40001), 1);
+    assert_eq!(
+        v, XDP_REDIRECT,
+        "past tcp_syn_reclaim, a new flow takes the port"
+    );
+    let port = check(&out).src.1;
+    assert_eq!(stat(&dp, Stat::HalfOpenReclaimed), 1);
+    // The old flow is over: its client's next packet finds no flow (the host resets it).
+    let before = stat(&dp, Stat::NonSynMiss);
+    let (v, _, _) = xdp::run(&mut dp, PROGRAM, &tcp((CLIENT, 40000), (VIP, 80), ACK), 1);
+    assert_eq!(v, XDP_PASS);
+    assert_eq!(stat(&dp, Stat::NonSynMiss), before + 1);
+    // The new flow is answered and established: its port stays its own, however long.
+    let (v, _, _) = xdp::run_on(
+        &mut dp,
+        PROGRAM,
+        &from_backend(0, port, SYN_ACK, (BACKEND_ISN, CLIENT_ISN + 1), b""),
+        1,
+        xdp::ifindex("veth0"),
+    );
+    assert_eq!(v, XDP_REDIRECT);
+    let ack = tcp_seq(
+        CLIENT_MAC,
+        (CLIENT, 40001),
+        (VIP, 80),
+        ACK,
+        (CLIENT_ISN + 1, BACKEND_ISN + 1),
+        b"",
+    );
+    assert_eq!(xdp::run(&mut dp, PROGRAM, &ack, 1).0, XDP_REDIRECT);
+    std::thread::sleep(reclaim * 2);
+    assert_eq!(
+        xdp::run(&mut dp, PROGRAM, &syn(40002), 1).0,
+        XDP_DROP,
+        "an established flow's port is never taken"
+    );
+    assert_eq!(stat(&dp, Stat::HalfOpenReclaimed), 1);
+    let (v, out, _) = xdp::run(&mut dp, PROGRAM, &ack, 1);
+    assert_eq!(v, XDP_REDIRECT, "and it still flows");
+    assert_eq!(check(&out).src, (SNAT, port));
+}
+
 #[test]
 fn the_benchmark_programs_pass_the_verifier() {
     if !require_root("the_benchmark_programs_pass_the_verifier") {

@@ -173,6 +173,7 @@ async fn run(
     opts.tunables.tcp_established_timeout_ns = d.tcp_established_timeout.as_nanos() as u64;
     opts.tunables.tcp_transient_timeout_ns = d.tcp_closing_timeout.as_nanos() as u64;
     opts.tunables.tcp_syn_timeout_ns = d.tcp_syn_timeout.as_nanos() as u64;
+    opts.tunables.tcp_syn_reclaim_ns = d.tcp_syn_reclaim.as_nanos() as u64;
     opts.tunables.udp_timeout_ns = d.udp_timeout.as_nanos() as u64;
     let mut dp = Dataplane::load(&opts)?;
     dp.start_flow_collector()?;

@@ -14,10 +14,12 @@
 //!   packets already find no flow (the host resets them); its port is free again.
 //!
 //! Only the collector removes entries (besides a new flow taking back the entry it has just
-//! made, when its conntrack insert fails), and the XDP program never replaces an entry with
-//! another flow's: what the collector removes is the flow it judged. (A closed flow's stray
-//! packet may refresh it in between; its port is freed all the same, as a closed flow's
-//! port always was after `tcp_closed_reuse`.)
+//! made, when its conntrack insert fails). The XDP program replaces an entry with another
+//! flow's only when it takes a half-open flow's port (`tcp_syn_reclaim`), and only an entry
+//! that is alive and still has its own conntrack entry — never one this collector judges
+//! finished (dead) or orphaned (no conntrack entry at two passes): what the collector removes
+//! is the flow it judged. (A closed flow's stray packet may refresh it in between; its port
+//! is freed all the same, as a closed flow's port always was after `tcp_closed_reuse`.)
 
 use std::{
     collections::HashSet,
