@@ -117,6 +117,58 @@ pub fn tcp6_full(
     frame(smac, (src.0, dst.0), exts, 6, &l4)
 }
 
+/// A client's IPv6 TCP segment with TCP `options` (sequence 1000; acknowledgment 1 when ACK
+/// is set), checksum right.
+pub fn tcp6_opts(
+    src: Endpoint6,
+    dst: Endpoint6,
+    f: Flags,
+    options: &[crate::packets::TcpOptionElement],
+) -> Vec<u8> {
+    let mut t = TcpHeader::new(src.1, dst.1, 1000, 64240);
+    t.syn = f.syn;
+    t.ack = f.ack;
+    t.fin = f.fin;
+    t.rst = f.rst;
+    t.acknowledgment_number = f.ack as u32;
+    t.set_options(options).expect("options fit");
+    t.checksum = t.calc_checksum_ipv6_raw(src.0, dst.0, &[]).unwrap();
+    let mut l4 = Vec::new();
+    t.write(&mut l4).unwrap();
+    frame(CLIENT_MAC, (src.0, dst.0), &[], 6, &l4)
+}
+
+/// The same IPv6 frame (no extension headers) with its TCP bytes changed by `f` (flags, data
+/// offset, appended options), the payload length and TCP checksum made to fit again.
+pub fn with_tcp6_bytes(frame: &[u8], f: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
+    let (h, _) = Ipv6Header::from_slice(&frame[14..]).expect("an IPv6 frame");
+    let mut seg = frame[14 + 40..].to_vec();
+    f(&mut seg);
+    seg[16] = 0;
+    seg[17] = 0;
+    let mut data = Vec::new();
+    data.extend_from_slice(&h.source);
+    data.extend_from_slice(&h.destination);
+    data.extend_from_slice(&(seg.len() as u32).to_be_bytes());
+    data.extend_from_slice(&[0, 0, 0, 6]);
+    data.extend_from_slice(&seg);
+    let c = crate::packets::inet_csum(&data);
+    seg[16..18].copy_from_slice(&c.to_be_bytes());
+    let mut out = frame[..14 + 40].to_vec();
+    out[14 + 4..14 + 6].copy_from_slice(&(seg.len() as u16).to_be_bytes());
+    out.extend_from_slice(&seg);
+    out
+}
+
+/// The TCP timestamp option (TSval, TSecr) of an IPv6 frame (no extension headers).
+pub fn timestamps6(frame: &[u8]) -> Option<(u32, u32)> {
+    let (t, _) = TcpHeader::from_slice(frame.get(14 + 40..)?).ok()?;
+    t.options_iterator().find_map(|o| match o {
+        Ok(crate::packets::TcpOptionElement::Timestamp(v, e)) => Some((v, e)),
+        _ => None,
+    })
+}
+
 /// A client's IPv6 TCP segment (sequence 1000; acknowledgment 1 when ACK is set).
 pub fn tcp6(src: Endpoint6, dst: Endpoint6, f: Flags) -> Vec<u8> {
     tcp6_full(CLIENT_MAC, src, dst, f, (1000, f.ack as u32), b"", &[])

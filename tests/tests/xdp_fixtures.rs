@@ -12,7 +12,7 @@ use lb_tests::{
     },
     packets6::{
         Seen6, addr6, check_icmp6, check6, dest_opts, fragment, hop_by_hop, icmp6, packet_too_big,
-        routing, tcp6, tcp6_full, udp6,
+        routing, tcp6, tcp6_full, tcp6_opts, timestamps6, udp6, with_tcp6_bytes,
     },
     require_root,
     xdp::{self, SNAT, VETH_MAC},
@@ -1691,4 +1691,148 @@ fn icmpv6_errors_about_a_flow_are_translated_to_its_other_end() {
     let (v, out) = f.run(&pkt);
     assert_eq!((v, out), (XDP_PASS, pkt));
     assert_eq!(f.stat(Stat::IcmpNotTranslated), before + 1);
+}
+
+/// The IPv4 table's guard, window and timestamp cases, for IPv6 flows: crafted SYNs and
+/// spoofed sources open no flow, a backend segment outside the flow's window is dropped, and
+/// TCP timestamps are shifted onto the balancer's clock and back.
+#[test]
+fn ipv6_crafted_syns_spoofed_sources_and_out_of_window_answers_take_no_flow() {
+    if !require_root("ipv6_crafted_syns_spoofed_sources") {
+        return;
+    }
+    use lb_common::guard::{MARTIAN_V6, SourceRule};
+    use packets::TcpOptionElement::{MaximumSegmentSize, Noop, Timestamp, WindowScale};
+    let mut f = Fixture::new();
+    f.v6(5);
+    let never = SourceRule { ifindex: 0 };
+    let mut rules: Vec<(std::net::IpAddr, u8, SourceRule)> = MARTIAN_V6
+        .iter()
+        .map(|(a, l)| ((*a).into(), *l, never))
+        .collect();
+    rules.push((VIP6.into(), 128, never));
+    rules.push((xdp::SNAT6.into(), 128, never));
+    rules.push((
+        addr6(0x20, 0).into(),
+        64,
+        SourceRule {
+            ifindex: f.backend_side,
+        },
+    ));
+    f.dp.set_sources(&rules).unwrap();
+
+    let syn_from = |src: [u8; 16]| tcp6((src, 40000), (VIP6, 80), SYN);
+    let good = tcp6((CLIENT6, 40000), (VIP6, 80), SYN);
+    let edit = |e: &dyn Fn(&mut Vec<u8>)| with_tcp6_bytes(&good, e);
+    let mut loopback = [0u8; 16];
+    loopback[15] = 1;
+    let mut all_nodes = loopback;
+    all_nodes[..2].copy_from_slice(&[0xff, 0x02]);
+    let cases: Vec<(&str, Vec<u8>, Stat)> = vec![
+        ("source ::1", syn_from(loopback), Stat::SpoofedSource),
+        (
+            "source ff02::1 (multicast)",
+            syn_from(all_nodes),
+            Stat::SpoofedSource,
+        ),
+        ("source = VIP (land)", syn_from(VIP6), Stat::SpoofedSource),
+        (
+            "source = SNAT address",
+            syn_from(xdp::SNAT6),
+            Stat::SpoofedSource,
+        ),
+        (
+            "a backend-subnet source from the client side",
+            syn_from(addr6(0x20, 0x50)),
+            Stat::SpoofedSource,
+        ),
+        ("SYN+FIN", edit(&|h| h[13] |= 0x01), Stat::BadTcpFlags),
+        (
+            "data offset 4",
+            edit(&|h| h[12] = 4 << 4),
+            Stat::BadTcpHeader,
+        ),
+        (
+            "data offset past the segment",
+            edit(&|h| h[12] = 15 << 4),
+            Stat::BadTcpHeader,
+        ),
+        (
+            "an option running past the header",
+            edit(&|h| {
+                h.extend_from_slice(&[1, 1, 8, 10]);
+                h[12] = 6 << 4;
+            }),
+            Stat::BadTcpHeader,
+        ),
+    ];
+    for (name, pkt, reason) in cases {
+        let before = f.stat(reason);
+        let (v, _) = f.run(&pkt);
+        assert_eq!(v, XDP_DROP, "{name}: verdict");
+        assert_eq!(f.stat(reason), before + 1, "{name}: {reason:?} counted");
+    }
+    assert_eq!(f.stat(Stat::NewFlow), 0, "no crafted SYN created a flow");
+
+    // A real client's SYN with timestamps: shifted onto the balancer's clock.
+    let syn = tcp6_opts(
+        (CLIENT6, 40100),
+        (VIP6, 80),
+        SYN,
+        &[
+            MaximumSegmentSize(1440),
+            Noop,
+            WindowScale(7),
+            Noop,
+            Noop,
+            Timestamp(3_000_000_000, 0),
+        ],
+    );
+    let (v, out) = f.run(&syn);
+    assert_eq!(v, XDP_REDIRECT);
+    let port = check6(&out).src.1;
+    let (val, _) = timestamps6(&out).expect("the SYN keeps its timestamps");
+    assert_ne!(val, 3_000_000_000, "TSval moved onto the balancer's clock");
+    let delta = val.wrapping_sub(3_000_000_000);
+
+    // Before its SYN-ACK, the backend may send nothing but an answer to the client's SYN.
+    let from_b = |flags, seq_ack, payload: &[u8]| {
+        tcp6_full(
+            backend_mac(0),
+            (BACKENDS6[0], 8080),
+            (xdp::SNAT6, port),
+            flags,
+            seq_ack,
+            payload,
+            &[],
+        )
+    };
+    let before = f.stat(Stat::ReturnOutOfWindow);
+    assert_eq!(f.ret(&from_b(SYN_ACK, (BACKEND_ISN, 77), b"")).0, XDP_DROP);
+    assert_eq!(
+        f.ret(&from_b(ACK, (BACKEND_ISN, CLIENT_ISN + 1), b"x")).0,
+        XDP_DROP
+    );
+    assert_eq!(f.stat(Stat::ReturnOutOfWindow), before + 2);
+    assert_eq!(
+        f.ret(&from_b(SYN_ACK, (BACKEND_ISN, CLIENT_ISN + 1), b""))
+            .0,
+        XDP_REDIRECT
+    );
+    // After it: a reset away from the next sequence number is dropped.
+    assert_eq!(f.ret(&from_b(RST, (BACKEND_ISN + 5, 0), b"")).0, XDP_DROP);
+
+    // The backend's echo of the shifted clock goes back to the client as its own.
+    let mut ret = with_tcp6_bytes(&from_b(ACK, (BACKEND_ISN + 1, CLIENT_ISN + 1), b""), |h| {
+        h.truncate(20);
+        h.extend_from_slice(&[1, 1, 8, 10]);
+        h.extend_from_slice(&778u32.to_be_bytes());
+        h.extend_from_slice(&3_000_000_000u32.wrapping_add(delta).to_be_bytes());
+        h[12] = 8 << 4;
+    });
+    ret[6..12].copy_from_slice(&backend_mac(0));
+    let (v, out) = f.ret(&ret);
+    assert_eq!(v, XDP_REDIRECT);
+    check6(&out);
+    assert_eq!(timestamps6(&out), Some((778, 3_000_000_000)));
 }
