@@ -91,61 +91,43 @@ pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
 pub fn parse(ctx: &XdpContext) -> Result<Packet, Stat> {
     let eth: *mut EthHdr = ptr_at(ctx, 0).ok_or(Stat::Malformed)?;
     // SAFETY: bounds checked by ptr_at.
-    let (l3, l4_off, proto, l4_len, src, dst, family) =
-        match u16::from_be(unsafe { (*eth).ether_type }) {
-            ETH_P_IP => ipv4(ctx)?,
-            ETH_P_IPV6 => ipv6(ctx)?,
-            // ARP, VLANs: the kernel's business.
-            _ => return Err(Stat::NotOurs),
-        };
-    let (l4, sport, dport, tcp_flags) = if proto == PROTO_TCP {
-        let l4: *mut [u8; TCP_HDR_LEN] = ptr_at(ctx, l4_off).ok_or(Stat::Malformed)?;
+    match u16::from_be(unsafe { (*eth).ether_type }) {
+        ETH_P_IP => ipv4(ctx, eth),
+        ETH_P_IPV6 => ipv6(ctx, eth),
+        // ARP, VLANs: the kernel's business.
+        _ => Err(Stat::NotOurs),
+    }
+}
+
+/// The TCP or UDP header at `off`: a pointer to it, the ports and the TCP flags (0 for UDP).
+#[inline(always)]
+fn l4(ctx: &XdpContext, off: usize, proto: u8) -> Result<(*mut u8, u16, u16, u8), Stat> {
+    if proto == PROTO_TCP {
+        let l4: *mut [u8; TCP_HDR_LEN] = ptr_at(ctx, off).ok_or(Stat::Malformed)?;
         // SAFETY: 20 bytes in bounds.
         let h = unsafe { &*l4 };
-        (
+        Ok((
             l4 as *mut u8,
             u16::from_ne_bytes([h[0], h[1]]),
             u16::from_ne_bytes([h[2], h[3]]),
             h[13],
-        )
+        ))
     } else {
-        let l4: *mut [u8; UDP_HDR_LEN] = ptr_at(ctx, l4_off).ok_or(Stat::Malformed)?;
+        let l4: *mut [u8; UDP_HDR_LEN] = ptr_at(ctx, off).ok_or(Stat::Malformed)?;
         // SAFETY: 8 bytes in bounds.
         let h = unsafe { &*l4 };
-        (
+        Ok((
             l4 as *mut u8,
             u16::from_ne_bytes([h[0], h[1]]),
             u16::from_ne_bytes([h[2], h[3]]),
             0,
-        )
-    };
-    Ok(Packet {
-        eth,
-        l3,
-        l4,
-        key: FlowKey {
-            src,
-            dst,
-            sport,
-            dport,
-            proto,
-            family,
-            _pad: 0,
-        },
-        tcp_flags,
-        l4_len,
-        len: (ctx.data_end() - ctx.data()) as u64,
-        data_end: ctx.data_end(),
-    })
+        ))
+    }
 }
 
-/// What the IP layer gives the L4 parse: the IP header, the L4 offset in the frame, the
-/// protocol, the segment's length, the addresses and the family.
-type L3 = (*mut u8, usize, u8, u32, IpBytes, IpBytes, u8);
-
-/// The IPv4 header (options skipped); TCP and UDP only, not fragmented.
+/// IPv4 (options skipped); TCP and UDP only, not fragmented.
 #[inline(always)]
-fn ipv4(ctx: &XdpContext) -> Result<L3, Stat> {
+fn ipv4(ctx: &XdpContext, eth: *mut EthHdr) -> Result<Packet, Stat> {
     let ip: *mut Ipv4Hdr = ptr_at(ctx, EthHdr::LEN).ok_or(Stat::Malformed)?;
     // SAFETY: bounds checked.
     let iph = unsafe { &*ip };
@@ -166,16 +148,25 @@ fn ipv4(ctx: &XdpContext) -> Result<L3, Stat> {
     if (u16::from_be_bytes(iph.frags) & 0x3fff) != 0 {
         return Err(Stat::Fragment);
     }
-    let l4_len = (u16::from_be_bytes(iph.tot_len) as u32).saturating_sub(ihl as u32 * 4);
-    Ok((
-        ip as *mut u8,
-        EthHdr::LEN + ihl * 4,
-        proto,
-        l4_len,
-        v4(iph.src_addr),
-        v4(iph.dst_addr),
-        FAMILY_V4,
-    ))
+    let (l4, sport, dport, tcp_flags) = l4(ctx, EthHdr::LEN + ihl * 4, proto)?;
+    Ok(Packet {
+        eth,
+        l3: ip as *mut u8,
+        l4,
+        key: FlowKey {
+            src: v4(iph.src_addr),
+            dst: v4(iph.dst_addr),
+            sport,
+            dport,
+            proto,
+            family: FAMILY_V4,
+            _pad: 0,
+        },
+        tcp_flags,
+        l4_len: (u16::from_be_bytes(iph.tot_len) as u32).saturating_sub(ihl as u32 * 4),
+        len: (ctx.data_end() - ctx.data()) as u64,
+        data_end: ctx.data_end(),
+    })
 }
 
 /// IPv6 next-header values the parser walks past or stops at.
@@ -188,22 +179,33 @@ const NH_DEST_OPTS: u8 = 60;
 /// carries none or one (hop-by-hop, destination options).
 const MAX_EXT_HEADERS: usize = 4;
 
-/// The IPv6 header and its extension headers; TCP and UDP only, not fragmented.
+/// IPv6 and its extension headers; TCP and UDP only, not fragmented.
 #[inline(always)]
-fn ipv6(ctx: &XdpContext) -> Result<L3, Stat> {
+fn ipv6(ctx: &XdpContext, eth: *mut EthHdr) -> Result<Packet, Stat> {
     let mut addrs = [IpBytes { lo: 0, hi: 0 }; 2];
     let walked = ipv6_walk(ctx, &mut addrs)?;
     let ip: *mut [u8; IPV6_HDR_LEN] = ptr_at(ctx, EthHdr::LEN).ok_or(Stat::Malformed)?;
-    Ok((
-        ip as *mut u8,
-        // At most 14 + 40 + 4 × 2048: 14 bits, a bound the verifier can add a header to.
-        (walked & 0x3fff) as usize,
-        (walked >> 16) as u8,
-        (walked >> 32) as u32,
-        addrs[0],
-        addrs[1],
-        FAMILY_V6,
-    ))
+    let proto = (walked >> 16) as u8;
+    // At most 14 + 40 + 4 × 2048: 14 bits, a bound the verifier can add a header to.
+    let (l4, sport, dport, tcp_flags) = l4(ctx, (walked & 0x3fff) as usize, proto)?;
+    Ok(Packet {
+        eth,
+        l3: ip as *mut u8,
+        l4,
+        key: FlowKey {
+            src: addrs[0],
+            dst: addrs[1],
+            sport,
+            dport,
+            proto,
+            family: FAMILY_V6,
+            _pad: 0,
+        },
+        tcp_flags,
+        l4_len: (walked >> 32) as u32,
+        len: (ctx.data_end() - ctx.data()) as u64,
+        data_end: ctx.data_end(),
+    })
 }
 
 /// Reads the IPv6 addresses into `addrs` (source, destination) and walks the extension
