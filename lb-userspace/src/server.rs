@@ -300,15 +300,18 @@ fn balancer_sources(cfg: &Config) -> Vec<std::net::IpAddr> {
 
 /// SIGHUP: re-read the config file; apply it whole or keep the running one.
 fn reload(daemon: &mut Daemon, running: &mut Config, path: &Path, host: &mut dyn Host) {
+    let refused = |daemon: &mut Daemon| {
+        daemon
+            .metrics
+            .reloads
+            .get_or_create(&vec![("result", "error".to_string())])
+            .inc();
+    };
     let cfg = match Config::load(path) {
         Ok(c) => c,
         Err(e) => {
             tracing::error!(error = %e, "reload refused: invalid config; the running config stays in force");
-            daemon
-                .metrics
-                .reloads
-                .get_or_create(&vec![("result", "error".to_string())])
-                .inc();
+            refused(daemon);
             return;
         }
     };
@@ -322,11 +325,7 @@ fn reload(daemon: &mut Daemon, running: &mut Config, path: &Path, host: &mut dyn
                 error = format!("{e:#}"),
                 "reload refused: IPv6 forwarding is needed and could not be turned on"
             );
-            daemon
-                .metrics
-                .reloads
-                .get_or_create(&vec![("result", "error".to_string())])
-                .inc();
+            refused(daemon);
             return;
         }
     }

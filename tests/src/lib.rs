@@ -16,8 +16,6 @@ pub mod traffic;
 pub mod udp;
 pub mod xdp;
 
-/// Root is needed for namespaces, XDP and BPF. Outside CI a non-root run skips with a reason;
-/// in CI (where tests run as root) a non-root run is a failure, never a silent skip.
 /// A process's resident memory (VmRSS, KiB; 0 when it is gone).
 pub fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -28,6 +26,16 @@ pub fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// How many of the answers in `by` (answers per backend name) came from the legacy pool.
+pub fn legacy(by: &std::collections::HashMap<String, usize>) -> usize {
+    by.iter()
+        .filter(|(k, _)| k.starts_with("legacy"))
+        .map(|(_, v)| v)
+        .sum()
+}
+
+/// Root is needed for namespaces, XDP and BPF. Outside CI a non-root run skips with a reason;
+/// in CI (where tests run as root) a non-root run is a failure, never a silent skip.
 pub fn require_root(test: &str) -> bool {
     // SAFETY: getuid has no preconditions.
     if unsafe { libc::getuid() } == 0 {

@@ -81,6 +81,14 @@ pub fn pool_toml(name: &str, weight: u32) -> String {
     )
 }
 
+/// The `[service.health]` table every topology service has: HTTP checks of `/healthz` at
+/// [`HEALTH_INTERVAL_MS`], [`HEALTH_RISE`], [`HEALTH_FALL`].
+fn health_toml() -> String {
+    format!(
+        "\n[service.health]\ncheck = \"http\"\npath = \"/healthz\"\ninterval = \"{HEALTH_INTERVAL_MS}ms\"\ntimeout = \"150ms\"\nrise = {HEALTH_RISE}\nfall = {HEALTH_FALL}\n"
+    )
+}
+
 /// Path of one of lb-userspace's binaries (`lbd`, `lbctl`): `LBD_BIN`/`LBCTL_BIN` when set,
 /// else the workspace's target directory.
 pub fn binary(name: &str) -> Result<PathBuf> {
@@ -174,17 +182,8 @@ impl Topology {
         }
         // Health and pools, the same for both services (written once, from BACKENDS).
         let body = format!(
-            r#"
-[service.health]
-check = "http"
-path = "/healthz"
-interval = "{HEALTH_INTERVAL_MS}ms"
-timeout = "150ms"
-rise = {HEALTH_RISE}
-fall = {HEALTH_FALL}
-
-{}
-{}"#,
+            "{}\n{}\n{}",
+            health_toml(),
             pool_toml("legacy", 90),
             pool_toml("k8s", 10)
         );
@@ -267,17 +266,10 @@ port = 80
 protocol = "tcp"
 mode = "connection"
 snat = "{LB_BACKEND_SIDE6}"
-
-[service.health]
-check = "http"
-path = "/healthz"
-interval = "{HEALTH_INTERVAL_MS}ms"
-timeout = "150ms"
-rise = {HEALTH_RISE}
-fall = {HEALTH_FALL}
-
+{}
 {}
 {}"#,
+            health_toml(),
             pool("legacy", 90),
             pool("k8s", 10)
         );
@@ -541,6 +533,47 @@ fall = {HEALTH_FALL}
     /// request each: the connections with the backend that answered.
     pub fn keepalive(&self, n: usize) -> Vec<(crate::http::Client, String)> {
         self.keepalive_to(self.vip(), n)
+    }
+
+    /// What `explain SERVICE FROM` names, and the backend a real connection from `from` to
+    /// `vip` (one request, from the client namespace) reaches.
+    pub fn explain_and_connect(
+        &self,
+        service: &str,
+        from: SocketAddr,
+        vip: SocketAddr,
+    ) -> Result<(String, String)> {
+        let said = self.control(&format!("explain {service} {from}"))?;
+        let said = said
+            .lines()
+            .next()
+            .and_then(|l| l.strip_prefix("backend "))
+            .context("explain names no backend")?
+            .to_string();
+        let got =
+            self.in_client(move || crate::http::Client::connect_from(from, vip)?.get(true))??;
+        Ok((said, got))
+    }
+
+    /// Sends three more requests on each of the `kept` keep-alive connections (from the
+    /// client namespace): the (before, now) backends of those answered by another backend
+    /// than their first. A connection that breaks fails the test.
+    pub fn moved(&self, kept: Vec<(crate::http::Client, String)>) -> Vec<(String, String)> {
+        self.in_client(move || {
+            let mut moved = Vec::new();
+            for (mut c, before) in kept {
+                for _ in 0..3 {
+                    let now = c
+                        .get(false)
+                        .expect("a keep-alive connection broke after the split change");
+                    if now != before {
+                        moved.push((before.clone(), now));
+                    }
+                }
+            }
+            moved
+        })
+        .expect("client thread")
     }
 
     /// lbd's resident memory (VmRSS, KiB), while it runs.

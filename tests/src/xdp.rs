@@ -116,6 +116,7 @@ pub fn service_ip(
     };
     let mut t = empty_table();
     t.buckets = [backend; TABLE_SIZE as usize];
+    // As the daemon does: a table half that was live a moment ago is written after its grace.
     if let Some(until) = dp.grace_until(svc_id) {
         std::thread::sleep(
             until
@@ -185,18 +186,7 @@ pub fn single_backend_service(
     backend: u32,
     snat: [u8; 4],
 ) {
-    let key = service_key(vip, port, proto);
-    let mut t = empty_table();
-    t.buckets = [backend; TABLE_SIZE as usize];
-    // As the daemon does: a table half that was live a moment ago is written after its grace.
-    if let Some(until) = dp.grace_until(svc_id) {
-        std::thread::sleep(
-            until
-                .into_std()
-                .saturating_duration_since(std::time::Instant::now()),
-        );
-    }
-    dp.publish_table(&key, svc_id, v4(snat), &t).unwrap();
+    service_ip(dp, svc_id, (vip.into(), port), proto, backend, snat.into());
 }
 
 /// One BPF_PROG_TEST_RUN of program `prog`: verdict, output frame, and the kernel's

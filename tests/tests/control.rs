@@ -4,7 +4,7 @@
 
 use std::net::SocketAddr;
 
-use lb_tests::{http::Client, require_root, topology::Topology};
+use lb_tests::{require_root, topology::Topology};
 
 #[test]
 fn explain_names_the_backend_a_real_flow_reaches() {
@@ -18,17 +18,7 @@ fn explain_names_the_backend_a_real_flow_reaches() {
     let mut agreed = 0;
     for port in 41000..41040u16 {
         let from: SocketAddr = format!("10.99.1.2:{port}").parse().unwrap();
-        let said = t.control(&format!("explain web {from}")).unwrap();
-        let said = said
-            .lines()
-            .next()
-            .and_then(|l| l.strip_prefix("backend "))
-            .unwrap()
-            .to_string();
-        let got = t
-            .in_client(move || Client::connect_from(from, vip)?.get(true))
-            .unwrap()
-            .unwrap();
+        let (said, got) = t.explain_and_connect("web", from, vip).unwrap();
         assert_eq!(said, got, "explain and the kernel disagree for {from}");
         agreed += 1;
     }

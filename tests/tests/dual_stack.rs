@@ -1,17 +1,9 @@
 //! Dual stack end to end: one pool set behind an IPv4 VIP (`web`) and an IPv6 VIP (`web6`),
 //! real TCP connections over each through the XDP balancer (full NAT on both families).
 
-use std::{collections::HashMap, net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, time::Duration};
 
-use lb_tests::{check_share, http::Client, require_root, topology::Topology};
-
-/// How many of the flows went to the legacy pool.
-fn legacy(by: &HashMap<String, usize>) -> usize {
-    by.iter()
-        .filter(|(k, _)| k.starts_with("legacy"))
-        .map(|(_, v)| v)
-        .sum()
-}
+use lb_tests::{check_share, legacy, require_root, topology::Topology};
 
 #[test]
 fn both_families_follow_the_split_and_keep_established_flows_across_a_change() {
@@ -67,22 +59,7 @@ fn both_families_follow_the_split_and_keep_established_flows_across_a_change() {
             panic!("[{family}] legacy pool at 50/50: {e}");
         }
     }
-    let moved = t
-        .in_client(move || {
-            let mut moved = Vec::new();
-            for (mut c, before) in kept4.into_iter().chain(kept6) {
-                for _ in 0..3 {
-                    let now = c
-                        .get(false)
-                        .expect("a keep-alive connection broke after the split change");
-                    if now != before {
-                        moved.push((before.clone(), now));
-                    }
-                }
-            }
-            moved
-        })
-        .unwrap();
+    let moved = t.moved(kept4.into_iter().chain(kept6).collect());
     assert!(
         moved.is_empty(),
         "established flows changed backend: {moved:?}"
@@ -92,17 +69,7 @@ fn both_families_follow_the_split_and_keep_established_flows_across_a_change() {
     // ephemeral range: the connections above used thousands of those.)
     for port in 20000..20020u16 {
         let from: SocketAddr = format!("[fd00:99:1::2]:{port}").parse().unwrap();
-        let said = t.control(&format!("explain web6 {from}")).unwrap();
-        let said = said
-            .lines()
-            .next()
-            .and_then(|l| l.strip_prefix("backend "))
-            .unwrap()
-            .to_string();
-        let got = t
-            .in_client(move || Client::connect_from(from, vip6)?.get(true))
-            .unwrap()
-            .unwrap();
+        let (said, got) = t.explain_and_connect("web6", from, vip6).unwrap();
         assert_eq!(said, got, "explain and the kernel disagree for {from}");
     }
 }

@@ -1,17 +1,7 @@
 //! End to end in network namespaces: real TCP connections through the XDP balancer to HTTP
 //! backends that answer with their name.
 
-use std::collections::HashMap;
-
-use lb_tests::{check_share, require_root, topology::Topology};
-
-/// How many of the flows went to the legacy pool.
-fn legacy(by: &HashMap<String, usize>) -> usize {
-    by.iter()
-        .filter(|(k, _)| k.starts_with("legacy"))
-        .map(|(_, v)| v)
-        .sum()
-}
+use lb_tests::{check_share, legacy, require_root, topology::Topology};
 
 fn split_follows_weights_and_keepalive_flows_keep_their_backend(mode: &str) {
     let mut t = Topology::new("e", mode).unwrap();
@@ -45,22 +35,7 @@ fn split_follows_weights_and_keepalive_flows_keep_their_backend(mode: &str) {
     }
 
     // The established keep-alive connections still work, each on the backend it had.
-    let moved = t
-        .in_client(move || {
-            let mut moved = Vec::new();
-            for (mut c, before) in kept {
-                for _ in 0..3 {
-                    let now = c
-                        .get(false)
-                        .expect("keep-alive connection broke after the split change");
-                    if now != before {
-                        moved.push((before.clone(), now));
-                    }
-                }
-            }
-            moved
-        })
-        .unwrap();
+    let moved = t.moved(kept);
     assert!(
         moved.is_empty(),
         "established flows changed backend: {moved:?}"

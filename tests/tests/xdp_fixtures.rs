@@ -120,6 +120,20 @@ impl Fixture {
     fn stat(&self, s: Stat) -> u64 {
         self.dp.xdp_stats().unwrap()[s as usize]
     }
+
+    /// Runs each case (name, packet from the client side, reason): its verdict must be
+    /// `verdict` and its reason counted once; a passed packet must come out as it went in.
+    fn expect_each(&mut self, verdict: u32, cases: Vec<(&str, Vec<u8>, Stat)>) {
+        for (name, pkt, reason) in cases {
+            let before = self.stat(reason);
+            let (v, out) = self.run(&pkt);
+            assert_eq!(v, verdict, "{name}: verdict");
+            if verdict == XDP_PASS {
+                assert_eq!(out, pkt, "{name}: the packet must not be rewritten");
+            }
+            assert_eq!(self.stat(reason), before + 1, "{name}: {reason:?} counted");
+        }
+    }
 }
 
 fn cut(mut p: Vec<u8>, len: usize) -> Vec<u8> {
@@ -194,17 +208,7 @@ fn packets_that_are_not_ours_pass_untouched() {
             Stat::NotOurs,
         ),
     ];
-    for (name, pkt, reason) in cases {
-        let before = f.stat(reason);
-        let (verdict, out) = f.run(&pkt);
-        assert_eq!(verdict, XDP_PASS, "{name}: verdict");
-        assert_eq!(out, pkt, "{name}: packet must not be rewritten");
-        assert_eq!(
-            f.stat(reason),
-            before + 1,
-            "{name}: reason {reason:?} counted"
-        );
-    }
+    f.expect_each(XDP_PASS, cases);
     assert_eq!(f.stat(Stat::NewFlow), 0, "no flow may have been created");
 }
 
@@ -846,12 +850,7 @@ fn crafted_syns_are_dropped_before_they_take_any_state() {
             Stat::BadTcpHeader,
         ),
     ];
-    for (name, pkt, reason) in cases {
-        let before = f.stat(reason);
-        let (v, _) = f.run(&pkt);
-        assert_eq!(v, XDP_DROP, "{name}: verdict");
-        assert_eq!(f.stat(reason), before + 1, "{name}: {reason:?} counted");
-    }
+    f.expect_each(XDP_DROP, cases);
     assert_eq!(f.stat(Stat::NewFlow), 0, "no crafted SYN created a flow");
 
     // What real clients send still opens flows: options that parse, a client on the
@@ -1557,17 +1556,7 @@ fn ipv6_flows_are_natted_both_ways_and_what_is_not_ours_passes() {
             Stat::Malformed,
         ),
     ];
-    for (name, pkt, reason) in cases {
-        let before = f.stat(reason);
-        let (verdict, out) = f.run(&pkt);
-        assert_eq!(verdict, XDP_PASS, "{name}: verdict");
-        assert_eq!(out, pkt, "{name}: the packet must not be rewritten");
-        assert_eq!(
-            f.stat(reason),
-            before + 1,
-            "{name}: reason {reason:?} counted"
-        );
-    }
+    f.expect_each(XDP_PASS, cases);
     assert_eq!(f.stat(Stat::NewFlow), flows, "none of them opened a flow");
     // A routing header with no segments left is the last hop's: balanced.
     f.table6(5);
@@ -1766,12 +1755,7 @@ fn ipv6_crafted_syns_spoofed_sources_and_out_of_window_answers_take_no_flow() {
             Stat::BadTcpHeader,
         ),
     ];
-    for (name, pkt, reason) in cases {
-        let before = f.stat(reason);
-        let (v, _) = f.run(&pkt);
-        assert_eq!(v, XDP_DROP, "{name}: verdict");
-        assert_eq!(f.stat(reason), before + 1, "{name}: {reason:?} counted");
-    }
+    f.expect_each(XDP_DROP, cases);
     assert_eq!(f.stat(Stat::NewFlow), 0, "no crafted SYN created a flow");
 
     // A real client's SYN with timestamps: shifted onto the balancer's clock.
