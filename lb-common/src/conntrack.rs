@@ -1,6 +1,6 @@
 //! Connection tracking and reverse-NAT entries.
 
-use crate::flow::IpBytes;
+use crate::flow::{FlowKey, IpBytes};
 
 /// Flow state, as far as the balancer needs it for timeouts.
 pub mod state {
@@ -145,6 +145,17 @@ pub fn half_open_reclaimable(r: &RnatValue, proto: u8, now: u64, t: &crate::Tuna
         && r.state == state::SYN
         && now.saturating_sub(r.last_seen_ns) >= t.tcp_syn_reclaim_ns
         && alive(r.last_seen_ns, r.state, proto, now, t)
+}
+
+/// Whether conntrack entry `ct` is the flow whose reverse-NAT key is `rkey` (backend → SNAT
+/// address:port): the one test the XDP program (before it takes a half-open flow's port) and
+/// lbd's flow collector (before it calls an entry orphaned) must agree on.
+#[inline(always)]
+pub fn holds(ct: &CtValue, rkey: &FlowKey) -> bool {
+    ct.snat_port == rkey.dport
+        && ct.backend_port == rkey.sport
+        && ct.backend_addr == rkey.src
+        && ct.snat_addr == rkey.dst
 }
 
 /// Whether a flow's SNAT port may go to a new flow: the flow is dead, or closed and idle long

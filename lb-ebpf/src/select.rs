@@ -8,7 +8,7 @@ use aya_ebpf::{
 use lb_common::{
     NO_BACKEND, PROTO_TCP, Tunables,
     backend::{BackendInfo, NextHop},
-    conntrack::{CtValue, RnatValue, half_open_reclaimable, state},
+    conntrack::{CtValue, RnatValue, half_open_reclaimable, holds, state},
     flow::FlowKey,
     hash,
     service::ServiceValue,
@@ -133,12 +133,9 @@ fn reclaim(rkey: &FlowKey, rval: &RnatValue, t: &Tunables) -> bool {
     let fkey: &FlowKey = fkey;
     // Its own as the flow collector judges it (so that it never judges this entry orphaned).
     // SAFETY: as above.
-    let own = LB_CONNTRACK.get_ptr(fkey).is_some_and(|c| unsafe {
-        (*c).snat_port == rkey.dport
-            && (*c).backend_port == rkey.sport
-            && (*c).backend_addr == rkey.src
-            && (*c).snat_addr == rkey.dst
-    });
+    let own = LB_CONNTRACK
+        .get_ptr(fkey)
+        .is_some_and(|c| holds(unsafe { &*c }, rkey));
     if !own || LB_CONNTRACK.remove(fkey).is_err() {
         return false;
     }

@@ -59,6 +59,11 @@ impl Netns {
         run(&v)
     }
 
+    /// The MAC address of `iface` in the namespace.
+    pub fn mac(&self, iface: &str) -> Result<[u8; 6]> {
+        crate::raw::parse_mac(&self.exec(&["cat", &format!("/sys/class/net/{iface}/address")])?)
+    }
+
     /// Writes a sysctl inside the namespace.
     pub fn sysctl(&self, key: &str, value: &str) -> Result<()> {
         self.exec(&["sysctl", "-qw", &format!("{key}={value}")])?;

@@ -146,13 +146,7 @@ pub fn with_tcp6_bytes(frame: &[u8], f: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
     f(&mut seg);
     seg[16] = 0;
     seg[17] = 0;
-    let mut data = Vec::new();
-    data.extend_from_slice(&h.source);
-    data.extend_from_slice(&h.destination);
-    data.extend_from_slice(&(seg.len() as u32).to_be_bytes());
-    data.extend_from_slice(&[0, 0, 0, 6]);
-    data.extend_from_slice(&seg);
-    let c = crate::packets::inet_csum(&data);
+    let c = csum6(&h.source, &h.destination, 6, &seg);
     seg[16..18].copy_from_slice(&c.to_be_bytes());
     let mut out = frame[..14 + 40].to_vec();
     out[14 + 4..14 + 6].copy_from_slice(&(seg.len() as u16).to_be_bytes());
@@ -192,13 +186,14 @@ pub fn udp6(smac: [u8; 6], src: Endpoint6, dst: Endpoint6, payload: &[u8]) -> Ve
     frame(smac, (src.0, dst.0), &[], 17, &l4)
 }
 
-/// The ICMPv6 checksum of `msg` (its checksum field zero) from `src` to `dst`.
-fn icmp6_csum(src: &[u8; 16], dst: &[u8; 16], msg: &[u8]) -> u16 {
+/// The checksum of the upper-layer message `msg` (its checksum field zero) of protocol
+/// `next` from `src` to `dst`: over the IPv6 pseudo-header and the message.
+fn csum6(src: &[u8; 16], dst: &[u8; 16], next: u8, msg: &[u8]) -> u16 {
     let mut data = Vec::new();
     data.extend_from_slice(src);
     data.extend_from_slice(dst);
     data.extend_from_slice(&(msg.len() as u32).to_be_bytes());
-    data.extend_from_slice(&[0, 0, 0, 58]);
+    data.extend_from_slice(&[0, 0, 0, next]);
     data.extend_from_slice(msg);
     crate::packets::inet_csum(&data)
 }
@@ -215,7 +210,7 @@ pub fn icmp6_from(
 ) -> Vec<u8> {
     let mut m = vec![ty, code, 0, 0];
     m.extend_from_slice(body);
-    let c = icmp6_csum(&src, &dst, &m).to_be_bytes();
+    let c = csum6(&src, &dst, 58, &m).to_be_bytes();
     m[2..4].copy_from_slice(&c);
     frame(smac, (src, dst), &[], 58, &m)
 }
@@ -265,7 +260,7 @@ pub fn check_icmp6(frame: &[u8]) -> SeenIcmp6 {
     zeroed[3] = 0;
     assert_eq!(
         u16::from_be_bytes([msg[2], msg[3]]),
-        icmp6_csum(&h.source, &h.destination, &zeroed),
+        csum6(&h.source, &h.destination, 58, &zeroed),
         "ICMPv6 checksum"
     );
     SeenIcmp6 {

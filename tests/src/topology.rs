@@ -576,6 +576,18 @@ snat = "{LB_BACKEND_SIDE6}"
         .expect("client thread")
     }
 
+    /// A counter or gauge of lbd's `/metrics`: the sum over the series of `name` whose labels
+    /// contain `labels` ("" for all).
+    pub fn metric(&self, name: &str, labels: &str) -> f64 {
+        let (status, body) = crate::http::get_in(&self.lb.name, 9091, "/metrics");
+        assert!(status.contains("200"), "/metrics: {status}");
+        body.lines()
+            .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+            .filter(|l| l.contains(labels))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
     /// lbd's resident memory (VmRSS, KiB), while it runs.
     pub fn lbd_rss_kib(&self) -> u64 {
         self.lbd_pid().map_or(0, crate::rss_kib)

@@ -19,13 +19,7 @@ pub const SNAT: [u8; 4] = [10, 20, 0, 1];
 /// enables forwarding, and moves the calling thread into it. Deleted when dropped.
 pub fn private_netns(tag: &str, neighbours: &[([u8; 4], [u8; 6])]) -> Netns {
     let ns = Netns::new(&unique_prefix(tag)).unwrap();
-    let mac = |m: &[u8; 6]| {
-        m.iter()
-            .map(|x| format!("{x:02x}"))
-            .collect::<Vec<_>>()
-            .join(":")
-    };
-    let veth_mac = mac(&VETH_MAC);
+    let veth_mac = mac_text(&VETH_MAC);
     ns.ip(&[
         "link", "add", "veth0", "address", &veth_mac, "type", "veth", "peer", "name", "veth1",
     ])
@@ -35,19 +29,7 @@ pub fn private_netns(tag: &str, neighbours: &[([u8; 4], [u8; 6])]) -> Netns {
     ns.ip(&["link", "set", "veth0", "up"]).unwrap();
     ns.ip(&["link", "set", "veth1", "up"]).unwrap();
     for (addr, m) in neighbours {
-        let a = format!("{}.{}.{}.{}", addr[0], addr[1], addr[2], addr[3]);
-        ns.ip(&[
-            "neigh",
-            "add",
-            &a,
-            "lladdr",
-            &mac(m),
-            "dev",
-            "veth0",
-            "nud",
-            "permanent",
-        ])
-        .unwrap();
+        neighbour(&ns, (*addr).into(), *m);
     }
     ns.sysctl("net.ipv4.ip_forward", "1").unwrap();
     // IPv6 too: `fd00:20::1/64` on veth0 ([`SNAT6`]), forwarding on (the fib lookup helper
@@ -62,25 +44,28 @@ pub fn private_netns(tag: &str, neighbours: &[([u8; 4], [u8; 6])]) -> Netns {
 /// The IPv6 SNAT address of fixture services (`veth0`'s IPv6 address).
 pub const SNAT6: [u8; 16] = crate::packets6::addr6(0x20, 1);
 
-/// Adds a permanent neighbour entry on `veth0` (the calling thread is in the namespace).
+/// Adds a permanent neighbour entry on `veth0` of `ns`.
 pub fn neighbour(ns: &Netns, addr: std::net::IpAddr, mac: [u8; 6]) {
-    let m = mac
-        .iter()
-        .map(|x| format!("{x:02x}"))
-        .collect::<Vec<_>>()
-        .join(":");
     ns.ip(&[
         "neigh",
         "add",
         &addr.to_string(),
         "lladdr",
-        &m,
+        &mac_text(&mac),
         "dev",
         "veth0",
         "nud",
         "permanent",
     ])
     .unwrap();
+}
+
+/// A MAC address as `ip` writes it (`02:00:00:00:01:00`).
+fn mac_text(m: &[u8; 6]) -> String {
+    m.iter()
+        .map(|x| format!("{x:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }
 
 /// Writes backend `id` at `addr:port`, of either family.

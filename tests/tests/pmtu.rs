@@ -161,11 +161,7 @@ fn transfer(vip: SocketAddr, op: &str) -> (usize, Duration) {
 }
 
 fn events(t: &Topology, reason: &str) -> u64 {
-    let m = lb_tests::http::get_in(&t.lb.name, 9091, "/metrics").1;
-    let needle = format!("lb_xdp_events_total{{reason=\"{reason}\"}} ");
-    m.lines()
-        .find_map(|l| l.strip_prefix(needle.as_str())?.trim().parse().ok())
-        .unwrap_or(0)
+    t.metric("lb_xdp_events_total", &format!("reason=\"{reason}\"")) as u64
 }
 
 /// One family's addresses for the test.
@@ -406,21 +402,11 @@ fn path_mtu_discovery(tag: &str, f: &Plan) {
 
     // Both transfers closed their connections: lbd's flow collector frees their SNAT ports
     // once they have been closed for 2 s (it passes once a second).
-    let collected = |t: &Topology| {
-        let m = lb_tests::http::get_in(&t.lb.name, 9091, "/metrics").1;
-        m.lines()
-            .find_map(|l| {
-                l.strip_prefix("lb_flows_collected_total{reason=\"finished\"} ")?
-                    .trim()
-                    .parse::<u64>()
-                    .ok()
-            })
-            .unwrap_or(0)
-    };
+    let collected = |t: &Topology| t.metric("lb_flows_collected_total", "reason=\"finished\"");
     let deadline = Instant::now() + Duration::from_secs(6);
-    while collected(&t) < 2 && Instant::now() < deadline {
+    while collected(&t) < 2.0 && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(200));
     }
-    assert!(collected(&t) >= 2, "the closed flows' ports are freed");
+    assert!(collected(&t) >= 2.0, "the closed flows' ports are freed");
     drop(servers);
 }

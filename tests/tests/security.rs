@@ -10,33 +10,13 @@ use std::{
 use lb_tests::{
     http::{Client, get_in},
     packets::{self, ACK, RST_ACK, SYN},
-    raw::{Capture, RawSender, parse_mac},
+    raw::{Capture, RawSender},
     require_root,
     topology::{BACKENDS, LB_BACKEND_SIDE, Topology, VIP},
 };
 
-/// A counter or gauge of lbd's /metrics (the sum over series whose labels contain `labels`).
-fn metric(t: &Topology, name: &str, labels: &str) -> f64 {
-    let (status, body) = get_in(&t.lb.name, 9091, "/metrics");
-    assert!(status.contains("200"), "/metrics: {status}");
-    body.lines()
-        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
-        .filter(|l| l.contains(labels))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 fn xdp_event(t: &Topology, reason: &str) -> f64 {
-    metric(t, "lb_xdp_events_total", &format!("reason=\"{reason}\""))
-}
-
-/// The MAC address of `iface` in namespace `ns`.
-fn mac(ns: &lb_tests::netns::Netns, iface: &str) -> [u8; 6] {
-    parse_mac(
-        &ns.exec(&["cat", &format!("/sys/class/net/{iface}/address")])
-            .unwrap(),
-    )
-    .unwrap()
+    t.metric("lb_xdp_events_total", &format!("reason=\"{reason}\""))
 }
 
 fn ipv4(s: &str) -> [u8; 4] {
@@ -104,7 +84,7 @@ fn spoofed_return_traffic_sprayed_over_every_snat_port_reaches_no_client() {
     let mut t = Topology::new("sr", "skb").unwrap();
     t.start_lbd().unwrap();
     let v = t.keepalive(20);
-    let (lb_mac, client_mac) = (mac(&t.lb, "eth0"), mac(&t.client, "eth0"));
+    let (lb_mac, client_mac) = (t.lb.mac("eth0").unwrap(), t.client.mac("eth0").unwrap());
     let (lo, hi) = {
         let d = lb_common::Tunables::DEFAULT;
         (d.snat_port_min, d.snat_port_max)
@@ -183,10 +163,10 @@ fn crafted_syns_from_the_client_side_open_no_flow() {
     }
     let mut t = Topology::new("cs", "skb").unwrap();
     t.start_lbd().unwrap();
-    let (lb_mac, client_mac) = (mac(&t.lb, "eth0"), mac(&t.client, "eth0"));
+    let (lb_mac, client_mac) = (t.lb.mac("eth0").unwrap(), t.client.mac("eth0").unwrap());
     let vip = (ipv4(VIP), 80u16);
     let client = ipv4("10.99.1.2");
-    let flows_before = metric(&t, "lb_backend_connections_total", "");
+    let flows_before = t.metric("lb_backend_connections_total", "");
     type Craft = Box<dyn Fn(u16) -> Vec<u8> + Send>;
     let syn_from =
         |src: [u8; 4]| -> Craft { Box::new(move |port| packets::tcp((src, port), vip, SYN)) };
@@ -264,7 +244,7 @@ fn crafted_syns_from_the_client_side_open_no_flow() {
             missed.push(name);
         }
     }
-    let flows = metric(&t, "lb_backend_connections_total", "") - flows_before;
+    let flows = t.metric("lb_backend_connections_total", "") - flows_before;
     eprintln!(
         "crafted SYNs: {} sent, {total} dropped, {flows} flows created",
         EACH as usize * kinds
@@ -379,13 +359,7 @@ fn connection_floods_never_take_lbd_or_its_listeners_down() {
         4,
         "health checks go on:\n{backends}"
     );
-    let refused = |l: &str| {
-        metric(
-            &t,
-            "lb_listener_refused_total",
-            &format!("listener=\"{l}\""),
-        )
-    };
+    let refused = |l: &str| t.metric("lb_listener_refused_total", &format!("listener=\"{l}\""));
     let (rc, rm, rr) = (
         refused("control"),
         refused("metrics"),
@@ -396,7 +370,7 @@ fn connection_floods_never_take_lbd_or_its_listeners_down() {
         rc > 0.0 && rm > 0.0 && rr > 0.0,
         "each cap was reached and counted"
     );
-    let errors = metric(&t, "lb_listener_accept_errors_total", "");
+    let errors = t.metric("lb_listener_accept_errors_total", "");
     assert_eq!(errors, 0.0, "lbd never ran out of descriptors");
     let vip = t.req_vip();
     let served = t

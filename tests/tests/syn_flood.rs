@@ -21,31 +21,14 @@ use std::{
 };
 
 use lb_tests::{
-    http::{Client, get_in},
+    http::Client,
     packets::{self, SYN},
-    raw::{RawSender, parse_mac},
+    raw::RawSender,
     require_root,
     topology::{Topology, VIP},
 };
 
 const FLOOD: Duration = Duration::from_secs(6);
-
-fn metric(t: &Topology, name: &str, labels: &str) -> f64 {
-    let (_, body) = get_in(&t.lb.name, 9091, "/metrics");
-    body.lines()
-        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
-        .filter(|l| l.contains(labels))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
-fn mac(ns: &lb_tests::netns::Netns, iface: &str) -> [u8; 6] {
-    parse_mac(
-        &ns.exec(&["cat", &format!("/sys/class/net/{iface}/address")])
-            .unwrap(),
-    )
-    .unwrap()
-}
 
 /// The `q`-quantile of `v` (sorted here).
 fn quantile(v: &mut [Duration], q: f64) -> Duration {
@@ -59,7 +42,7 @@ fn quantile(v: &mut [Duration], q: f64) -> Duration {
 /// ours) and port, checksums valid so that the backends answer them as they would a real
 /// flood; addressed from the client's interface to the balancer's.
 fn flood_frames(t: &Topology, n: usize) -> Vec<Vec<u8>> {
-    let (lb_mac, client_mac) = (mac(&t.lb, "eth0"), mac(&t.client, "eth0"));
+    let (lb_mac, client_mac) = (t.lb.mac("eth0").unwrap(), t.client.mac("eth0").unwrap());
     let vip_ip: std::net::Ipv4Addr = VIP.parse().unwrap();
     (0..n)
         .map(|i| {
@@ -127,9 +110,9 @@ fn a_syn_flood_from_spoofed_sources_leaves_real_clients_and_established_flows_al
 
     // Established keep-alive connections, opened before the flood.
     let victims = t.keepalive(20);
-    let new_flows_before = metric(&t, "lb_xdp_events_total", "reason=\"new_flow\"");
-    let refused_before = metric(&t, "lb_xdp_events_total", "reason=\"flow_not_created\"");
-    let reclaimed_before = metric(&t, "lb_xdp_events_total", "reason=\"half_open_reclaimed\"");
+    let new_flows_before = t.metric("lb_xdp_events_total", "reason=\"new_flow\"");
+    let refused_before = t.metric("lb_xdp_events_total", "reason=\"flow_not_created\"");
+    let reclaimed_before = t.metric("lb_xdp_events_total", "reason=\"half_open_reclaimed\"");
 
     let flooding = Arc::new(AtomicBool::new(true));
     let flood = flood(&t, frames, rate, flooding.clone());
@@ -154,7 +137,7 @@ fn a_syn_flood_from_spoofed_sources_leaves_real_clients_and_established_flows_al
     let mut ports_peak = 0.0f64;
     let mut control_worst = Duration::ZERO;
     for _ in 0..3 {
-        ports_peak = ports_peak.max(metric(&t, "lb_snat_ports_in_use", ""));
+        ports_peak = ports_peak.max(t.metric("lb_snat_ports_in_use", ""));
         let s = Instant::now();
         t.control("show services").unwrap();
         control_worst = control_worst.max(s.elapsed());
@@ -166,10 +149,10 @@ fn a_syn_flood_from_spoofed_sources_leaves_real_clients_and_established_flows_al
             .filter_map(|(mut c, name)| (!matches!(c.get(false), Ok(n) if n == name)).then_some(()))
             .count()
     });
-    let new_flows = metric(&t, "lb_xdp_events_total", "reason=\"new_flow\"") - new_flows_before;
-    let refused = metric(&t, "lb_xdp_events_total", "reason=\"flow_not_created\"") - refused_before;
+    let new_flows = t.metric("lb_xdp_events_total", "reason=\"new_flow\"") - new_flows_before;
+    let refused = t.metric("lb_xdp_events_total", "reason=\"flow_not_created\"") - refused_before;
     let reclaimed =
-        metric(&t, "lb_xdp_events_total", "reason=\"half_open_reclaimed\"") - reclaimed_before;
+        t.metric("lb_xdp_events_total", "reason=\"half_open_reclaimed\"") - reclaimed_before;
     let ok = times.len();
     let ratio = ok as f64 / (ok + failed).max(1) as f64;
     let p95 = quantile(&mut times, 0.95);
@@ -219,7 +202,7 @@ fn a_syn_flood_larger_than_the_flow_table_evicts_no_established_flow() {
                 .count()
         })
         .unwrap();
-    let refused = metric(&t, "lb_xdp_events_total", "reason=\"flow_not_created\"");
+    let refused = t.metric("lb_xdp_events_total", "reason=\"flow_not_created\"");
     // The flood's half-open flows time out (3 s), the collector frees their entries.
     std::thread::sleep(Duration::from_secs(5));
     let (by, failed) = t.new_connections(20);

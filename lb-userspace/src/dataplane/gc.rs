@@ -34,7 +34,7 @@ use anyhow::Result;
 use aya::maps::{HashMap, Map, MapData};
 use lb_common::{
     Tunables,
-    conntrack::{CtValue, RnatValue, port_reusable},
+    conntrack::{CtValue, RnatValue, holds, port_reusable},
     flow::FlowKey,
 };
 
@@ -89,12 +89,7 @@ pub fn pass(
             family: k.family,
             _pad: 0,
         };
-        let ours = conntrack.get(&forward, 0).is_ok_and(|c| {
-            c.snat_port == k.dport
-                && c.backend_port == k.sport
-                && c.backend_addr == k.src
-                && c.snat_addr == k.dst
-        });
+        let ours = conntrack.get(&forward, 0).is_ok_and(|c| holds(&c, &k));
         if ours {
             kept += 1;
         } else if suspects.0.contains(&k) {
