@@ -77,7 +77,8 @@ pub struct Daemon {
     /// [`Daemon::publish_due`] publishes them (the latest state then, so a burst of changes
     /// costs one publish).
     pending: HashMap<String, tokio::time::Instant>,
-    /// Recently built tables, so that returning to a recent split skips the build.
+    /// The pools' recently built tables: a split change or a return to a recent set of
+    /// backends composes the service's table without building one.
     tables: crate::maglev::Cache,
     pub metrics: Metrics,
     /// Request-mode services: where their proxies get each change.
@@ -435,11 +436,10 @@ impl Daemon {
             return Ok(());
         }
         self.pending.remove(name);
-        let (built, fresh) = self
-            .tables
-            .get_or_build(&plan.entries, lb_common::TABLE_SIZE);
+        let (built, fresh) = self.tables.compose(&plan.pools, lb_common::TABLE_SIZE);
         let mut table = crate::dataplane::empty_table();
         table.buckets.copy_from_slice(&built);
+        let built = std::sync::Arc::new(built);
         let generation = self
             .kernel
             .publish_table(&plan.key, plan.index, plan.snat, &table)?;

@@ -15,6 +15,21 @@
 //! cascade. With fixed turns a freed bucket changes nothing else for its taker except where its
 //! count runs out: removing one of N equal backends moves ≈ 1/N + 0.5 % of the buckets at
 //! 300–650 backends, against ≈ 1/N + 1.05 % with claim-ordered turns (both measured).
+//!
+//! A service's table is composed of two layers ([`compose`]), because the change a migration
+//! makes most — the split between pools — must be fast and move as few flows as possible:
+//! - **pools**: every bucket has a fixed rank (a hash order of the buckets, the same on every
+//!   host), and the pools, by name, take consecutive runs of ranks, each exactly its share of
+//!   `M` (largest remainder). Moving the split between two pools by Δ moves exactly
+//!   the Δ·M buckets between their old and new boundary, and nothing else;
+//! - **backends**: each pool has its own table over all `M` buckets, built as above from the
+//!   backends' weights within the pool. A bucket goes to the backend that its pool's table
+//!   gives it. A pool's table changes only when its own backends do (health, weight, state),
+//!   so a split change builds nothing: it is one pass over `M` buckets.
+//!
+//! A backend then gets its share of its pool's buckets up to the draw of which of its buckets
+//! fall in the pool's ranks (the rank order is unrelated to the permutations): within about
+//! ±√n buckets of its target `n`, 0.1 % of the table at most for 65537 buckets.
 
 use std::{cmp::Ordering, collections::BinaryHeap};
 
@@ -210,6 +225,79 @@ pub fn build(entries: &[Entry], m: u32) -> Vec<u32> {
     table
 }
 
+/// One pool as the composer sees it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Pool {
+    /// Names the pool in the tie-break of [`bucket_counts`].
+    pub name: String,
+    /// The pool's share of new flows; 0 = no buckets.
+    pub weight: f64,
+    /// Its backends, each weighted by its share within the pool.
+    pub backends: Vec<Entry>,
+}
+
+/// Each bucket's rank: a fixed order of the buckets by a hash of their index, the order in
+/// which the pools take them.
+pub fn ranks(m: u32) -> Vec<u32> {
+    let mut order: Vec<u32> = (0..m).collect();
+    // splitmix64's finaliser: a bijection of u64, so no two buckets tie.
+    order.sort_by_key(|&b| {
+        let mut z = (b as u64).wrapping_add(0x9e37_79b9_7f4a_7c15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    });
+    let mut rank = vec![0u32; m as usize];
+    for (r, &b) in order.iter().enumerate() {
+        rank[b as usize] = r as u32;
+    }
+    rank
+}
+
+/// Composes a service's table from its pools' tables: the pools, by name, take
+/// consecutive runs of bucket ranks sized by their weights (exact to a bucket), and a bucket
+/// goes to what its pool's table gives it. `tables[i]` is `pools[i]`'s table ([`build`] of
+/// its backends), `rank` is [`ranks`]`(m)`.
+pub fn compose(pools: &[Pool], tables: &[&[u32]], rank: &[u32]) -> Vec<u32> {
+    let m = rank.len() as u32;
+    // By name, not as given: hosts whose configs list the pools in another order must
+    // still build the same table.
+    let mut order: Vec<usize> = (0..pools.len()).collect();
+    order.sort_by(|&a, &b| pools[a].name.cmp(&pools[b].name));
+    let weights: Vec<Entry> = order
+        .iter()
+        .map(|&i| Entry {
+            key: pools[i].name.clone(),
+            id: 0,
+            weight: pools[i].weight,
+        })
+        .collect();
+    // Ends of each pool's run of ranks, with its table.
+    let runs: Vec<(u32, &[u32])> = bucket_counts(&weights, m)
+        .iter()
+        .zip(&order)
+        .scan(0u32, |end, (&c, &i)| {
+            *end += c;
+            Some((*end, tables[i]))
+        })
+        .collect();
+    rank.iter()
+        .enumerate()
+        .map(|(b, &r)| match runs.iter().find(|(end, _)| r < *end) {
+            Some((_, table)) => table[b],
+            None => NO_BACKEND,
+        })
+        .collect()
+}
+
+/// A whole service's table from its pools, built from scratch ([`Cache::compose`] keeps the
+/// pools' tables and the ranks between builds).
+pub fn build_pools(pools: &[Pool], m: u32) -> Vec<u32> {
+    let tables: Vec<Vec<u32>> = pools.iter().map(|p| build(&p.backends, m)).collect();
+    let refs: Vec<&[u32]> = tables.iter().map(|t| t.as_slice()).collect();
+    compose(pools, &refs, &ranks(m))
+}
+
 /// The last few tables built, by their inputs: going back to a recent split — the rollback a
 /// migration depends on — republishes its table instead of rebuilding it (a build takes
 /// milliseconds; a lookup compares a handful of entries).
@@ -217,11 +305,14 @@ pub fn build(entries: &[Entry], m: u32) -> Vec<u32> {
 pub struct Cache {
     /// Most recent last; at most [`Cache::CAPACITY`].
     tables: Vec<(Vec<Entry>, std::sync::Arc<Vec<u32>>)>,
+    /// [`ranks`] for the table size in use.
+    ranks: Option<(u32, std::sync::Arc<Vec<u32>>)>,
 }
 
 impl Cache {
-    /// Tables kept (256 KiB each at the kernel's table size).
-    pub const CAPACITY: usize = 8;
+    /// Tables kept (256 KiB each at the kernel's table size): a service's pools each have
+    /// one, and going back to a recent set of backends reuses it.
+    pub const CAPACITY: usize = 16;
 
     /// The table for `entries` (in any order) with `m` buckets: from the cache, or built and
     /// kept. The second value says whether it was built.
@@ -244,6 +335,31 @@ impl Cache {
         }
         self.tables.push((key, table.clone()));
         (table, true)
+    }
+
+    /// A service's table from its pools ([`build_pools`]), building only the pools' tables
+    /// that are not kept: a split change builds none. The second value says whether any was
+    /// built.
+    pub fn compose(&mut self, pools: &[Pool], m: u32) -> (Vec<u32>, bool) {
+        let rank = match &self.ranks {
+            Some((size, rank)) if *size == m => rank.clone(),
+            _ => {
+                let rank = std::sync::Arc::new(ranks(m));
+                self.ranks = Some((m, rank.clone()));
+                rank
+            }
+        };
+        let mut built = false;
+        let tables: Vec<std::sync::Arc<Vec<u32>>> = pools
+            .iter()
+            .map(|p| {
+                let (t, fresh) = self.get_or_build(&p.backends, m);
+                built |= fresh;
+                t
+            })
+            .collect();
+        let refs: Vec<&[u32]> = tables.iter().map(|t| t.as_slice()).collect();
+        (compose(pools, &refs, &rank), built)
     }
 }
 
@@ -319,6 +435,147 @@ mod tests {
             let moved = removal_moved(n, victim.index(n));
             prop_assert!(moved <= 1.0 / n as f64 + 0.01, "n={} moved {:.4}", n, moved);
         }
+    }
+
+    /// Two pools of backends, `legacy` at `split` % of new flows.
+    fn pools(split: u32, legacy: &[u32], k8s: &[u32]) -> Vec<Pool> {
+        let pool = |name: &str, weight: u32, ws: &[u32], first: u32| {
+            let total: u32 = ws.iter().sum();
+            Pool {
+                name: name.into(),
+                weight: weight as f64 / 100.0,
+                backends: ws
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &w)| Entry {
+                        key: format!("web/{name}-{i}"),
+                        id: first + i as u32,
+                        weight: if total == 0 {
+                            0.0
+                        } else {
+                            w as f64 / total as f64
+                        },
+                    })
+                    .collect(),
+            }
+        };
+        vec![
+            pool("legacy", split, legacy, 1),
+            pool("k8s", 100 - split, k8s, 1000),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(std::env::var("LB_PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(32)))]
+
+        /// A split change moves exactly the buckets between the pools' old and new boundary,
+        /// each from the pool that lost share to the one that gained it; no bucket moves
+        /// between two backends of one pool.
+        #[test]
+        fn a_split_change_moves_exactly_its_delta(
+            from in 0u32..=100,
+            to in 0u32..=100,
+            legacy in prop::collection::vec(1u32..=100, 1..=20),
+            k8s in prop::collection::vec(1u32..=100, 1..=20),
+        ) {
+            let before = build_pools(&pools(from, &legacy, &k8s), TABLE_SIZE);
+            let after = build_pools(&pools(to, &legacy, &k8s), TABLE_SIZE);
+            let moved: Vec<(u32, u32)> = before
+                .iter()
+                .zip(&after)
+                .filter(|(a, b)| a != b)
+                .map(|(&a, &b)| (a, b))
+                .collect();
+            let of = |split: u32| {
+                bucket_counts(&[
+                    Entry { key: "legacy".into(), id: 0, weight: split as f64 },
+                    Entry { key: "k8s".into(), id: 0, weight: 100.0 - split as f64 },
+                ], TABLE_SIZE)[0] as i64
+            };
+            prop_assert_eq!(moved.len() as i64, (of(from) - of(to)).abs());
+            let is_legacy = |id: u32| id < 1000;
+            for (a, b) in moved {
+                prop_assert_eq!(is_legacy(a), from > to, "{} → {}", a, b);
+                prop_assert_eq!(is_legacy(b), from < to, "{} → {}", a, b);
+            }
+        }
+
+        /// Each pool gets exactly its share of the buckets (to one), and each backend its
+        /// share of its pool's up to the draw of which of its pool-table buckets fall in the
+        /// pool's ranks: within 6 standard deviations of that draw (√n buckets at most).
+        #[test]
+        fn pools_get_exact_shares_and_backends_theirs_within_the_draw(
+            split in 0u32..=100,
+            legacy in prop::collection::vec(0u32..=100, 1..=60),
+            k8s in prop::collection::vec(0u32..=100, 1..=60),
+        ) {
+            let ps = pools(split, &legacy, &k8s);
+            let table = build_pools(&ps, TABLE_SIZE);
+            let c = counts_of(&table);
+            let pool_counts: Vec<f64> = ps
+                .iter()
+                .map(|p| p.backends.iter().map(|e| *c.get(&e.id).unwrap_or(&0) as f64).sum())
+                .collect();
+            let live: f64 = ps.iter().zip(&pool_counts).filter(|(p, _)| p.backends.iter().any(|e| e.weight > 0.0)).map(|(p, _)| p.weight).sum();
+            for (p, &got) in ps.iter().zip(&pool_counts) {
+                let want = if live > 0.0 && p.backends.iter().any(|e| e.weight > 0.0) {
+                    TABLE_SIZE as f64 * p.weight / live
+                } else {
+                    0.0
+                };
+                prop_assert!((got - want).abs() < 1.0 || p.backends.iter().all(|e| e.weight == 0.0), "{}: {} buckets, want {}", p.name, got, want);
+                for e in &p.backends {
+                    let got = *c.get(&e.id).unwrap_or(&0) as f64;
+                    let want = pool_counts[ps.iter().position(|q| q.name == p.name).unwrap()] * e.weight;
+                    prop_assert!((got - want).abs() <= 6.0 * want.sqrt() + 2.0, "{}: {} buckets, want {}", e.key, got, want);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_order_pools_are_given_in_changes_nothing() {
+        let ps = pools(70, &[3, 1], &[1, 2]);
+        let mut rev = ps.clone();
+        rev.reverse();
+        assert_eq!(build_pools(&ps, TABLE_SIZE), build_pools(&rev, TABLE_SIZE));
+    }
+
+    #[test]
+    fn a_change_in_one_pool_moves_no_bucket_of_another() {
+        let before = build_pools(&pools(90, &[1, 1, 1], &[1, 1]), TABLE_SIZE);
+        // One k8s backend goes down: its pool shares among the rest, legacy stays put.
+        let after = build_pools(&pools(90, &[1, 1, 1], &[1, 0]), TABLE_SIZE);
+        for (a, b) in before.iter().zip(&after) {
+            if *a < 1000 || *b < 1000 {
+                assert_eq!(a, b, "a legacy bucket moved");
+            }
+        }
+        assert!(after.iter().all(|&id| id != 1001));
+    }
+
+    #[test]
+    fn the_cache_composes_what_a_fresh_build_gives_and_a_split_builds_nothing() {
+        let mut c = Cache::default();
+        let (t, built) = c.compose(&pools(95, &[2, 1], &[1]), TABLE_SIZE);
+        assert!(built);
+        assert_eq!(t, build_pools(&pools(95, &[2, 1], &[1]), TABLE_SIZE));
+        let (t, built) = c.compose(&pools(80, &[2, 1], &[1]), TABLE_SIZE);
+        assert!(!built, "a split change reuses both pools' tables");
+        assert_eq!(t, build_pools(&pools(80, &[2, 1], &[1]), TABLE_SIZE));
+    }
+
+    #[test]
+    fn without_any_weight_the_table_is_empty() {
+        let mut ps = pools(50, &[1], &[1]);
+        for p in &mut ps {
+            p.weight = 0.0;
+        }
+        assert!(
+            build_pools(&ps, TABLE_SIZE)
+                .iter()
+                .all(|&id| id == NO_BACKEND)
+        );
     }
 
     #[test]

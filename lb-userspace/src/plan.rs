@@ -9,7 +9,7 @@ use lb_common::{backend::BackendInfo, flow::IpBytes, service::ServiceKey};
 use crate::{
     config::Mode,
     dataplane::ip_bytes,
-    maglev::Entry,
+    maglev::Pool,
     state::{Service, ServiceIndex, State, StateError},
     view::{Upstream, View},
 };
@@ -34,14 +34,14 @@ pub enum ServicePlan {
 }
 
 /// What a connection-mode service's table is published from: its key, index, SNAT address
-/// and the table's entries (backend ids and effective weights). Equal plans build equal
-/// tables, so an unchanged plan needs no publish.
+/// and the pools the table is composed from (pool shares, backend ids and shares within their
+/// pool). Equal plans build equal tables, so an unchanged plan needs no publish.
 #[derive(Clone, Debug, PartialEq)]
 pub struct TablePlan {
     pub key: ServiceKey,
     pub index: ServiceIndex,
     pub snat: IpBytes,
-    pub entries: Vec<Entry>,
+    pub pools: Vec<Pool>,
 }
 
 /// The plan of the whole state.
@@ -69,7 +69,7 @@ pub fn service(state: &State, name: &str) -> Result<ServicePlan, StateError> {
                     .ok_or_else(|| StateError::NoSnat(name.to_string()))?,
             )
             .0,
-            entries: state.table_entries(name)?,
+            pools: state.table_pools(name)?,
         }),
     })
 }
@@ -198,8 +198,16 @@ backends = ["10.2.0.1:8080", "10.2.0.2:8080"]
         let t = table(&p, "web");
         assert_eq!(u16::from_be(t.key.port), 80);
         assert_eq!(t.snat, ip_bytes("10.0.1.1".parse().unwrap()).0);
-        let shares: f64 = t.entries.iter().map(|e| e.weight).sum();
-        assert!((shares - 1.0).abs() < 1e-9, "table shares sum to {shares}");
+        let shares: f64 = t.pools.iter().map(|p| p.weight).sum();
+        assert!((shares - 1.0).abs() < 1e-9, "pool shares sum to {shares}");
+        for p in &t.pools {
+            let within: f64 = p.backends.iter().map(|e| e.weight).sum();
+            assert!(
+                (within - 1.0).abs() < 1e-9,
+                "{}'s shares sum to {within}",
+                p.name
+            );
+        }
         let v = view(&p, "api");
         assert_eq!(v.upstreams.len(), 3);
         assert!((v.upstreams[0].share - 0.5).abs() < 1e-9);
@@ -220,7 +228,12 @@ backends = ["10.2.0.1:8080", "10.2.0.2:8080"]
         let p = plan(&st).unwrap();
         let id = st.backend_mut("web", "legacy", "10.1.0.1:80").unwrap().id;
         let t = table(&p, "web");
-        let e = t.entries.iter().find(|e| e.id == id).unwrap();
+        let e = t
+            .pools
+            .iter()
+            .flat_map(|p| &p.backends)
+            .find(|e| e.id == id)
+            .unwrap();
         assert_eq!(e.weight, 0.0, "a drained backend takes no new flows");
         assert!(p.backends.contains_key(&id), "its flows still reach it");
     }
@@ -245,6 +258,11 @@ backends = ["10.2.0.1:8080", "10.2.0.2:8080"]
         st.set_pool_weight("web", "k8s", 0).unwrap();
         let t = table(&plan(&st).unwrap(), "web");
         let k8s = st.backend_mut("web", "k8s", "10.2.0.1:80").unwrap().id;
-        assert!(t.entries.iter().all(|e| e.id != k8s || e.weight == 0.0));
+        let pool = t.pools.iter().find(|p| p.name == "k8s").unwrap();
+        assert_eq!(pool.weight, 0.0, "the pool takes no new flows");
+        assert!(
+            pool.backends.iter().any(|e| e.id == k8s),
+            "its backends keep their ids"
+        );
     }
 }

@@ -468,26 +468,52 @@ impl State {
 
     /// The Maglev table of a service.
     pub fn table(&self, svc: &str) -> Result<Vec<u32>, StateError> {
-        Ok(maglev::build(
-            &self.table_entries(svc)?,
+        Ok(maglev::build_pools(
+            &self.table_pools(svc)?,
             lb_common::TABLE_SIZE,
         ))
     }
 
-    /// What a service's Maglev table is built from.
-    pub fn table_entries(&self, svc: &str) -> Result<Vec<maglev::Entry>, StateError> {
-        let entries: Vec<maglev::Entry> = self
-            .shares(svc)?
-            .into_iter()
-            .map(|s| maglev::Entry {
-                // The backend's identity for hashing is its name (its address unless named),
-                // so moving it between pools or renaming a pool does not reshuffle flows.
-                key: format!("{svc}/{}", s.backend),
-                id: s.id,
-                weight: s.share,
+    /// What a service's Maglev table is composed from: each pool's share of new flows, and
+    /// its backends' shares within it (the same figures as [`State::shares`], one layer each).
+    pub fn table_pools(&self, svc: &str) -> Result<Vec<maglev::Pool>, StateError> {
+        let s = self.service(svc)?;
+        let pool_total: u64 = s
+            .pools
+            .iter()
+            .filter(|p| p.eligible_weight() > 0)
+            .map(|p| p.weight as u64)
+            .sum();
+        Ok(s.pools
+            .iter()
+            .map(|p| {
+                let pw = p.eligible_weight();
+                maglev::Pool {
+                    name: p.name.clone(),
+                    weight: if pool_total > 0 && pw > 0 {
+                        p.weight as f64 / pool_total as f64
+                    } else {
+                        0.0
+                    },
+                    backends: p
+                        .backends
+                        .iter()
+                        .map(|b| maglev::Entry {
+                            // The backend's identity for hashing is its name (its address
+                            // unless named), so moving it between pools or renaming a pool
+                            // does not reshuffle its pool's table.
+                            key: format!("{svc}/{}", b.name),
+                            id: b.id,
+                            weight: if pw > 0 && b.eligible() {
+                                b.weight as f64 / pw as f64
+                            } else {
+                                0.0
+                            },
+                        })
+                        .collect(),
+                }
             })
-            .collect();
-        Ok(entries)
+            .collect())
     }
 }
 

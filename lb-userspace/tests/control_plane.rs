@@ -167,14 +167,22 @@ fn a_split_is_published_whole_in_one_table_swap() {
     drop(st);
     let by = buckets(&k);
     let total = lb_common::TABLE_SIZE as f64;
-    for (name, want) in [
-        ("10.20.0.11:8080", 0.25),
-        ("10.20.0.12:8080", 0.25),
-        ("10.20.0.21:8080", 0.25),
-        ("10.20.0.22:8080", 0.25),
+    let share = |name| by[&id(&d, name)] as f64 / total;
+    // Each pool gets its share exactly (to a bucket); each backend half its pool's, up to
+    // the draw of which of its pool-table buckets fall in the pool's ranks.
+    for pool in [
+        ["10.20.0.11:8080", "10.20.0.12:8080"],
+        ["10.20.0.21:8080", "10.20.0.22:8080"],
     ] {
-        let got = by[&id(&d, name)] as f64 / total;
-        assert!((got - want).abs() < 1e-4, "{name}: {got}");
+        let got = share(pool[0]) + share(pool[1]);
+        assert!((got - 0.5).abs() < 1.0 / total, "{pool:?}: {got}");
+        for name in pool {
+            assert!(
+                (share(name) - 0.25).abs() < 0.005,
+                "{name}: {}",
+                share(name)
+            );
+        }
     }
 }
 
@@ -576,8 +584,10 @@ async fn changes_within_a_tables_grace_are_published_together_once_it_ends_witho
         "one publish for the three changes"
     );
     drop(st);
-    let k8s = buckets(&k)[&id(&d, "10.20.0.21:8080")] as f64 / lb_common::TABLE_SIZE as f64;
-    assert!((k8s - 0.40).abs() < 1e-4, "the last split is live: {k8s}");
+    let by = buckets(&k);
+    let k8s = (by[&id(&d, "10.20.0.21:8080")] + by[&id(&d, "10.20.0.22:8080")]) as f64
+        / lb_common::TABLE_SIZE as f64;
+    assert!((k8s - 0.80).abs() < 1e-4, "the last split is live: {k8s}");
     assert_eq!(d.next_publish(), None);
 }
 

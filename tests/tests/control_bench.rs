@@ -103,9 +103,8 @@ fn control_plane() {
         (kernel, sent.elapsed().as_secs_f64() * 1e3)
     };
     let changes = if lb_tests::bench::quick() { 6 } else { 40 };
-    // Weights never used before (each table is built; the config's own 90/10 would change
-    // nothing, so nothing would be published), then back and forth between the last
-    // two (a rollback: lbd keeps recent tables).
+    // Splits never used before (the config's own 90/10 would change nothing, so nothing
+    // would be published), then back and forth between the last two (a rollback).
     let (mut to_kernel, mut to_reply): (Vec<f64>, Vec<f64>) =
         (0..changes).map(|i| change(88 - 2 * i)).unzip();
     let last = 88 - 2 * (changes - 1);
@@ -172,15 +171,15 @@ fn control_plane() {
 
     let mut md = String::new();
     writeln!(md, "## Control plane\n").unwrap();
-    writeln!(md, "`lbd` release build in the namespace topology, 4 backends; `set split` on one control connection, 20 ms apart: {changes} to weights not used before (the table is built: the time is the build plus one map write), then {changes} back and forth between the last two (a rollback: lbd keeps its 8 most recent tables, so the time is one table copy and map write).\n").unwrap();
+    writeln!(md, "`lbd` release build in the namespace topology, 4 backends in two pools; `set split` on one control connection, 20 ms apart: {changes} to splits not used before, then {changes} back and forth between the last two (a rollback). A split change builds no Maglev table: both pools' tables are kept, and the service's table is composed from them in one pass over the buckets (see the table-build section for 100 backends), then written to the kernel in one map update.\n").unwrap();
     writeln!(md, "| measure | median | p99 |").unwrap();
     writeln!(md, "|---|---|---|").unwrap();
     for (what, v) in [
         (
-            "`set split` to new weights → new table live in the kernel",
+            "`set split` to a new split → new table live in the kernel",
             &mut to_kernel,
         ),
-        ("`set split` to new weights → reply received", &mut to_reply),
+        ("`set split` to a new split → reply received", &mut to_reply),
         (
             "rollback to a recent split → new table live in the kernel",
             &mut back_kernel,
