@@ -662,10 +662,10 @@ fn request_mode_refuses_requests_a_backend_could_read_differently() {
 }
 
 /// Finding 7: "RSS grew by 0.1–0.6 MB after each backend flap over a 10-minute soak (10.5 →
-/// 11.8 MB)". Each change that builds a new table (a flap, a weight) adds one 256 KiB table
-/// to the cache of the 8 most recent; beyond that nothing may grow. Backend flaps by health
-/// (a backend stopped and started, 2 rounds) and 120 distinct weight changes: after the cache
-/// has filled, RSS stays flat.
+/// 11.8 MB)". Each change that builds a new pool table (a flap, a backend's weight) adds one
+/// 256 KiB table to the cache of the 16 most recent; beyond that nothing may grow. Backend
+/// flaps by health (a backend stopped and started, 2 rounds) and 120 distinct backend weights:
+/// after the cache has filled, RSS stays flat.
 #[test]
 fn memory_stays_flat_across_flaps_once_the_table_cache_is_full() {
     if !require_root("memory_stays_flat_across_flaps_once_the_table_cache_is_full") {
@@ -691,8 +691,9 @@ fn memory_stays_flat_across_flaps_once_the_table_cache_is_full() {
     }
     let mut samples = Vec::new();
     for i in 0..120u32 {
-        // Distinct weights: each a table the cache has not seen.
-        t.control(&format!("set weight web/legacy {}", 100 + i))
+        // Distinct backend weights: each a pool table the cache has not seen (a pool's weight
+        // would only change the split, which builds none).
+        t.control(&format!("set weight web/legacy/legacy-1 {}", 100 + i))
             .unwrap();
         t.control(&format!(
             "set state web/legacy/legacy-2 {}",
