@@ -440,30 +440,23 @@ impl State {
     /// times backend weight within its pool (INTERFACE.md, "Weights and states").
     pub fn shares(&self, svc: &str) -> Result<Vec<Share>, StateError> {
         let s = self.service(svc)?;
-        let pool_total: u64 = s
-            .pools
+        // One place computes the two layers; a share is their product.
+        let layers = self.table_pools(svc)?;
+        Ok(s.pools
             .iter()
-            .filter(|p| p.eligible_weight() > 0)
-            .map(|p| p.weight as u64)
-            .sum();
-        let mut out = Vec::new();
-        for p in &s.pools {
-            let pw = p.eligible_weight();
-            for b in &p.backends {
-                let share = if pool_total > 0 && pw > 0 && b.eligible() {
-                    (p.weight as f64 / pool_total as f64) * (b.weight as f64 / pw as f64)
-                } else {
-                    0.0
-                };
-                out.push(Share {
-                    pool: p.name.clone(),
-                    backend: b.name.clone(),
-                    id: b.id,
-                    share,
-                });
-            }
-        }
-        Ok(out)
+            .zip(&layers)
+            .flat_map(|(p, layer)| {
+                p.backends
+                    .iter()
+                    .zip(&layer.backends)
+                    .map(move |(b, e)| Share {
+                        pool: p.name.clone(),
+                        backend: b.name.clone(),
+                        id: b.id,
+                        share: layer.weight * e.weight,
+                    })
+            })
+            .collect())
     }
 
     /// The Maglev table of a service.
