@@ -156,11 +156,17 @@ fn a_reload_takes_weights_from_the_config_and_keeps_admin_states() {
     };
     assert_eq!(b["k8s-2"], ("1".into(), "ready".into()), "{b:?}");
     assert_eq!(b["legacy-2"], ("1".into(), "drain".into()), "{b:?}");
-    assert!(
-        t.control("show backends web")
-            .unwrap()
-            .contains("web legacy legacy-1 1 90.00% ready up")
-    );
+    // The share needs both pools' health too: a check that timed out (50 ms) on a busy
+    // machine takes a moment to come back, so wait for it rather than read once.
+    let want = "web legacy legacy-1 1 90.00% ready up";
+    let shown = loop {
+        let shown = t.control("show backends web").unwrap();
+        if shown.contains(want) || std::time::Instant::now() > deadline {
+            break shown;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    };
+    assert!(shown.contains(want), "{shown}");
     drop(t);
     // A restart after the reload starts where the reload left off.
     let t = Lbd::start(&s.path);
