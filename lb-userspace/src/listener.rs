@@ -290,10 +290,15 @@ pub fn inherited_listeners()
                 tracing::info!(%addr, fd, "using a listening socket passed in (socket activation)");
                 out.insert(addr, sock.into());
             }
-            _ => tracing::warn!(
-                fd,
-                "ignoring a passed-in descriptor that is not a listening TCP socket"
-            ),
+            _ => {
+                tracing::warn!(
+                    fd,
+                    "ignoring a passed-in descriptor that is not a listening TCP socket"
+                );
+                // Left open, not closed: what sits there is not ours to close (it may be a
+                // descriptor of lbd's own, if the supervisor passed fewer than it said).
+                let _ = std::os::fd::IntoRawFd::into_raw_fd(sock);
+            }
         }
     }
     out

@@ -116,8 +116,15 @@ impl Netns {
             // SAFETY: only async-signal-safe calls between fork and exec.
             unsafe {
                 cmd.pre_exec(move || {
-                    // dup2 clears close-on-exec on the copy.
-                    if libc::dup2(fd, 3) < 0 {
+                    // dup2 clears close-on-exec on the copy, but dup2(3, 3) makes no copy:
+                    // a descriptor that is already 3 must have the flag cleared itself, or
+                    // the exec closes it and lbd finds one of its own there.
+                    let r = if fd == 3 {
+                        libc::fcntl(3, libc::F_SETFD, 0)
+                    } else {
+                        libc::dup2(fd, 3)
+                    };
+                    if r < 0 {
                         return Err(std::io::Error::last_os_error());
                     }
                     Ok(())
