@@ -28,8 +28,9 @@
 //!   so a split change builds nothing: it is one pass over `M` buckets.
 //!
 //! A backend then gets its share of its pool's buckets up to the draw of which of its buckets
-//! fall in the pool's ranks (the rank order is unrelated to the permutations): within about
-//! ±√n buckets of its target `n`, 0.1 % of the table at most for 65537 buckets.
+//! fall in the pool's ranks (the rank order is unrelated to the permutations): with
+//! a standard deviation of at most √n buckets for a target of `n` (64 buckets, 0.1 % of 65537,
+//! for each of two backends in a pool at 50 %).
 
 use std::{cmp::Ordering, collections::BinaryHeap};
 
