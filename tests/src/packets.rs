@@ -67,6 +67,18 @@ fn eth() -> Ethernet2Header {
     }
 }
 
+/// A TCP header (window 64240, no checksum yet) with `f`'s flags and the sequence and
+/// acknowledgment numbers given; both families' frames start from it.
+pub fn tcp_header(sport: u16, dport: u16, f: Flags, (seq, ack): (u32, u32)) -> TcpHeader {
+    let mut t = TcpHeader::new(sport, dport, seq, 64240);
+    t.syn = f.syn;
+    t.ack = f.ack;
+    t.fin = f.fin;
+    t.rst = f.rst;
+    t.acknowledgment_number = ack;
+    t
+}
+
 /// An Ethernet/IPv4/TCP frame with correct checksums; `options` are IPv4 options (len % 4 == 0).
 pub fn tcp_with(
     src: ([u8; 4], u16),
@@ -75,14 +87,7 @@ pub fn tcp_with(
     payload: &[u8],
     options: &[u8],
 ) -> Vec<u8> {
-    let mut t = TcpHeader::new(src.1, dst.1, 1000, 64240);
-    t.syn = f.syn;
-    t.ack = f.ack;
-    t.fin = f.fin;
-    t.rst = f.rst;
-    if f.ack {
-        t.acknowledgment_number = 1;
-    }
+    let mut t = tcp_header(src.1, dst.1, f, (1000, f.ack as u32));
     let mut iph = ip(src.0, dst.0, IpNumber::TCP, t.header_len() + payload.len());
     iph.options = etherparse::Ipv4Options::try_from(options).expect("valid options length");
     iph.set_payload_len(t.header_len() + payload.len()).unwrap();
@@ -106,12 +111,7 @@ pub fn tcp_seq(
     (seq, ack): (u32, u32),
     payload: &[u8],
 ) -> Vec<u8> {
-    let mut t = TcpHeader::new(src.1, dst.1, seq, 64240);
-    t.syn = f.syn;
-    t.ack = f.ack;
-    t.fin = f.fin;
-    t.rst = f.rst;
-    t.acknowledgment_number = ack;
+    let mut t = tcp_header(src.1, dst.1, f, (seq, ack));
     let iph = ip(src.0, dst.0, IpNumber::TCP, t.header_len() + payload.len());
     t.checksum = t.calc_checksum_ipv4(&iph, payload).expect("checksum");
     let mut out = Vec::new();

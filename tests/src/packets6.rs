@@ -104,12 +104,7 @@ pub fn tcp6_full(
     payload: &[u8],
     exts: &[Ext],
 ) -> Vec<u8> {
-    let mut t = TcpHeader::new(src.1, dst.1, seq, 64240);
-    t.syn = f.syn;
-    t.ack = f.ack;
-    t.fin = f.fin;
-    t.rst = f.rst;
-    t.acknowledgment_number = ack;
+    let mut t = crate::packets::tcp_header(src.1, dst.1, f, (seq, ack));
     t.checksum = t.calc_checksum_ipv6_raw(src.0, dst.0, payload).unwrap();
     let mut l4 = Vec::new();
     t.write(&mut l4).unwrap();
@@ -125,12 +120,7 @@ pub fn tcp6_opts(
     f: Flags,
     options: &[crate::packets::TcpOptionElement],
 ) -> Vec<u8> {
-    let mut t = TcpHeader::new(src.1, dst.1, 1000, 64240);
-    t.syn = f.syn;
-    t.ack = f.ack;
-    t.fin = f.fin;
-    t.rst = f.rst;
-    t.acknowledgment_number = f.ack as u32;
+    let mut t = crate::packets::tcp_header(src.1, dst.1, f, (1000, f.ack as u32));
     t.set_options(options).expect("options fit");
     t.checksum = t.calc_checksum_ipv6_raw(src.0, dst.0, &[]).unwrap();
     let mut l4 = Vec::new();
