@@ -48,9 +48,8 @@ pub struct CtValue {
     pub service_id: u8,
     /// Bits of [`signal`] taken on the forward side.
     pub signals: u8,
-    /// Explicit padding, always zero; scalars rather than a byte array, whose zeroing the
-    /// eBPF toolchain turns into a byte-at-a-time `memset` call (see [`IpBytes`]).
-    pub _pad2: u8,
+    /// Bits of [`CtValue::DSR`].
+    pub flags: u8,
     /// Added to the client's TCP timestamp (TSval) on the way to the backend: it makes the
     /// timestamps a backend sees on one SNAT address:port follow the balancer's clock from
     /// flow to flow (see `lb-ebpf`'s `tcpts`). 0 when the flow has none.
@@ -58,6 +57,12 @@ pub struct CtValue {
 }
 
 const _: () = assert!(core::mem::size_of::<CtValue>() == 56);
+
+impl CtValue {
+    /// [`CtValue::flags`] bit: a direct-server-return flow. It has no SNAT port and no
+    /// reverse entry (the backend answers the client directly); `snat_addr` is the VIP.
+    pub const DSR: u8 = 1;
+}
 
 /// Return direction (backend → SNAT address:port): whom to give the packet back to, and how
 /// to reach them (the client side's L2 as seen on the flow's first packet).

@@ -59,13 +59,19 @@ pub struct ServiceValue {
     pub half: u32,
     /// Table generation, bumped on every table change (for `show table` and metrics).
     pub generation: u32,
-    /// Explicit padding.
-    pub _pad: u32,
+    /// Bits of [`ServiceValue::DSR`].
+    pub flags: u32,
 }
 
 const _: () = assert!(core::mem::size_of::<ServiceValue>() == 32);
 
 impl ServiceValue {
+    /// [`ServiceValue::flags`] bit: direct server return. Packets reach the backend
+    /// unchanged but for the Ethernet addresses (and TTL); the backend holds the VIP and
+    /// answers the client itself, so no SNAT port and no reverse entry are taken, and
+    /// `snat_addr` is the VIP (the source of the fib lookup towards the backend).
+    pub const DSR: u32 = 1;
+
     /// Index of the live table in [`crate::map_names::TABLES`].
     #[inline(always)]
     pub const fn table_index(&self) -> u32 {

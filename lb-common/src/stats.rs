@@ -214,10 +214,19 @@ pub enum Stat {
     /// at least [`crate::conntrack::SYN_RECLAIM_NS`]): what keeps a SYN flood from holding
     /// every port.
     HalfOpenReclaimed = 24,
+    /// DSR: a TCP packet other than a SYN to a VIP with no flow on this host, sent to the
+    /// backend the live table gives it (the one every host with the same table picks), and
+    /// tracked from then on: a flow that another balancer host carried until it failed, or
+    /// whose entry was evicted here.
+    DsrMissForwarded = 25,
+    /// Dropped: DSR towards a backend whose MAC is not known yet (no ARP/NDP entry) or that
+    /// is not on a directly connected network (its route has a gateway). A DSR packet keeps
+    /// the VIP as its destination, so the kernel cannot forward it in the balancer's place.
+    DsrNotOnLink = 26,
 }
 
 /// Number of entries in the per-CPU XDP counter array.
-pub const STAT_COUNT: u32 = 25;
+pub const STAT_COUNT: u32 = 27;
 
 #[cfg(test)]
 mod tests {

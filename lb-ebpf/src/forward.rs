@@ -25,9 +25,38 @@ pub fn next_hop(
     ctx: &XdpContext,
     backend_id: u32,
     family: u8,
+    addrs: (&IpBytes, &IpBytes),
+    now: u64,
+    ttl_ns: u64,
+) -> Result<NextHop, u32> {
+    cached_hop(ctx, backend_id, family, addrs, now, ttl_ns, false)
+}
+
+/// As [`next_hop`], for direct server return: only the backend itself can be the next hop
+/// (a packet still addressed to the VIP would come back from a gateway). A route through a
+/// gateway is `Err(0)`, never cached. A backend id belongs to one service, so its cache slot
+/// only ever holds lookups of one kind.
+#[inline(always)]
+pub fn on_link_hop(
+    ctx: &XdpContext,
+    backend_id: u32,
+    family: u8,
+    addrs: (&IpBytes, &IpBytes),
+    now: u64,
+    ttl_ns: u64,
+) -> Result<NextHop, u32> {
+    cached_hop(ctx, backend_id, family, addrs, now, ttl_ns, true)
+}
+
+#[inline(always)]
+fn cached_hop(
+    ctx: &XdpContext,
+    backend_id: u32,
+    family: u8,
     (src, dst): (&IpBytes, &IpBytes),
     now: u64,
     ttl_ns: u64,
+    on_link: bool,
 ) -> Result<NextHop, u32> {
     let slot = LB_NEXT_HOPS.get_ptr_mut(backend_id).ok_or(0u32)?;
     // SAFETY: per-CPU slot: no other CPU writes it.
@@ -35,7 +64,7 @@ pub fn next_hop(
     if cached.expires_ns > now {
         return Ok(*cached);
     }
-    let rc = resolve(ctx, cached, family, src, dst);
+    let rc = resolve(ctx, cached, family as u32 | (on_link as u32) << 8, src, dst);
     if rc == 0 {
         cached.expires_ns = now + ttl_ns;
         Ok(*cached)
@@ -46,10 +75,13 @@ pub fn next_hop(
 
 /// A fib lookup from `src` to `dst`: on success fills `out` (the caller sets its expiry) and
 /// returns 0; when only the neighbour is missing returns the egress interface; else -1.
+/// `kind` is the address family, plus 256 for "on link only" (then a route through a
+/// gateway is -1 too): one argument, as a BPF call has at most five.
 /// Not inlined: its 64-byte parameter block gets a stack frame of its own, which the
 /// callers' frames (the new-flow path above all) have no room for.
 #[inline(never)]
-fn resolve(ctx: &XdpContext, out: &mut NextHop, family: u8, src: &IpBytes, dst: &IpBytes) -> i64 {
+fn resolve(ctx: &XdpContext, out: &mut NextHop, kind: u32, src: &IpBytes, dst: &IpBytes) -> i64 {
+    let (family, on_link) = (kind as u8, kind >> 8 != 0);
     // SAFETY: plain C struct, all-zero is valid.
     let mut p: bpf_fib_lookup = unsafe { core::mem::zeroed() };
     p.family = family;
@@ -68,6 +100,14 @@ fn resolve(ctx: &XdpContext, out: &mut NextHop, family: u8, src: &IpBytes, dst: 
         return p.ifindex as i64;
     }
     if rc != BPF_FIB_LKUP_RET_SUCCESS {
+        return -1;
+    }
+    // On success the destination field holds the next hop: the gateway's address, if any (an
+    // IPv4 lookup writes the first four bytes; the other twelve stay as `dst` left them).
+    // SAFETY: two plain 16-byte values.
+    if on_link
+        && unsafe { core::mem::transmute::<[u32; 4], IpBytes>(p.__bindgen_anon_4.ipv6_dst) } != *dst
+    {
         return -1;
     }
     *out = NextHop {

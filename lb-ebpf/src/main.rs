@@ -3,11 +3,12 @@
 //! Per packet: parse → VIP? (conntrack hit, or a SYN → Maglev bucket → backend, new flow) →
 //! full-NAT rewrite → cached next hop → TX/REDIRECT. Return traffic (backend → SNAT
 //! address:port) is reverse-NATed back to the client; ICMP errors about a flow are translated
-//! to its other end (`icmp`). Everything else is passed to the kernel untouched. Tables, weights and health are userspace's business; this program only reads them.
+//! to its other end (`icmp`). A direct-server-return service's packets skip the NAT (`dsr`). Everything else is passed to the kernel untouched. Tables, weights and health are userspace's business; this program only reads them.
 #![no_std]
 #![no_main]
 
 mod conntrack;
+mod dsr;
 mod forward;
 mod guard;
 mod icmp;
@@ -177,6 +178,9 @@ fn to_backend(
     if nat::ttl(pkt) <= 1 {
         return Ok(pass(Stat::TtlExceeded));
     }
+    if e.flags & lb_common::conntrack::CtValue::DSR != 0 {
+        return Ok(dsr::forward(ctx, pkt, e, syn, now, t));
+    }
     if pkt.is_tcp() && e.signals & lb_common::conntrack::signal::REQUEST == 0 {
         signals::from_client(pkt, e, syn);
     }
@@ -222,6 +226,9 @@ fn open_flow(ctx: &XdpContext, pkt: &Packet, t: &Tunables, now: u64) -> u32 {
     };
     if nat::ttl(pkt) <= 1 {
         return pass(Stat::TtlExceeded);
+    }
+    if svc.flags & lb_common::service::ServiceValue::DSR != 0 {
+        return dsr::open(ctx, pkt, &svc, now);
     }
     if pkt.is_tcp() && !syn {
         // No flow: the host's stack answers with a RST (the VIP is a local address), so the

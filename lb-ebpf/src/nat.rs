@@ -154,6 +154,18 @@ pub fn decrement_ttl(pkt: &Packet) {
     }
 }
 
+/// Decrements the TTL (IPv4, with its header checksum) or the hop limit (IPv6). The caller
+/// has checked that it is above 1.
+#[inline(always)]
+pub fn decrement_hop_limit(pkt: &Packet) {
+    if pkt.is_v6() {
+        // SAFETY: bounds-checked by `parse` (the hop limit is byte 7 of the IPv6 header).
+        unsafe { *pkt.l3.add(7) -= 1 };
+    } else {
+        decrement_ttl(pkt);
+    }
+}
+
 /// The TTL (IPv6: hop limit) the packet arrived with.
 #[inline(always)]
 pub fn ttl(pkt: &Packet) -> u8 {

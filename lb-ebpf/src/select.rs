@@ -257,7 +257,7 @@ pub fn new_flow(
         state: st,
         service_id: svc.id as u8,
         signals: 0,
-        _pad2: 0,
+        flags: 0,
         ts_delta,
     };
     if LB_CONNTRACK

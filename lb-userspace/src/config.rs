@@ -366,7 +366,10 @@ pub enum Forwarding {
     /// Full-NAT: backends see the balancer's SNAT address and need no changes.
     #[default]
     Nat,
-    /// Direct server return (not implemented yet; rejected by validation).
+    /// Direct server return (layer 2): the packet reaches the backend unchanged but for its
+    /// Ethernet addresses; backends are on a directly connected network, hold the VIP on a
+    /// loopback (without answering ARP/NDP for it), listen on the service port and answer
+    /// clients directly. Any balancer host with the same table can carry any packet.
     Dsr,
 }
 
@@ -787,19 +790,29 @@ impl Config {
                 ));
             }
             let mode = s.mode.unwrap_or_default();
-            let forwarding = match s.forwarding {
-                Some(f) if *f.get_ref() == Forwarding::Dsr => {
+            let forwarding = match &s.forwarding {
+                Some(f) if *f.get_ref() == Forwarding::Dsr && mode == Mode::Request => {
                     return Err(at(
                         f.span(),
                         format!(
-                            "service {name:?}: forwarding = \"dsr\" is not supported yet; use \"nat\""
+                            "service {name:?}: forwarding = \"dsr\" needs mode = \"connection\" (the request-mode proxy terminates connections)"
                         ),
                     ));
                 }
                 Some(f) => *f.get_ref(),
                 None => Forwarding::Nat,
             };
-            if mode == Mode::Connection {
+            if mode == Mode::Connection && forwarding == Forwarding::Dsr {
+                connection_services += 1;
+                if let Some(a) = &s.snat {
+                    return Err(at(
+                        a.span(),
+                        format!(
+                            "service {name:?}: snat has no use with forwarding = \"dsr\" (backends see the client's own address); remove it"
+                        ),
+                    ));
+                }
+            } else if mode == Mode::Connection {
                 connection_services += 1;
                 match &s.snat {
                     None => {
@@ -893,6 +906,15 @@ impl Config {
                             span,
                             format!(
                                 "backend {bname}: {addr} cannot be a backend address (the service's own VIP, unspecified or multicast)"
+                            ),
+                        ));
+                    }
+                    if forwarding == Forwarding::Dsr && addr.port() != port {
+                        return Err(at(
+                            span,
+                            format!(
+                                "backend {bname}: port {} differs from the service port {port}; with forwarding = \"dsr\" the packet reaches the backend unchanged, so it must listen on the service port",
+                                addr.port()
                             ),
                         ));
                     }
@@ -1258,6 +1280,36 @@ backends = [{ addr = "10.20.0.21:8080", name = "k8s-a" }]
         assert_eq!(s.pools[1].backends[0].name, "k8s-a");
         assert_eq!(s.health.interval, Duration::from_millis(500));
         assert_eq!(c.daemon.pin_dir, Path::new("/sys/fs/bpf/lb"));
+    }
+
+    /// The DSR form of [`GOOD`]: backends on the service port, no SNAT address.
+    fn dsr_config() -> String {
+        GOOD.replace("snat = \"10.20.0.1\"", "forwarding = \"dsr\"")
+            .replace(":8080", ":80")
+    }
+
+    #[test]
+    fn dsr_is_accepted_with_backends_on_the_service_port_and_without_snat() {
+        let c = Config::parse(&dsr_config(), Path::new("lb.toml")).unwrap();
+        assert_eq!(c.services[0].forwarding, Forwarding::Dsr);
+        assert_eq!(c.services[0].snat, None);
+    }
+
+    #[test]
+    fn dsr_refuses_what_it_cannot_do_and_says_where() {
+        // Another port: the packet arrives unchanged, so the backend must listen on 80.
+        let e = err(&dsr_config().replacen("10.20.0.11:80", "10.20.0.11:8080", 1));
+        assert!(
+            e.starts_with("lb.toml:19:") && e.contains("must listen on the service port"),
+            "{e}"
+        );
+        let e = err(&dsr_config().replace("port = 80", "port = 80\nsnat = \"10.20.0.1\""));
+        assert!(
+            e.contains("lb.toml:9:") && e.contains("snat has no use"),
+            "{e}"
+        );
+        let e = err(&dsr_config().replace("port = 80", "port = 80\nmode = \"request\""));
+        assert!(e.contains("needs mode = \"connection\""), "{e}");
     }
 
     #[test]

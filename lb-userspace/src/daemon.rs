@@ -440,9 +440,9 @@ impl Daemon {
         let mut table = crate::dataplane::empty_table();
         table.buckets.copy_from_slice(&built);
         let built = std::sync::Arc::new(built);
-        let generation = self
-            .kernel
-            .publish_table(&plan.key, plan.index, plan.snat, &table)?;
+        let generation =
+            self.kernel
+                .publish_table(&plan.key, plan.index, (plan.snat, plan.flags), &table)?;
         self.metrics
             .table_build
             .observe(started.elapsed().as_secs_f64());

@@ -4,10 +4,14 @@
 
 use std::{collections::BTreeMap, net::SocketAddr};
 
-use lb_common::{backend::BackendInfo, flow::IpBytes, service::ServiceKey};
+use lb_common::{
+    backend::BackendInfo,
+    flow::IpBytes,
+    service::{ServiceKey, ServiceValue},
+};
 
 use crate::{
-    config::Mode,
+    config::{Forwarding, Mode},
     dataplane::ip_bytes,
     maglev::Pool,
     state::{Service, ServiceIndex, State, StateError},
@@ -33,14 +37,18 @@ pub enum ServicePlan {
     Proxy(View),
 }
 
-/// What a connection-mode service's table is published from: its key, index, SNAT address
-/// and the pools the table is composed from (pool shares, backend ids and shares within their
+/// What a connection-mode service's table is published from: its key, index, SNAT address,
+/// forwarding flags and the pools the table is composed from (pool shares, backend ids and shares within their
 /// pool). Equal plans build equal tables, so an unchanged plan needs no publish.
 #[derive(Clone, Debug, PartialEq)]
 pub struct TablePlan {
     pub key: ServiceKey,
     pub index: ServiceIndex,
+    /// The SNAT address; with direct server return, the VIP (the source of the kernel's
+    /// route lookups towards backends).
     pub snat: IpBytes,
+    /// `ServiceValue` flags (`ServiceValue::DSR`).
+    pub flags: u32,
     pub pools: Vec<Pool>,
 }
 
@@ -63,12 +71,18 @@ pub fn service(state: &State, name: &str) -> Result<ServicePlan, StateError> {
         Mode::Connection => ServicePlan::Table(TablePlan {
             key: service_key(svc),
             index: svc.index,
-            snat: ip_bytes(
-                svc.config
+            snat: ip_bytes(match svc.config.forwarding {
+                Forwarding::Dsr => svc.config.vip,
+                Forwarding::Nat => svc
+                    .config
                     .snat
                     .ok_or_else(|| StateError::NoSnat(name.to_string()))?,
-            )
+            })
             .0,
+            flags: match svc.config.forwarding {
+                Forwarding::Dsr => ServiceValue::DSR,
+                Forwarding::Nat => 0,
+            },
             pools: state.table_pools(name)?,
         }),
     })

@@ -249,6 +249,8 @@ impl Daemon {
                         ("flow_lost_port", Stat::FlowLostPort),
                         ("ipv6_ext_unhandled", Stat::Ipv6ExtUnhandled),
                         ("half_open_reclaimed", Stat::HalfOpenReclaimed),
+                        ("dsr_miss_forwarded", Stat::DsrMissForwarded),
+                        ("dsr_not_on_link", Stat::DsrNotOnLink),
                     ],
                 ));
             }

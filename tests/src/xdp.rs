@@ -91,6 +91,30 @@ pub fn service_ip(
     backend: u32,
     snat: std::net::IpAddr,
 ) {
+    publish(dp, svc_id, (vip, port), proto, backend, (snat, 0));
+}
+
+/// Like [`service_ip`], for a direct-server-return service (as lbd publishes one: the VIP in
+/// the SNAT address's place, the DSR flag set).
+pub fn dsr_service(
+    dp: &mut Dataplane,
+    svc_id: u32,
+    (vip, port): (std::net::IpAddr, u16),
+    proto: u8,
+    backend: u32,
+) {
+    let dsr = lb_common::service::ServiceValue::DSR;
+    publish(dp, svc_id, (vip, port), proto, backend, (vip, dsr));
+}
+
+fn publish(
+    dp: &mut Dataplane,
+    svc_id: u32,
+    (vip, port): (std::net::IpAddr, u16),
+    proto: u8,
+    backend: u32,
+    (snat, flags): (std::net::IpAddr, u32),
+) {
     let (addr, family) = lb_userspace::dataplane::ip_bytes(vip);
     let key = ServiceKey {
         addr,
@@ -109,8 +133,8 @@ pub fn service_ip(
                 .saturating_duration_since(std::time::Instant::now()),
         );
     }
-    dp.publish_table(&key, svc_id, lb_userspace::dataplane::ip_bytes(snat).0, &t)
-        .unwrap();
+    let snat = lb_userspace::dataplane::ip_bytes(snat).0;
+    dp.publish_table(&key, svc_id, (snat, flags), &t).unwrap();
 }
 
 /// Loads the program (no pins) with the real CPU count and `tweak` applied to the tunables.

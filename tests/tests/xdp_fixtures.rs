@@ -1820,3 +1820,151 @@ fn ipv6_crafted_syns_spoofed_sources_and_out_of_window_answers_take_no_flow() {
     check6(&out);
     assert_eq!(timestamps6(&out), Some((778, 3_000_000_000)));
 }
+
+/// The DSR services: 10.99.0.12:8080 (slot 5) on one backend, the IPv6 [`DSR_VIP6`]:8080
+/// (slot 6), and 10.99.0.13:8080 (slot 7) on a backend behind a gateway.
+const DSR_VIP: [u8; 4] = [10, 99, 0, 12];
+const DSR_VIP_ROUTED: [u8; 4] = [10, 99, 0, 13];
+const DSR_VIP6: [u8; 16] = addr6(0x99, 0x12);
+
+/// What DSR makes of a client frame: the same IP packet, one hop older, framed from the
+/// balancer's backend-side MAC to the backend's.
+fn dsr_framed(pkt: &[u8], backend: usize) -> Vec<u8> {
+    let mut want = if pkt[12..14] == [0x86, 0xdd] {
+        let mut p = pkt.to_vec();
+        p[14 + 7] -= 1;
+        p
+    } else {
+        with_ttl(pkt, check(pkt).ttl - 1)
+    };
+    want[0..6].copy_from_slice(&backend_mac(backend));
+    want[6..12].copy_from_slice(&VETH_MAC);
+    want
+}
+
+/// Direct server return: packets reach the backend with only their Ethernet addresses and
+/// TTL changed (IPv4 and IPv6); established flows keep their backend across a table change;
+/// a TCP packet without a flow here (a flow another balancer host carried) is forwarded by
+/// the table and tracked, not reset; no reverse state exists (a backend's packet to the
+/// client is not ours); and a backend that cannot be reached on the link is never handed a
+/// packet the kernel would deliver to this host.
+#[test]
+fn dsr_forwards_the_packet_unchanged_to_the_tables_backend_even_without_a_flow() {
+    if !require_root("dsr_forwards_the_packet_unchanged_to_the_tables_backend_even_without_a_flow")
+    {
+        return;
+    }
+    let mut f = Fixture::new();
+    xdp::dsr_service(&mut f.dp, 5, (DSR_VIP.into(), 8080), 6, 1);
+    let new_flows = f.stat(Stat::NewFlow);
+
+    let syn = tcp((CLIENT, 40000), (DSR_VIP, 8080), SYN);
+    let (v, out) = f.run(&syn);
+    assert_eq!(v, XDP_REDIRECT, "a SYN goes to the backend");
+    assert_eq!(
+        out,
+        dsr_framed(&syn, 0),
+        "only the L2 header and TTL change"
+    );
+    assert_eq!(f.stat(Stat::NewFlow), new_flows + 1);
+
+    // The backend answers the client itself: a packet from it to the client is nothing the
+    // balancer translates.
+    let answer = tcp_seq(
+        backend_mac(0),
+        (DSR_VIP, 8080),
+        (CLIENT, 40000),
+        SYN_ACK,
+        (BACKEND_ISN, CLIENT_ISN + 1),
+        b"",
+    );
+    let (v, out) = f.ret(&answer);
+    assert_eq!((v, out), (XDP_PASS, answer), "no reverse state in DSR");
+
+    // A table change: the flow stays, a new one takes the new backend.
+    xdp::dsr_service(&mut f.dp, 5, (DSR_VIP.into(), 8080), 6, 2);
+    let ack = tcp((CLIENT, 40000), (DSR_VIP, 8080), ACK);
+    let (v, out) = f.run(&ack);
+    assert_eq!(
+        (v, out),
+        (XDP_REDIRECT, dsr_framed(&ack, 0)),
+        "kept its backend"
+    );
+    let (v, out) = f.run(&tcp((CLIENT, 40001), (DSR_VIP, 8080), SYN));
+    assert_eq!(v, XDP_REDIRECT);
+    assert_eq!(
+        check(&out).dmac,
+        backend_mac(1),
+        "a new flow takes the new table"
+    );
+
+    // No flow here, not a SYN: forwarded by the table (what any host with this table does),
+    // counted once, and tracked from then on.
+    let misses = f.stat(Stat::DsrMissForwarded);
+    let mid = tcp((CLIENT, 40002), (DSR_VIP, 8080), ACK);
+    let (v, out) = f.run(&mid);
+    assert_eq!((v, out), (XDP_REDIRECT, dsr_framed(&mid, 1)));
+    assert_eq!(f.stat(Stat::DsrMissForwarded), misses + 1);
+    xdp::dsr_service(&mut f.dp, 5, (DSR_VIP.into(), 8080), 6, 1);
+    let (_, out) = f.run(&mid);
+    assert_eq!(
+        check(&out).dmac,
+        backend_mac(1),
+        "picked up mid-way, then kept"
+    );
+    assert_eq!(f.stat(Stat::DsrMissForwarded), misses + 1, "a hit now");
+    // A reset without a flow is forwarded but opens none.
+    let rst = tcp((CLIENT, 40003), (DSR_VIP, 8080), RST);
+    assert_eq!(f.run(&rst), (XDP_REDIRECT, dsr_framed(&rst, 0)));
+    f.run(&rst);
+    assert_eq!(f.stat(Stat::DsrMissForwarded), misses + 3, "never tracked");
+
+    // TTL 1: the kernel answers with time exceeded.
+    let old = with_ttl(&tcp((CLIENT, 40004), (DSR_VIP, 8080), SYN), 1);
+    f.expect_each(XDP_PASS, vec![("ttl 1", old, Stat::TtlExceeded)]);
+
+    // Backend 4 has no neighbour entry; a backend behind a gateway is not on the link: the
+    // packet, still to the VIP, is dropped and counted, not passed to this host's stack.
+    xdp::dsr_service(&mut f.dp, 5, (DSR_VIP.into(), 8080), 6, 4);
+    f.run(&tcp((CLIENT, 40005), (DSR_VIP, 8080), ACK));
+    f.expect_each(
+        XDP_DROP,
+        vec![(
+            "backend MAC unknown",
+            tcp((CLIENT, 40006), (DSR_VIP, 8080), SYN),
+            Stat::DsrNotOnLink,
+        )],
+    );
+    f._ns
+        .ip(&[
+            "route",
+            "add",
+            "10.30.0.0/24",
+            "via",
+            "10.20.0.12",
+            "dev",
+            "veth0",
+        ])
+        .unwrap();
+    xdp::set_backend_at(&mut f.dp, 8, ([10, 30, 0, 5], 8080));
+    xdp::dsr_service(&mut f.dp, 7, (DSR_VIP_ROUTED.into(), 8080), 6, 8);
+    f.expect_each(
+        XDP_DROP,
+        vec![(
+            "backend behind a gateway",
+            tcp((CLIENT, 40007), (DSR_VIP_ROUTED, 8080), SYN),
+            Stat::DsrNotOnLink,
+        )],
+    );
+
+    // IPv6: the same, with the hop limit.
+    f.v6(5);
+    xdp::dsr_service(&mut f.dp, 6, (DSR_VIP6.into(), 8080), 6, 5);
+    let syn6 = tcp6((CLIENT6, 40000), (DSR_VIP6, 8080), SYN);
+    let (v, out) = f.run(&syn6);
+    assert_eq!((v, out), (XDP_REDIRECT, dsr_framed(&syn6, 0)));
+    let mid6 = tcp6((CLIENT6, 40001), (DSR_VIP6, 8080), ACK);
+    let misses = f.stat(Stat::DsrMissForwarded);
+    assert_eq!(f.run(&mid6), (XDP_REDIRECT, dsr_framed(&mid6, 0)));
+    assert_eq!(f.stat(Stat::DsrMissForwarded), misses + 1);
+}

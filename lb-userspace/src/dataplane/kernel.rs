@@ -30,13 +30,14 @@ pub trait Kernel: Send {
     fn backends(&self) -> Result<Vec<(u32, SocketAddr)>>;
     /// Makes the source guard hold exactly `rules` (prefix, prefix length, rule).
     fn set_sources(&mut self, rules: &[(IpAddr, u8, SourceRule)]) -> Result<()>;
-    /// Publishes `table` for the service `key` at index `id`, atomically; returns the new
+    /// Publishes `table` for the service `key` at index `id`, atomically, with `delivery`:
+    /// the SNAT address (the VIP for DSR) and the `ServiceValue` flags; returns the new
     /// generation.
     fn publish_table(
         &mut self,
         key: &ServiceKey,
         index: ServiceIndex,
-        snat_addr: IpBytes,
+        delivery: (IpBytes, u32),
         table: &MaglevTable,
     ) -> Result<u32>;
     /// Until when the service at `index` may not get a new table (the half it would be
@@ -81,10 +82,10 @@ impl Kernel for super::Dataplane {
         &mut self,
         key: &ServiceKey,
         index: ServiceIndex,
-        snat_addr: IpBytes,
+        delivery: (IpBytes, u32),
         table: &MaglevTable,
     ) -> Result<u32> {
-        super::Dataplane::publish_table(self, key, index.0, snat_addr, table)
+        super::Dataplane::publish_table(self, key, index.0, delivery, table)
     }
     fn grace_until(&self, index: ServiceIndex) -> Option<tokio::time::Instant> {
         super::Dataplane::grace_until(self, index.0)
@@ -219,7 +220,7 @@ impl Kernel for FakeKernel {
         &mut self,
         key: &ServiceKey,
         index: ServiceIndex,
-        snat_addr: IpBytes,
+        (snat_addr, flags): (IpBytes, u32),
         table: &MaglevTable,
     ) -> Result<u32> {
         let id = index.0;
@@ -242,7 +243,7 @@ impl Kernel for FakeKernel {
             id,
             half,
             generation,
-            _pad: 0,
+            flags,
         };
         st.services.insert(*key, (value, table.buckets.to_vec()));
         Ok(generation)

@@ -88,7 +88,7 @@ impl Dataplane {
         &mut self,
         key: &ServiceKey,
         id: u32,
-        snat_addr: lb_common::flow::IpBytes,
+        (snat_addr, flags): (lb_common::flow::IpBytes, u32),
         table: &MaglevTable,
     ) -> Result<u32> {
         let current = self.service(key).filter(|v| v.id == id);
@@ -110,7 +110,7 @@ impl Dataplane {
                 id,
                 half,
                 generation,
-                _pad: 0,
+                flags,
             },
             0,
         )?;
