@@ -257,6 +257,26 @@ pub struct Daemon {
     /// restarts; `""` keeps them nowhere (they last until lbd stops).
     #[serde(deserialize_with = "optional_path")]
     pub state_file: Option<PathBuf>,
+    /// `[daemon.announce]`: announce the VIPs through BIRD (absent: lbd announces nothing).
+    pub announce: Option<Announce>,
+}
+
+/// `[daemon.announce]`: which VIPs this host should receive, told to a BIRD routing daemon
+/// (see `announce`): lbd writes `routes_file`, which BIRD's config includes, and asks BIRD
+/// over `bird_socket` to reconfigure.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Announce {
+    /// BIRD's control socket.
+    #[serde(default = "default_bird_socket")]
+    pub bird_socket: PathBuf,
+    /// The file lbd writes: static protocols `lbd_vips4` and `lbd_vips6`, one route per VIP
+    /// to announce.
+    pub routes_file: PathBuf,
+}
+
+fn default_bird_socket() -> PathBuf {
+    "/run/bird/bird.ctl".into()
 }
 
 /// `[daemon.limits]`: what one client, or many, may hold of lbd. Past a cap a new connection
@@ -325,6 +345,7 @@ impl Default for Daemon {
             forward_filter: true,
             limits: Limits::default(),
             state_file: Some("/var/lib/lb/state.json".into()),
+            announce: None,
         }
     }
 }

@@ -92,6 +92,15 @@ pub struct Daemon {
     /// rollout has been in its stage (see `rollout_driver`).
     pub(crate) windows: HashMap<String, crate::rollout::Window>,
     pub(crate) in_stage: HashMap<String, (crate::rollout::Phase, usize, tokio::time::Instant)>,
+    /// With `[daemon.announce]`: where the VIPs this host should receive go (the announcer
+    /// task), and what it last did.
+    pub announcer: Option<Announcer>,
+}
+
+/// The daemon's ends of the announcer task's channels (see `announce::run`).
+pub struct Announcer {
+    pub wanted: tokio::sync::watch::Sender<std::collections::BTreeSet<std::net::IpAddr>>,
+    pub status: tokio::sync::watch::Receiver<crate::announce::Status>,
 }
 
 impl Daemon {
@@ -109,7 +118,25 @@ impl Daemon {
             store: None,
             windows: HashMap::new(),
             in_stage: HashMap::new(),
+            announcer: None,
         }
+    }
+
+    /// Hands the announcer the VIPs this host should receive now, if that changed.
+    pub fn update_announce(&mut self) {
+        if let Some(a) = &self.announcer {
+            let now = crate::announce::wanted(&self.state);
+            a.wanted.send_if_modified(|w| {
+                let changed = *w != now;
+                *w = now;
+                changed
+            });
+        }
+    }
+
+    /// What the announcer last did (`None` without `[daemon.announce]`).
+    pub fn announce_status(&self) -> Option<crate::announce::Status> {
+        self.announcer.as_ref().map(|a| a.status.borrow().clone())
     }
 
     /// Records the runtime values of `state` in the state file (when there is one and they

@@ -1,5 +1,6 @@
 //! lb's userspace: configuration, the Maglev table builder, the data-plane loader and writer.
 pub mod admin;
+pub mod announce;
 pub mod config;
 pub mod control;
 pub mod daemon;

@@ -27,6 +27,9 @@ pub struct Saved {
     pub version: u32,
     /// By service name.
     pub services: BTreeMap<String, SavedService>,
+    /// `set host drain` is in force (absent: ready).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub host_drained: bool,
 }
 
 /// One service's runtime values.
@@ -142,12 +145,17 @@ impl Saved {
         Saved {
             version: VERSION,
             services,
+            host_drained: state.drained,
         }
     }
 
     /// Applies the saved values to a state built from the config.
     pub fn restore_into(&self, state: &mut State) -> Restored {
         let mut r = Restored::default();
+        if self.host_drained != state.drained {
+            state.drained = self.host_drained;
+            r.applied += 1;
+        }
         for (sname, ss) in &self.services {
             let Some(s) = state.services.get_mut(sname) else {
                 r.dropped.push(format!("service {sname}"));
@@ -373,6 +381,7 @@ backends = ["10.2.0.1:80"]
             .unwrap()
             .state = AdminState::Drain;
         st.backend_mut("web", "k8s", "10.2.0.1:80").unwrap().weight = 7;
+        st.drained = true;
         st
     }
 
@@ -388,7 +397,8 @@ backends = ["10.2.0.1:80"]
             .unwrap();
         let r = saved.restore_into(&mut st);
         assert_eq!(r.dropped, Vec::<String>::new());
-        assert_eq!(r.applied, 4);
+        assert_eq!(r.applied, 5);
+        assert!(st.drained, "a drained host stays drained");
         assert_eq!(Saved::of(&st), Saved::of(&changed()));
         let _ = std::fs::remove_dir_all(&d);
     }

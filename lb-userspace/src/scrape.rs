@@ -286,6 +286,33 @@ impl Daemon {
                 samples: vec![(Vec::new(), Value::Gauge(capacity as f64))],
             });
         }
+        out.push(Sampled {
+            name: "lb_host_drained",
+            help: "1 after `set host drain`: the host withdraws its VIPs and serves what still arrives.",
+            samples: vec![(Vec::new(), Value::Gauge(self.state.drained as u8 as f64))],
+        });
+        if let Some(status) = self.announce_status() {
+            let mut vips: Vec<std::net::IpAddr> =
+                self.state.services.values().map(|s| s.config.vip).collect();
+            vips.sort();
+            vips.dedup();
+            out.push(Sampled {
+                name: "lb_vip_announced",
+                help: "1 while BIRD has the VIP's route to announce (the last set it accepted), 0 when withdrawn.",
+                samples: vips
+                    .into_iter()
+                    .map(|v| {
+                        let on = status.announced.contains(&v);
+                        (vec![("vip", v.to_string())], Value::Gauge(on as u8 as f64))
+                    })
+                    .collect(),
+            });
+            out.push(Sampled {
+                name: "lb_announce_failures",
+                help: "Announcements BIRD did not take (socket unreachable, config refused); each is retried.",
+                samples: vec![(Vec::new(), Value::Counter(status.failures))],
+            });
+        }
         let listeners = self.listeners.snapshot();
         if !listeners.is_empty() {
             let per = |name, help, f: &dyn Fn(&crate::listener::ListenerStats) -> Value| Sampled {

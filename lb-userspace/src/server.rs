@@ -145,6 +145,23 @@ pub async fn run(
     let mut server =
         tokio::spawn(async move { server::serve(&socket, tx, control_cap, control_idle).await });
     daemon.listeners = listeners.clone();
+    // Routes towards this host: announced once it can serve (every backend checked once),
+    // from then on as the state changes.
+    let mut announcer = None;
+    if let Some(a) = &d.announce {
+        let (wanted_tx, wanted_rx) = tokio::sync::watch::channel(Default::default());
+        let (status_tx, status_rx) = tokio::sync::watch::channel(Default::default());
+        announcer = Some(tokio::spawn(crate::announce::run(
+            a.clone(),
+            wanted_rx,
+            status_tx,
+            ANNOUNCE_RETRY,
+        )));
+        daemon.announcer = Some(crate::daemon::Announcer {
+            wanted: wanted_tx,
+            status: status_rx,
+        });
+    }
     tracing::info!("lbd running");
     let mut running = cfg.clone();
     // Replies to commands whose table is not live yet (see the timer branch below).
@@ -234,7 +251,24 @@ pub async fn run(
             r = &mut server => break r.context("control server").and_then(|r| r),
             r = &mut admin_server => break r.context("metrics endpoint").and_then(|r| r),
         }
+        // A backend no longer checked (put in maint, removed by a reload) before its first
+        // check is not waited for.
+        if !unchecked.is_empty() {
+            let checked: std::collections::HashSet<&health::BackendKey> =
+                checker.checked().collect();
+            unchecked.retain(|k| checked.contains(k));
+            if unchecked.is_empty() {
+                ready.store(true, Ordering::Relaxed);
+                tracing::info!("ready: every backend checked once");
+            }
+        }
+        if ready.load(Ordering::Relaxed) {
+            daemon.update_announce();
+        }
     };
+    if let (Some(task), Some(a)) = (announcer, daemon.announcer.take()) {
+        withdraw(task, a).await;
+    }
     let _ = std::fs::remove_file(&d.control_socket);
     // Off the runtime's threads: the proxies drain on their own.
     let started = std::time::Instant::now();
@@ -244,6 +278,28 @@ pub async fn run(
         "request-mode proxies drained"
     );
     result
+}
+
+/// How soon a failed announcement is tried again.
+const ANNOUNCE_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// A stopping lbd withdraws its VIPs (through the announcer, after anything it is doing) and
+/// waits a few seconds for BIRD to take it; the data plane stays attached, so flows that
+/// still arrive before the routers converge are served.
+async fn withdraw(task: tokio::task::JoinHandle<()>, a: crate::daemon::Announcer) {
+    let _ = a.wanted.send(Default::default());
+    let mut status = a.status;
+    let done = tokio::time::timeout(
+        std::time::Duration::from_secs(6),
+        status.wait_for(|s| s.announced.is_empty() && s.error.is_none()),
+    )
+    .await;
+    match done {
+        Ok(Ok(_)) => tracing::info!("VIPs withdrawn"),
+        _ => tracing::error!("stopping without having withdrawn the VIPs from BIRD"),
+    }
+    drop(a.wanted);
+    task.abort();
 }
 
 /// Opens the state file and applies what it holds to `state` (unless `fresh`). A missing,

@@ -209,6 +209,9 @@ pub struct Keep {
 #[derive(Clone, Debug, Default)]
 pub struct State {
     pub services: BTreeMap<String, Service>,
+    /// `set host drain`: the host withdraws its VIPs from the routers (see `announce`) and
+    /// goes on serving whatever still arrives. Kept across restarts.
+    pub drained: bool,
 }
 
 impl State {
@@ -331,7 +334,10 @@ impl State {
             svc.apply_rollout();
             services.insert(s.name.clone(), svc);
         }
-        Ok(State { services })
+        Ok(State {
+            services,
+            drained: false,
+        })
     }
 
     /// What a reload must keep from this state: ids, slots, admin states and health.

@@ -105,6 +105,13 @@ fn main() -> ExitCode {
                 Ok(c) => c,
                 Err(code) => return code,
             };
+            if let Some(a) = &c.daemon.announce {
+                let none = std::collections::BTreeSet::new();
+                match lb_userspace::announce::announce(&a.routes_file, &a.bird_socket, &none) {
+                    Ok(_) => eprintln!("withdrew the VIPs (BIRD reconfigured)"),
+                    Err(e) => eprintln!("lbd down: withdrawing the VIPs: {e}"),
+                }
+            }
             if c.daemon.forward_filter {
                 if let Err(e) = host::remove_forward_filter() {
                     eprintln!("lbd down: removing the forward filter: {e:#}");
