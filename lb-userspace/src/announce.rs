@@ -200,9 +200,13 @@ pub async fn run(
                 }
             }
             Err(e) => {
-                tracing::error!(error = %e, vips = ?set, "announcing to BIRD failed; retrying");
+                let text = e.to_string();
+                // Once per distinct failure: BIRD down for an hour is one line, not 3600.
+                if status.borrow().error.as_deref() != Some(&text) {
+                    tracing::error!(error = %e, vips = ?set, "announcing to BIRD failed; retrying every {retry:?}");
+                }
                 status.send_modify(|s| {
-                    s.error = Some(e.to_string());
+                    s.error = Some(text);
                     s.failures += 1;
                 });
                 tokio::select! {

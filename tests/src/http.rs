@@ -205,6 +205,17 @@ impl Client {
         })
     }
 
+    /// How long a request may wait for its answer (3 s from `connect`).
+    pub fn set_timeout(&self, d: Duration) -> Result<()> {
+        self.w.set_read_timeout(Some(d))?;
+        Ok(())
+    }
+
+    /// The connection's local address (its client port is what `explain` takes).
+    pub fn local_addr(&self) -> Result<SocketAddr> {
+        Ok(self.w.local_addr()?)
+    }
+
     /// One request; returns the body (the backend's name).
     pub fn get(&mut self, close: bool) -> Result<String> {
         self.request("/", &[], close)

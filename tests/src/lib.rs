@@ -11,6 +11,7 @@ pub mod netns;
 pub mod packets;
 pub mod packets6;
 pub mod raw;
+pub mod scale_out;
 pub mod topology;
 pub mod traffic;
 pub mod udp;

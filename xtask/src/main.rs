@@ -50,6 +50,8 @@ const PACKAGES: &[&str] = &[
     "nftables",
     // objcopy and readelf: `cargo xtask build` splits the debug info off the binaries.
     "binutils",
+    // BIRD: the scale-out tests' router and the balancer hosts' BGP speakers.
+    "bird2",
 ];
 /// What `cargo xtask bench` compares against (not needed by the tests).
 const BENCH_PACKAGES: &[&str] = &["wrk", "nginx", "libnginx-mod-stream", "haproxy"];
