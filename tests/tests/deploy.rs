@@ -120,3 +120,27 @@ fn dashboard_is_grafana_json_with_a_query_in_every_panel() {
     }
     assert!(queries >= 10, "{queries}");
 }
+
+/// `bird -p` (parse only) on both BIRD examples; the balancer's with the file lbd writes
+/// (rendered by lbd's own code) where its include points.
+#[test]
+fn bird_examples_parse() {
+    let dir = std::env::temp_dir().join(format!("lb-deploy-bird-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let vips = dir.join("bird-vips.conf");
+    let announced = ["10.99.0.10", "fd00:99::10"]
+        .iter()
+        .map(|a| a.parse().unwrap())
+        .collect();
+    std::fs::write(&vips, lb_userspace::announce::render(&announced)).unwrap();
+    let lb = std::fs::read_to_string(deploy("bird-lb.conf"))
+        .unwrap()
+        .replace("/run/lbd/bird-vips.conf", vips.to_str().unwrap());
+    assert!(lb.contains(vips.to_str().unwrap()), "the include moved");
+    let lb_conf = dir.join("bird-lb.conf");
+    std::fs::write(&lb_conf, lb).unwrap();
+    for conf in [lb_conf, deploy("bird-router.conf")] {
+        ok(Command::new("bird").arg("-p").arg("-c").arg(&conf));
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
