@@ -7,6 +7,11 @@
 //! sent where the live table says — the backend every host with the same table picks — and
 //! tracked from then on, instead of being reset. A host that takes over another's flows (an
 //! ECMP router moved them) carries them on.
+//!
+//! An ICMP error about a packet a DSR backend sent to a client (a router's "fragmentation
+//! needed" on the path back) is addressed to the VIP, so it arrives here; it belongs to that
+//! backend, which holds the VIP: it is sent there as it is, one hop older. The backend is
+//! the flow's, or — a flow this host never saw — the one the live table gives it.
 
 use aya_ebpf::{bindings::BPF_ANY, programs::XdpContext};
 use lb_common::{
@@ -153,6 +158,94 @@ fn send(
             stats::backend(backend_id, Direction::ToBackend, pkt.len, new_flow);
             forward::send(ctx, pkt, nh.ifindex, &nh.smac, &nh.dmac)
         }
+        Err(_) => crate::drop(Stat::DsrNotOnLink),
+    }
+}
+
+/// The verdict-to-be of an ICMP error for DSR backend `backend_id` (see the module's doc).
+#[inline(always)]
+pub fn icmp(backend_id: u32) -> crate::icmp::Outcome {
+    stats::bump(Stat::IcmpToBackend);
+    crate::icmp::TO_BACKEND | crate::icmp::UNTRANSLATED | backend_id as crate::icmp::Outcome
+}
+
+/// An ICMP error quoting `key`'s reverse (VIP → client) with no flow here: for a DSR service,
+/// the backend its live table gives the flow; else not ours.
+#[inline(always)]
+pub fn icmp_by_table(key: &lb_common::flow::FlowKey) -> crate::icmp::Outcome {
+    let svc_key = lb_common::service::ServiceKey {
+        addr: key.dst,
+        port: key.dport,
+        proto: key.proto,
+        family: key.family,
+        _pad: 0,
+    };
+    // SAFETY: read in place; userspace replaces values whole.
+    let Some(svc) = (unsafe { crate::maps::LB_SERVICES.get(&svc_key) }) else {
+        return crate::icmp::NOT_TRANSLATED;
+    };
+    if svc.flags & ServiceValue::DSR == 0 {
+        return crate::icmp::NOT_TRANSLATED;
+    }
+    let Some(f) = LB_NEW_FLOW.get_ptr_mut(0) else {
+        return crate::icmp::NOT_TRANSLATED;
+    };
+    // SAFETY: this CPU's scratch slot: nothing else touches it while this runs.
+    let f = unsafe { &mut *f };
+    match select::pick(svc, key, &mut f.backend) {
+        Ok(id) => icmp(id),
+        Err(_) => crate::icmp::NOT_TRANSLATED,
+    }
+}
+
+/// Sends an ICMP error (whose outer TTL the caller checked) to DSR backend `backend_id`
+/// unchanged but for one hop and the Ethernet addresses. A subprogram, as the translated
+/// errors' sender is.
+#[inline(never)]
+pub fn send_icmp(ctx: &XdpContext, backend_id: u32, v6: bool) -> u32 {
+    let t = crate::maps::tunables();
+    let Some(be) = crate::maps::LB_BACKENDS.get(backend_id) else {
+        return crate::drop(Stat::DsrNotOnLink);
+    };
+    let family = if v6 {
+        lb_common::FAMILY_V6
+    } else {
+        lb_common::FAMILY_V4
+    };
+    // The outer destination is the VIP: the source of the route lookup towards the backend.
+    let vip = if v6 {
+        let Some(b) = crate::icmp::head::<{ crate::icmp6::OUTER }>(ctx) else {
+            return crate::drop(Stat::Malformed);
+        };
+        // SAFETY: in bounds (checked just above); nothing else holds the frame.
+        let b = unsafe { &mut *b };
+        b[14 + 7] -= 1;
+        crate::icmp6::outer(b).1
+    } else {
+        let Some(b) = crate::icmp::head::<34>(ctx) else {
+            return crate::drop(Stat::Malformed);
+        };
+        // SAFETY: as above.
+        let b = unsafe { &mut *b };
+        let old = crate::icmp::word(b, 14 + 8);
+        b[14 + 8] -= 1;
+        let check = lb_common::csum::CsumDiff::new()
+            .word(old, crate::icmp::word(b, 14 + 8))
+            .apply(crate::icmp::word(b, 14 + 10));
+        crate::icmp::set_word(b, 14 + 10, check);
+        lb_common::flow::v4([b[30], b[31], b[32], b[33]])
+    };
+    // SAFETY: helper without arguments.
+    let now = unsafe { aya_ebpf::helpers::bpf_ktime_get_coarse_ns() };
+    match forward::on_link_hop(
+        ctx,
+        backend_id,
+        family,
+        (&vip, &be.addr),
+        now,
+        t.next_hop_ttl_ns,
+    ) {
+        Ok(nh) => forward::send_frame(ctx, nh.ifindex, &nh.smac, &nh.dmac),
         Err(_) => crate::drop(Stat::DsrNotOnLink),
     }
 }

@@ -89,6 +89,8 @@ fn set_addr(b: &mut [u8], at: usize, a: &[u8; 4]) {
 pub(crate) type Outcome = u64;
 pub(crate) const NOT_TRANSLATED: Outcome = u64::MAX;
 pub(crate) const TO_BACKEND: Outcome = 1 << 32;
+/// With [`TO_BACKEND`]: a DSR backend's error, sent on untranslated (see `dsr::icmp`).
+pub(crate) const UNTRANSLATED: Outcome = 1 << 33;
 
 /// An ICMP packet, or an ICMPv6 error (the parser hands those here): an error about one of
 /// the balancer's flows is translated (IPv6: `icmp6`) and sent on; anything else passes to
@@ -117,6 +119,9 @@ pub fn handle(ctx: &XdpContext, t: &Tunables) -> u32 {
     }
     if outcome < TO_BACKEND {
         return outcome as u32;
+    }
+    if outcome & UNTRANSLATED != 0 {
+        return crate::dsr::send_icmp(ctx, outcome as u32, v6);
     }
     towards_backend(ctx, t, outcome as u32, v6)
 }
@@ -244,14 +249,17 @@ fn translate(ctx: &XdpContext, t: &Tunables) -> Outcome {
             return forward::send_frame(ctx, r.ifindex, &r.local_mac, &r.client_mac) as Outcome;
         }
     }
-    // Quoted VIP → client: a packet we sent to a client.
+    // Quoted VIP → client: a packet we sent to a client (or a DSR backend did).
     let Some(e) = LB_CONNTRACK.get_ptr(key) else {
-        return NOT_TRANSLATED;
+        return crate::dsr::icmp_by_table(key);
     };
     // SAFETY: as above.
     let e = unsafe { &*e };
     if !conntrack::alive(e.last_seen_ns, e.state, proto, now, t) {
         return NOT_TRANSLATED;
+    }
+    if e.flags & lb_common::conntrack::CtValue::DSR != 0 {
+        return crate::dsr::icmp(e.backend_id);
     }
     let (snat, backend) = (e.snat_addr.v4_octets(), e.backend_addr.v4_octets());
     rewrite(

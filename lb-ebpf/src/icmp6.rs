@@ -143,12 +143,15 @@ pub fn translate(ctx: &XdpContext, t: &Tunables) -> Outcome {
     }
     // Quoted VIP → client: a packet we sent to a client.
     let Some(e) = LB_CONNTRACK.get_ptr(key) else {
-        return NOT_TRANSLATED;
+        return crate::dsr::icmp_by_table(key);
     };
     // SAFETY: as above.
     let e = unsafe { &*e };
     if !conntrack::alive(e.last_seen_ns, e.state, proto, now, t) {
         return NOT_TRANSLATED;
+    }
+    if e.flags & lb_common::conntrack::CtValue::DSR != 0 {
+        return crate::dsr::icmp(e.backend_id);
     }
     rewrite(
         b,

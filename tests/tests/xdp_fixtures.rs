@@ -1835,7 +1835,7 @@ fn dsr_framed(pkt: &[u8], backend: usize) -> Vec<u8> {
         p[14 + 7] -= 1;
         p
     } else {
-        with_ttl(pkt, check(pkt).ttl - 1)
+        with_ttl(pkt, pkt[14 + 8] - 1)
     };
     want[0..6].copy_from_slice(&backend_mac(backend));
     want[6..12].copy_from_slice(&VETH_MAC);
@@ -1919,6 +1919,47 @@ fn dsr_forwards_the_packet_unchanged_to_the_tables_backend_even_without_a_flow()
     f.run(&rst);
     assert_eq!(f.stat(Stat::DsrMissForwarded), misses + 3, "never tracked");
 
+    // A router's "fragmentation needed" about a backend's answer (VIP → client) comes to the
+    // VIP: it goes to that backend as it is — the flow's backend, or for a flow this host
+    // never saw, the table's.
+    let icmp_before = f.stat(Stat::IcmpToBackend);
+    let answer = |port| {
+        tcp_seq(
+            backend_mac(0),
+            (DSR_VIP, 8080),
+            (CLIENT, port),
+            ACK,
+            (BACKEND_ISN + 1, CLIENT_ISN + 1),
+            b"",
+        )
+    };
+    xdp::dsr_service(&mut f.dp, 5, (DSR_VIP.into(), 8080), 6, 2);
+    let err = packets::frag_needed(
+        CLIENT_MAC,
+        [10, 99, 1, 1],
+        DSR_VIP,
+        1400,
+        ip_packet(&answer(40000)),
+    );
+    assert_eq!(
+        f.run(&err),
+        (XDP_REDIRECT, dsr_framed(&err, 0)),
+        "the flow's backend"
+    );
+    let err = packets::frag_needed(
+        CLIENT_MAC,
+        [10, 99, 1, 1],
+        DSR_VIP,
+        1400,
+        ip_packet(&answer(40010)),
+    );
+    assert_eq!(
+        f.run(&err),
+        (XDP_REDIRECT, dsr_framed(&err, 1)),
+        "the table's backend"
+    );
+    assert_eq!(f.stat(Stat::IcmpToBackend), icmp_before + 2);
+
     // TTL 1: the kernel answers with time exceeded.
     let old = with_ttl(&tcp((CLIENT, 40004), (DSR_VIP, 8080), SYN), 1);
     f.expect_each(XDP_PASS, vec![("ttl 1", old, Stat::TtlExceeded)]);
@@ -1967,4 +2008,16 @@ fn dsr_forwards_the_packet_unchanged_to_the_tables_backend_even_without_a_flow()
     let misses = f.stat(Stat::DsrMissForwarded);
     assert_eq!(f.run(&mid6), (XDP_REDIRECT, dsr_framed(&mid6, 0)));
     assert_eq!(f.stat(Stat::DsrMissForwarded), misses + 1);
+    // "Packet too big" about the backend's answer: to the backend, untranslated.
+    let answer6 = tcp6_full(
+        backend_mac(0),
+        (DSR_VIP6, 8080),
+        (CLIENT6, 40000),
+        ACK,
+        (BACKEND_ISN + 1, CLIENT_ISN + 1),
+        b"",
+        &[],
+    );
+    let ptb = packet_too_big(CLIENT_MAC, addr6(0x99, 0x1), DSR_VIP6, 1300, &answer6[14..]);
+    assert_eq!(f.run(&ptb), (XDP_REDIRECT, dsr_framed(&ptb, 0)));
 }
