@@ -94,6 +94,22 @@ impl LbHost {
         Ok(())
     }
 
+    /// `lbd down` for this host (inside its namespace: it also removes that namespace's
+    /// forward filter): withdraws the VIPs, detaches, removes the pins.
+    pub fn lbd_down(&self) -> Result<String> {
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", &self.ns.name])
+            .arg(&self.lbd_bin)
+            .args(["down", "--config"])
+            .arg(&self.config)
+            .output()?;
+        let text = String::from_utf8_lossy(&out.stderr).into_owned();
+        if !out.status.success() {
+            bail!("lbd down: {text}");
+        }
+        Ok(text)
+    }
+
     /// lbd's log so far.
     pub fn lbd_log(&self) -> String {
         std::fs::read_to_string(self.dir.join("lbd.log")).unwrap_or_default()
@@ -106,11 +122,7 @@ impl Drop for LbHost {
             c.terminate();
         }
         drop(self.bird.take());
-        let _ = std::process::Command::new(&self.lbd_bin)
-            .args(["down", "--config"])
-            .arg(&self.config)
-            .stderr(std::process::Stdio::null())
-            .status();
+        let _ = self.lbd_down();
         let _ = std::process::Command::new("umount")
             .arg(&self.bpffs)
             .status();

@@ -410,7 +410,11 @@ snat = "{LB_BACKEND_SIDE6}"
 
     /// `lbd down`: detaches the data plane and removes its pins (the next start is fresh).
     pub fn lbd_down(&self) -> Result<()> {
-        let out = std::process::Command::new(&self.lbd_bin)
+        // Inside the balancer's namespace: `down` also removes the forward filter of the
+        // namespace it runs in, which must never be the host's.
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", &self.lb.name])
+            .arg(&self.lbd_bin)
             .args(["down", "--config"])
             .arg(&self.config)
             .output()?;
@@ -616,7 +620,9 @@ impl Drop for Topology {
         self.backends.clear();
         self.backends6.clear();
         if self.config.exists() {
-            let _ = std::process::Command::new(&self.lbd_bin)
+            let _ = std::process::Command::new("ip")
+                .args(["netns", "exec", &self.lb.name])
+                .arg(&self.lbd_bin)
                 .args(["down", "--config"])
                 .arg(&self.config)
                 .stderr(std::process::Stdio::null())

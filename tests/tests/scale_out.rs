@@ -244,4 +244,9 @@ fn a_drained_host_is_withdrawn_gets_no_new_traffic_and_its_dsr_flows_go_on() {
     t.lbs[0].control("set host ready").unwrap();
     t.wait_next_hops(&[true, true], Duration::from_secs(10))
         .unwrap_or_else(|e| panic!("{e:#}"));
+    // `lbd down` (taking the host out for good) withdraws too.
+    let said = t.lbs[0].lbd_down().unwrap();
+    assert!(said.contains("withdrew the VIPs"), "{said}");
+    t.wait_next_hops(&[false, true], Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("{e:#}"));
 }
