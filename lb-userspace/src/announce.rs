@@ -98,6 +98,10 @@ pub fn announce(
         path: routes_file.to_path_buf(),
         source,
     };
+    // Its directory may be under /run, which a reboot empties.
+    if let Some(dir) = routes_file.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(write_err)?;
+    }
     let tmp = routes_file.with_extension("tmp");
     std::fs::write(&tmp, render(vips)).map_err(write_err)?;
     std::fs::rename(&tmp, routes_file).map_err(write_err)?;
@@ -344,7 +348,8 @@ backends = ["[fd00:2::1]:80"]
     #[test]
     fn announce_writes_the_file_before_bird_reconfigures_and_reports_refusals() {
         let dir = tempfile::tempdir().unwrap();
-        let routes = dir.path().join("vips.conf");
+        // In a directory that does not exist yet (/run/lbd after a reboot).
+        let routes = dir.path().join("lbd/vips.conf");
         let (sock, seen) = fake_bird(dir.path(), routes.clone(), |_| {
             "0002-Reading configuration from /etc/bird/bird.conf\n0003 Reconfigured\n".into()
         });
