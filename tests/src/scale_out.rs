@@ -67,21 +67,12 @@ pub struct LbHost {
 impl LbHost {
     /// One control command's reply.
     pub fn control(&self, line: &str) -> Result<String> {
-        let reply = lb_userspace::control::client::request(&self.socket, line)?;
-        if let Some(e) = reply.strip_prefix("error: ") {
-            bail!("{line}: {}", e.trim());
-        }
-        Ok(reply)
+        crate::topology::control_at(&self.socket, line)
     }
 
     /// The sum of a metric's samples whose labels contain `labels`.
     pub fn metric(&self, name: &str, labels: &str) -> f64 {
-        let (_, body) = crate::http::get_in(&self.ns.name, 9091, "/metrics");
-        body.lines()
-            .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
-            .filter(|l| l.contains(labels))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
+        crate::topology::metric_in(&self.ns.name, name, labels)
     }
 
     /// The host dies: lbd and BIRD are killed (SIGKILL) and its link goes down, so neither
@@ -97,17 +88,7 @@ impl LbHost {
     /// `lbd down` for this host (inside its namespace: it also removes that namespace's
     /// forward filter): withdraws the VIPs, detaches, removes the pins.
     pub fn lbd_down(&self) -> Result<String> {
-        let out = std::process::Command::new("ip")
-            .args(["netns", "exec", &self.ns.name])
-            .arg(&self.lbd_bin)
-            .args(["down", "--config"])
-            .arg(&self.config)
-            .output()?;
-        let text = String::from_utf8_lossy(&out.stderr).into_owned();
-        if !out.status.success() {
-            bail!("lbd down: {text}");
-        }
-        Ok(text)
+        crate::topology::lbd_down_in(&self.ns, &self.lbd_bin, &self.config)
     }
 
     /// lbd's log so far.

@@ -110,6 +110,44 @@ pub fn binary(name: &str) -> Result<PathBuf> {
     )
 }
 
+/// One command on the control socket at `socket` (the path lbctl uses); an `error: ` reply
+/// is an `Err`.
+pub fn control_at(socket: &Path, line: &str) -> Result<String> {
+    let reply = lb_userspace::control::client::request(socket, line)?;
+    if let Some(e) = reply.strip_prefix("error: ") {
+        bail!("{line}: {}", e.trim());
+    }
+    Ok(reply)
+}
+
+/// `lbd down --config config` inside namespace `ns` (`down` also removes the forward filter
+/// of the namespace it runs in, which must never be the host's); what it printed.
+pub fn lbd_down_in(ns: &Netns, lbd: &Path, config: &Path) -> Result<String> {
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", &ns.name])
+        .arg(lbd)
+        .args(["down", "--config"])
+        .arg(config)
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stderr).into_owned();
+    if !out.status.success() {
+        bail!("lbd down: {text}");
+    }
+    Ok(text)
+}
+
+/// A counter or gauge of the lbd in namespace `ns` (metrics on 127.0.0.1:9091): the sum over
+/// the series of `name` whose labels contain `labels` ("" for all).
+pub fn metric_in(ns: &str, name: &str, labels: &str) -> f64 {
+    let (status, body) = crate::http::get_in(ns, 9091, "/metrics");
+    assert!(status.contains("200"), "/metrics in {ns}: {status}");
+    body.lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .filter(|l| l.contains(labels))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 impl Topology {
     /// Builds the namespaces, starts the four HTTP backends (answering with their names).
     pub fn new(tag: &str, xdp_mode: &str) -> Result<Topology> {
@@ -410,18 +448,7 @@ snat = "{LB_BACKEND_SIDE6}"
 
     /// `lbd down`: detaches the data plane and removes its pins (the next start is fresh).
     pub fn lbd_down(&self) -> Result<()> {
-        // Inside the balancer's namespace: `down` also removes the forward filter of the
-        // namespace it runs in, which must never be the host's.
-        let out = std::process::Command::new("ip")
-            .args(["netns", "exec", &self.lb.name])
-            .arg(&self.lbd_bin)
-            .args(["down", "--config"])
-            .arg(&self.config)
-            .output()?;
-        if !out.status.success() {
-            bail!("lbd down: {}", String::from_utf8_lossy(&out.stderr));
-        }
-        Ok(())
+        lbd_down_in(&self.lb, &self.lbd_bin, &self.config).map(drop)
     }
 
     /// lbd's process id, while it runs.
@@ -510,11 +537,7 @@ snat = "{LB_BACKEND_SIDE6}"
 
     /// Sends one control command (the path lbctl uses) and returns the reply.
     pub fn control(&self, line: &str) -> Result<String> {
-        let reply = lb_userspace::control::client::request(&self.socket, line)?;
-        if let Some(e) = reply.strip_prefix("error: ") {
-            bail!("{line}: {}", e.trim());
-        }
-        Ok(reply)
+        control_at(&self.socket, line)
     }
 
     /// The VIP address clients connect to.
@@ -583,13 +606,7 @@ snat = "{LB_BACKEND_SIDE6}"
     /// A counter or gauge of lbd's `/metrics`: the sum over the series of `name` whose labels
     /// contain `labels` ("" for all).
     pub fn metric(&self, name: &str, labels: &str) -> f64 {
-        let (status, body) = crate::http::get_in(&self.lb.name, 9091, "/metrics");
-        assert!(status.contains("200"), "/metrics: {status}");
-        body.lines()
-            .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
-            .filter(|l| l.contains(labels))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
+        metric_in(&self.lb.name, name, labels)
     }
 
     /// lbd's resident memory (VmRSS, KiB), while it runs.
@@ -620,13 +637,7 @@ impl Drop for Topology {
         self.backends.clear();
         self.backends6.clear();
         if self.config.exists() {
-            let _ = std::process::Command::new("ip")
-                .args(["netns", "exec", &self.lb.name])
-                .arg(&self.lbd_bin)
-                .args(["down", "--config"])
-                .arg(&self.config)
-                .stderr(std::process::Stdio::null())
-                .status();
+            let _ = lbd_down_in(&self.lb, &self.lbd_bin, &self.config);
         }
         let _ = std::process::Command::new("umount")
             .arg(&self.bpffs)
