@@ -292,10 +292,7 @@ impl Daemon {
             samples: vec![(Vec::new(), Value::Gauge(self.state.drained as u8 as f64))],
         });
         if let Some(status) = self.announce_status() {
-            let mut vips: Vec<std::net::IpAddr> =
-                self.state.services.values().map(|s| s.config.vip).collect();
-            vips.sort();
-            vips.dedup();
+            let vips = self.state.vips();
             out.push(Sampled {
                 name: "lb_vip_announced",
                 help: "1 while BIRD has the VIP's route to announce (the last set it accepted), 0 when withdrawn.",

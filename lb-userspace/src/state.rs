@@ -215,6 +215,11 @@ pub struct State {
 }
 
 impl State {
+    /// Every service's VIP, each once, in order (`show host`, `lb_vip_announced`).
+    pub fn vips(&self) -> std::collections::BTreeSet<std::net::IpAddr> {
+        self.services.values().map(|s| s.config.vip).collect()
+    }
+
     /// Builds the state from a config, giving backends ids 1, 2, … in config order.
     pub fn from_config(cfg: &config::Config) -> Result<State, StateError> {
         State::from_config_keeping(cfg, &Keep::default())

@@ -15,10 +15,7 @@ impl ShowHost {
             return out;
         };
         out += "vip wanted announced\n";
-        let mut vips: Vec<std::net::IpAddr> =
-            d.state.services.values().map(|s| s.config.vip).collect();
-        vips.sort();
-        vips.dedup();
+        let vips = d.state.vips();
         let yes = |b: bool| if b { "yes" } else { "no" };
         for vip in vips {
             out += &format!(
