@@ -131,6 +131,9 @@ impl Netns {
                 });
             }
         }
+        // A group of its own, so that the guard's kill reaches what the child forks too
+        // (nginx's and HAProxy's workers), not just the process it started.
+        cmd.process_group(0);
         let child = cmd
             .spawn()
             .with_context(|| format!("spawning {args:?} in {}", self.name))?;
@@ -193,6 +196,10 @@ impl ChildGuard {
 impl Drop for ChildGuard {
     fn drop(&mut self) {
         if let Some(mut c) = self.0.take() {
+            // The whole group, while its leader is unreaped (so the id is still its own):
+            // killing only the leader orphans a daemon's workers, which live on.
+            // SAFETY: signalling our own child's process group.
+            unsafe { libc::killpg(c.id() as i32, libc::SIGKILL) };
             let _ = c.kill();
             let _ = c.wait();
         }
