@@ -21,4 +21,5 @@ pub mod scrape;
 pub mod server;
 pub mod state;
 pub mod swrr;
+pub mod upstream;
 pub mod view;

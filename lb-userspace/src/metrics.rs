@@ -48,7 +48,18 @@ pub struct RequestMetrics {
     pub duration: Family<Labels, Histogram>,
     /// Per backend (`service,pool,backend`): what rollouts judge request mode by. Not
     /// exported: the two families above carry the same.
-    pub signals: Family<Labels, Signals>,
+    pub signals: Family<Labels, Arc<Signals>>,
+}
+
+impl Default for RequestMetrics {
+    /// Empty families (not registered anywhere).
+    fn default() -> Self {
+        RequestMetrics {
+            requests: Family::default(),
+            duration: Family::new_with_constructor(|| Histogram::new(duration_buckets())),
+            signals: Family::default(),
+        }
+    }
 }
 
 /// One backend's requests, errors (5xx, lbd's own 502/503/504 included) and time to the
@@ -227,11 +238,7 @@ impl Metrics {
             "Rollout judgements, by result (pass, fail or inconclusive).",
             judgements.clone(),
         );
-        let requests = RequestMetrics {
-            requests: Family::default(),
-            duration: Family::new_with_constructor(|| Histogram::new(duration_buckets())),
-            signals: Family::default(),
-        };
+        let requests = RequestMetrics::default();
         registry.register(
             "lb_backend_requests",
             "Requests proxied (request mode), by backend and response code.",

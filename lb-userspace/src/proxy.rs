@@ -20,25 +20,24 @@ use std::{
 
 use anyhow::{Context as _, Result};
 use bytes::Bytes;
-use http_body_util::{BodyExt as _, Full, combinators::BoxBody};
+use http_body_util::{Either, Full};
 use hyper::{
     Request, Response, StatusCode,
     body::Incoming,
-    header::{self, HeaderMap, HeaderValue},
+    header::{self, HeaderMap, HeaderName, HeaderValue},
     service::service_fn,
 };
-use hyper_util::{
-    client::legacy::{Client, connect::HttpConnector},
-    rt::{TokioExecutor, TokioIo, TokioTimer},
-};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use prometheus_client::metrics::{counter::Counter, histogram::Histogram};
 use tokio::sync::watch;
 
 pub use crate::view::{Upstream, View};
 use crate::{
     config::{Match, Route},
     listener::{Cap, Listeners, accept_loop},
-    metrics::{RequestMetrics, backend_labels},
+    metrics::{RequestMetrics, Signals, backend_labels},
     swrr::{Swrr, integer_weights},
+    upstream::{UpstreamBody, UpstreamLimits, Upstreams},
 };
 
 /// How long an upstream may take to answer with headers.
@@ -59,25 +58,84 @@ pub struct ClientLimits {
     pub drain_timeout: Duration,
 }
 
+/// A backend as a request is sent to it: everything that is the same for each of its
+/// requests is made once, when it enters the view (its Host value, its metric handles).
+struct Target {
+    up: Upstream,
+    /// `Host` for a request that came without one (HTTP/1.0).
+    host: HeaderValue,
+    duration: Histogram,
+    signals: Arc<Signals>,
+    /// `lb_backend_requests_total` by response code, as codes are seen.
+    requests: Mutex<Vec<(u16, Counter)>>,
+}
+
+impl Target {
+    fn new(service: &str, up: &Upstream, metrics: &RequestMetrics) -> Target {
+        let labels = backend_labels(service, &up.pool, &up.name);
+        Target {
+            up: up.clone(),
+            host: HeaderValue::from_str(&up.addr.to_string())
+                .unwrap_or_else(|_| HeaderValue::from_static("localhost")),
+            duration: metrics.duration.get_or_create(&labels).clone(),
+            signals: metrics.signals.get_or_create(&labels).clone(),
+            requests: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Counts one answered request.
+    fn observe(&self, service: &str, metrics: &RequestMetrics, status: u16, took: Duration) {
+        self.duration.observe(took.as_secs_f64());
+        self.signals.observe(status, took);
+        let Ok(mut by_code) = self.requests.lock() else {
+            return;
+        };
+        if let Some((_, c)) = by_code.iter().find(|(code, _)| *code == status) {
+            c.inc();
+            return;
+        }
+        let mut labels = backend_labels(service, &self.up.pool, &self.up.name);
+        labels.push(("code", status.to_string()));
+        let c = metrics.requests.get_or_create(&labels).clone();
+        c.inc();
+        by_code.push((status, c));
+    }
+}
+
 /// The pickers, rebuilt (keeping their rotation) when the view changes.
 struct Pickers {
     all: Swrr,
     per_pool: HashMap<String, Swrr>,
     view: Arc<View>,
+    /// Every backend of the view by id (kept across views while its name, pool and address
+    /// stay the same).
+    targets: HashMap<u32, Arc<Target>>,
+    metrics: RequestMetrics,
 }
 
 impl Pickers {
-    fn new(view: Arc<View>) -> Pickers {
+    fn new(view: Arc<View>, metrics: RequestMetrics) -> Pickers {
         let mut p = Pickers {
             all: Swrr::default(),
             per_pool: HashMap::new(),
             view: Arc::new(View::default()),
+            targets: HashMap::new(),
+            metrics,
         };
         p.update(view);
         p
     }
 
     fn update(&mut self, view: Arc<View>) {
+        let mut targets = HashMap::new();
+        for u in view.upstreams.iter().chain(&view.routable) {
+            let t = match self.targets.remove(&u.id) {
+                Some(t) if (&t.up.name, &t.up.pool, t.up.addr) == (&u.name, &u.pool, u.addr) => t,
+                _ => Arc::new(Target::new(&view.service, u, &self.metrics)),
+            };
+            targets.insert(u.id, t);
+        }
+        self.targets = targets;
         let shares: Vec<(u32, f64)> = view.upstreams.iter().map(|u| (u.id, u.share)).collect();
         self.all.set_weights(&integer_weights(&shares));
         let mut pools: HashMap<String, Vec<(u32, f64)>> = HashMap::new();
@@ -99,7 +157,7 @@ impl Pickers {
 
     /// Canary routes first (the first that matches and whose pool can answer), then the
     /// weighted pick over every pool.
-    fn pick(&mut self, headers: &HeaderMap) -> Option<Upstream> {
+    fn pick(&mut self, headers: &HeaderMap) -> Option<Arc<Target>> {
         let routed = self
             .view
             .routes
@@ -110,12 +168,7 @@ impl Pickers {
             Some(pool) => self.per_pool.get_mut(&pool)?.pick()?,
             None => self.all.pick()?,
         };
-        self.view
-            .routable
-            .iter()
-            .chain(&self.view.upstreams)
-            .find(|u| u.id == id)
-            .cloned()
+        self.targets.get(&id).cloned()
     }
 }
 
@@ -135,14 +188,11 @@ fn matches(route: &Route, headers: &HeaderMap) -> bool {
     }
 }
 
-type Body = BoxBody<Bytes, hyper::Error>;
+/// A response's body: the backend's, or one lbd wrote itself (an error).
+type Body = Either<UpstreamBody, Full<Bytes>>;
 
 fn full(status: StatusCode, text: String) -> Response<Body> {
-    let mut r = Response::new(
-        Full::new(Bytes::from(text))
-            .map_err(|never: Infallible| match never {})
-            .boxed(),
-    );
+    let mut r = Response::new(Either::Right(Full::new(Bytes::from(text))));
     *r.status_mut() = status;
     r.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -156,14 +206,14 @@ struct Shared {
     service: String,
     /// The pickers and where their updates come from, under one lock per request.
     pickers: Mutex<(Pickers, watch::Receiver<Arc<View>>)>,
-    client: Client<HttpConnector, Body>,
+    upstreams: Arc<Upstreams>,
     metrics: RequestMetrics,
     /// Set when the proxy drains: every response then says `Connection: close`.
     draining: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
-    fn pick(&self, headers: &HeaderMap) -> Option<Upstream> {
+    fn pick(&self, headers: &HeaderMap) -> Option<Arc<Target>> {
         let mut guard = self.pickers.lock().ok()?;
         let (pickers, rx) = &mut *guard;
         if rx.has_changed().unwrap_or(false) {
@@ -186,18 +236,24 @@ pub async fn serve(
     limits: ClientLimits,
     mut stop: watch::Receiver<bool>,
 ) -> Result<()> {
-    let mut connector = HttpConnector::new();
-    connector.set_connect_timeout(Some(Duration::from_secs(2)));
-    connector.set_nodelay(true);
-    let client = Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(60))
-        .pool_max_idle_per_host(64)
-        .build(connector);
+    let upstreams = Upstreams::new(UpstreamLimits {
+        connect_timeout: Duration::from_secs(2),
+        idle_timeout: UPSTREAM_IDLE,
+        max_idle: 64,
+    });
+    let sweeping = upstreams.clone();
+    let _sweeper = AbortOnDrop(tokio::spawn(async move {
+        let mut every = tokio::time::interval(UPSTREAM_IDLE / 4);
+        loop {
+            every.tick().await;
+            sweeping.sweep();
+        }
+    }));
     let first = views.borrow().clone();
     let shared = Arc::new(Shared {
         service: first.service.clone(),
-        pickers: Mutex::new((Pickers::new(first), views)),
-        client,
+        pickers: Mutex::new((Pickers::new(first, metrics.clone()), views)),
+        upstreams,
         metrics,
         draining: std::sync::atomic::AtomicBool::new(false),
     });
@@ -212,9 +268,13 @@ pub async fn serve(
             let mut drain = drain_rx.clone();
             connections.spawn(async move {
                 let _slot = slot;
+                // Made once per connection, cloned (a reference count) per request.
+                let peer_ip = HeaderValue::from_str(&peer.ip().to_string())
+                    .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
                 let svc = service_fn(move |req| {
                     let shared = shared.clone();
-                    async move { Ok::<_, Infallible>(handle(&shared, req, peer).await) }
+                    let peer_ip = peer_ip.clone();
+                    async move { Ok::<_, Infallible>(handle(&shared, req, peer_ip).await) }
                 });
                 let conn = hyper::server::conn::http1::Builder::new()
                     .timer(TokioTimer::new())
@@ -268,16 +328,35 @@ pub async fn serve(
     Ok(())
 }
 
-/// Headers that describe one hop, not the message (RFC 9110 §7.6.1).
-const HOP_BY_HOP: [&str; 7] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "upgrade",
-    "proxy-authorization",
-];
+/// How long a backend connection may stay idle in a worker's pool.
+const UPSTREAM_IDLE: Duration = Duration::from_secs(60);
+
+/// Aborts a task when dropped (the proxy's sweeper ends with the proxy).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+
+/// Headers that describe one hop, not the message (RFC 9110 §7.6.1). Names, not strings:
+/// a removal by string parses and hashes the name on every request.
+fn hop_by_hop() -> [&'static HeaderName; 7] {
+    [
+        &header::CONNECTION,
+        &KEEP_ALIVE,
+        &PROXY_CONNECTION,
+        &header::TE,
+        &header::TRAILER,
+        &header::UPGRADE,
+        &header::PROXY_AUTHORIZATION,
+    ]
+}
 
 fn strip_hop_by_hop(h: &mut HeaderMap) {
     // Headers named in Connection are hop-by-hop too (rare: allocate only then).
@@ -292,7 +371,7 @@ fn strip_hop_by_hop(h: &mut HeaderMap) {
     } else {
         Vec::new()
     };
-    for n in HOP_BY_HOP {
+    for n in hop_by_hop() {
         h.remove(n);
     }
     for n in named {
@@ -333,22 +412,15 @@ fn bad_request(why: impl std::fmt::Display) -> Response<Body> {
     r
 }
 
-async fn handle(shared: &Shared, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+async fn handle(
+    shared: &Shared,
+    mut req: Request<Incoming>,
+    peer_ip: HeaderValue,
+) -> Response<Body> {
     if let Some(why) = framing_error(&req) {
         return bad_request(why);
     }
-    // The client's body errors (a bad chunk size, say) surface as a failed upstream request:
-    // this flag tells them apart from the backend's own failures (400, not 502).
-    let client_body_failed = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let flag = client_body_failed.clone();
-    let mut req = req.map(move |b| {
-        b.map_err(move |e| {
-            flag.store(true, std::sync::atomic::Ordering::Relaxed);
-            e
-        })
-        .boxed()
-    });
-    let Some(up) = shared.pick(req.headers()) else {
+    let Some(target) = shared.pick(req.headers()) else {
         return full(
             StatusCode::SERVICE_UNAVAILABLE,
             format!(
@@ -358,38 +430,41 @@ async fn handle(shared: &Shared, req: Request<Incoming>, peer: SocketAddr) -> Re
         );
     };
     let started = Instant::now();
-    let pq = req
-        .uri()
-        .path_and_query()
-        .map_or("/", |p| p.as_str())
-        .to_string();
-    let uri = match format!("http://{}{pq}", up.addr).parse() {
-        Ok(u) => u,
-        Err(e) => {
-            return full(
-                StatusCode::BAD_REQUEST,
-                format!("400: bad request target: {e}\n"),
-            );
-        }
-    };
-    *req.uri_mut() = uri;
+    // Origin form (what a backend expects from a proxy that is not an HTTP proxy): an
+    // absolute-form target loses its scheme and authority, an empty path becomes "/".
+    if req.uri().scheme().is_some() || req.uri().path_and_query().is_none() {
+        let pq = req.uri().path_and_query().map_or_else(
+            || hyper::http::uri::PathAndQuery::from_static("/"),
+            |p| p.clone(),
+        );
+        *req.uri_mut() = hyper::Uri::from(pq);
+    }
     let h = req.headers_mut();
     strip_hop_by_hop(h);
-    let xff = match h.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-        Some(prev) => format!("{prev}, {}", peer.ip()),
-        None => peer.ip().to_string(),
-    };
-    if let Ok(v) = HeaderValue::from_str(&xff) {
-        h.insert("x-forwarded-for", v);
+    if !h.contains_key(header::HOST) {
+        h.insert(header::HOST, target.host.clone());
     }
-    let labels = backend_labels(&shared.service, &up.pool, &up.name);
-    let result = tokio::time::timeout(UPSTREAM_TIMEOUT, shared.client.request(req)).await;
-    let resp = match result {
+    let xff = match h.get(&X_FORWARDED_FOR) {
+        Some(prev) => {
+            let mut v = Vec::with_capacity(prev.len() + 2 + peer_ip.len());
+            v.extend_from_slice(prev.as_bytes());
+            v.extend_from_slice(b", ");
+            v.extend_from_slice(peer_ip.as_bytes());
+            HeaderValue::from_bytes(&v).ok()
+        }
+        None => Some(peer_ip),
+    };
+    if let Some(v) = xff {
+        h.insert(X_FORWARDED_FOR.clone(), v);
+    }
+    let up = &target.up;
+    let result = tokio::time::timeout(UPSTREAM_TIMEOUT, shared.upstreams.send(up.addr, req)).await;
+    let mut resp = match result {
         Ok(Ok(mut resp)) => {
             strip_hop_by_hop(resp.headers_mut());
-            resp.map(|b| b.boxed())
+            resp.map(Either::Left)
         }
-        Ok(Err(_)) if client_body_failed.load(std::sync::atomic::Ordering::Relaxed) => {
+        Ok(Err(e)) if e.is_client_body() => {
             bad_request("the request body is malformed (e.g. a bad chunk size)")
         }
         Ok(Err(e)) => full(
@@ -404,21 +479,12 @@ async fn handle(shared: &Shared, req: Request<Incoming>, peer: SocketAddr) -> Re
             ),
         ),
     };
-    let took = started.elapsed();
-    shared
-        .metrics
-        .duration
-        .get_or_create(&labels)
-        .observe(took.as_secs_f64());
-    shared
-        .metrics
-        .signals
-        .get_or_create(&labels)
-        .observe(resp.status().as_u16(), took);
-    let mut l = labels;
-    l.push(("code", resp.status().as_u16().to_string()));
-    shared.metrics.requests.get_or_create(&l).inc();
-    let mut resp = resp;
+    target.observe(
+        &shared.service,
+        &shared.metrics,
+        resp.status().as_u16(),
+        started.elapsed(),
+    );
     if shared.draining.load(std::sync::atomic::Ordering::Relaxed) {
         resp.headers_mut()
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
@@ -649,8 +715,8 @@ mod tests {
 
     #[test]
     fn canary_header_or_cookie_goes_to_its_pool_even_at_weight_0() {
-        let mut p = Pickers::new(view());
-        let id = |p: &mut Pickers, h: &[(&str, &str)]| p.pick(&headers(h)).unwrap().id;
+        let mut p = Pickers::new(view(), RequestMetrics::default());
+        let id = |p: &mut Pickers, h: &[(&str, &str)]| p.pick(&headers(h)).unwrap().up.id;
         assert_eq!(id(&mut p, &[]), 1);
         assert_eq!(id(&mut p, &[("x-canary", "always")]), 2);
         assert_eq!(id(&mut p, &[("X-Canary", "never")]), 1);
@@ -662,8 +728,11 @@ mod tests {
     fn a_route_to_a_pool_without_backends_falls_back_to_the_weighted_pick() {
         let mut v = (*view()).clone();
         v.routable.retain(|u| u.pool != "k8s");
-        let mut p = Pickers::new(Arc::new(v));
-        assert_eq!(p.pick(&headers(&[("x-canary", "always")])).unwrap().id, 1);
+        let mut p = Pickers::new(Arc::new(v), RequestMetrics::default());
+        assert_eq!(
+            p.pick(&headers(&[("x-canary", "always")])).unwrap().up.id,
+            1
+        );
     }
 
     #[test]
