@@ -165,6 +165,45 @@ fn wrk(t: &Topology, url: &str, conns: u32, close: bool) -> Run {
     r
 }
 
+/// CPU time (user, system) in clock ticks of process `pid` (all its threads) and of its
+/// children (a master's workers).
+fn cpu_ticks(pid: u32) -> (f64, f64) {
+    // Fields after the command name's closing parenthesis: state is the first, ppid the
+    // second, utime the 12th, stime the 13th.
+    let fields = |stat: &str| -> Option<(u32, f64, f64)> {
+        let rest: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+        Some((
+            rest.get(1)?.parse().ok()?,
+            rest.get(11)?.parse().ok()?,
+            rest.get(12)?.parse().ok()?,
+        ))
+    };
+    let (mut user, mut sys) = (0.0, 0.0);
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(n) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Some((ppid, u, s)) = std::fs::read_to_string(e.path().join("stat"))
+            .ok()
+            .as_deref()
+            .and_then(fields)
+        else {
+            continue;
+        };
+        if n == pid || ppid == pid {
+            user += u;
+            sys += s;
+        }
+    }
+    (user, sys)
+}
+
+/// Clock ticks per second (`sysconf(_SC_CLK_TCK)`).
+fn ticks_per_second() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    (unsafe { libc::sysconf(libc::_SC_CLK_TCK) }) as f64
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     v[v.len() / 2]
@@ -222,22 +261,26 @@ fn end_to_end() {
     t.control("set split web-req legacy=90 k8s=10").unwrap();
     let conf = t.dir.join("lb-nginx.conf");
     std::fs::write(&conf, lb_nginx(&t.dir)).unwrap();
-    guards.push(
+    let lb_nginx =
         t.lb.spawn(
             &["nginx", "-c", conf.to_str().unwrap()],
             &t.dir.join("lb-nginx.log"),
         )
-        .unwrap(),
-    );
+        .unwrap();
     let hconf = t.dir.join("haproxy.cfg");
     std::fs::write(&hconf, lb_haproxy()).unwrap();
-    guards.push(
+    let lb_haproxy =
         t.lb.spawn(
             &["haproxy", "-db", "-f", hconf.to_str().unwrap()],
             &t.dir.join("haproxy.log"),
         )
-        .unwrap(),
-    );
+        .unwrap();
+    // The balancers that are processes (`ip netns exec` execs them: these are their ids),
+    // whose CPU time per request is measured.
+    let pid = |g: &ChildGuard| g.0.as_ref().map(|c| c.id());
+    let (nginx_pid, haproxy_pid, lbd_pid) = (pid(&lb_nginx), pid(&lb_haproxy), t.lbd_pid());
+    guards.push(lb_nginx);
+    guards.push(lb_haproxy);
     std::thread::sleep(Duration::from_secs(1));
 
     let direct = format!("http://{}/", BACKENDS[0].2);
@@ -267,9 +310,16 @@ fn end_to_end() {
         only.as_ref()
             .is_none_or(|o| o.iter().any(|p| name.starts_with(p.as_str())))
     };
+    let process = |name: &str| match name {
+        n if n.starts_with("lb request") => lbd_pid,
+        n if n.starts_with("nginx") => nginx_pid,
+        n if n.starts_with("HAProxy") => haproxy_pid,
+        _ => None,
+    };
     // Per path: keep-alive rps (32 conns), close rps (32 conns), 1-conn p50/p99, 32-conn p99,
-    // close connections, close retransmissions.
-    let mut res: BTreeMap<usize, Vec<[f64; 7]>> = BTreeMap::new();
+    // close connections, close retransmissions, the balancer process's user and system CPU
+    // ticks over the keep-alive run, and that run's requests.
+    let mut res: BTreeMap<usize, Vec<[f64; 10]>> = BTreeMap::new();
     for round in 0..ROUNDS {
         for (i, (name, url)) in paths.iter().enumerate() {
             if !wanted(name) {
@@ -291,7 +341,15 @@ fn end_to_end() {
                 // Let the neighbours resolve through the kernel first.
                 wrk(topo, url, 1, false);
             }
+            let before = process(name).map(cpu_ticks);
             let ka = wrk(topo, url, 32, false);
+            let (user, sys) = match (process(name), before) {
+                (Some(p), Some((u0, s0))) => {
+                    let (u1, s1) = cpu_ticks(p);
+                    (u1 - u0, s1 - s0)
+                }
+                _ => (f64::NAN, f64::NAN),
+            };
             let cl = wrk(topo, url, 32, true);
             let one = wrk(topo, url, 1, false);
             if mode.is_some() {
@@ -308,6 +366,9 @@ fn end_to_end() {
                 ka.p99_us,
                 cl.requests,
                 cl.retrans,
+                user,
+                sys,
+                ka.requests,
             ]);
         }
     }
@@ -349,6 +410,37 @@ fn end_to_end() {
             total(i, 5),
         )
         .unwrap();
+    }
+    writeln!(md, "\nCPU time of the balancer's own processes (all threads and workers, user and system) per request over the keep-alive runs, all rounds together. The XDP paths have none: their work runs in the kernel's receive path, charged to whoever is on the CPU.\n").unwrap();
+    writeln!(md, "| path | user µs/request | system µs/request |").unwrap();
+    writeln!(md, "|---|---|---|").unwrap();
+    let hz = ticks_per_second();
+    for (i, (name, _)) in paths.iter().enumerate() {
+        if !res.contains_key(&i) || process(name).is_none() {
+            continue;
+        }
+        let per_request = |k: usize| total(i, k) / hz * 1e6 / total(i, 9);
+        writeln!(
+            md,
+            "| {name} | {:.1} | {:.1} |",
+            per_request(7),
+            per_request(8)
+        )
+        .unwrap();
+    }
+    let find = |prefix: &str| paths.iter().position(|(n, _)| n.starts_with(prefix));
+    if let (Some(rq), Some(nh)) = (find("lb request"), find("nginx http")) {
+        if res.contains_key(&rq) && res.contains_key(&nh) {
+            writeln!(
+                md,
+                "\nRequest mode: {:.2}× nginx http in keep-alive req/s, {:.2}× in new connections/s; 32-connection p99 {:.0} µs against {:.0} µs.",
+                med(rq, 0) / med(nh, 0),
+                med(rq, 1) / med(nh, 1),
+                med(rq, 4),
+                med(nh, 4)
+            )
+            .unwrap();
+        }
     }
     if only.is_some() {
         // A partial run: its table only, not a BENCHMARKS.md section.
