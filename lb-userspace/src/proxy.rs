@@ -359,6 +359,12 @@ fn hop_by_hop() -> [&'static HeaderName; 7] {
 }
 
 fn strip_hop_by_hop(h: &mut HeaderMap) {
+    // Most messages carry none: one pass over their few names costs less than seven
+    // removals, each a hash and a probe.
+    let hop = hop_by_hop();
+    if !h.keys().any(|k| hop.contains(&k)) {
+        return;
+    }
     // Headers named in Connection are hop-by-hop too (rare: allocate only then).
     let named: Vec<String> = if h.contains_key(header::CONNECTION) {
         h.get_all(header::CONNECTION)
@@ -371,7 +377,7 @@ fn strip_hop_by_hop(h: &mut HeaderMap) {
     } else {
         Vec::new()
     };
-    for n in hop_by_hop() {
+    for n in hop {
         h.remove(n);
     }
     for n in named {
