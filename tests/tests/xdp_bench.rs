@@ -10,7 +10,7 @@
 //! TTL the rewrite decrements), as the slope of a call's time over its number of runs; new
 //! flows with single runs, each a distinct SYN.
 
-use std::fmt::Write as _;
+use std::{fmt::Write as _, time::Duration};
 
 use lb_tests::{
     packets::{ACK, LB_MAC, SYN, SYN_ACK, check, tcp, tcp_seq, with_ttl},
@@ -160,6 +160,28 @@ fn cycle() -> Cycle {
     }
 }
 
+/// With `LB_PROFILE_LOOP=<seconds>`, instead of measuring: runs the forward path, then the
+/// return path, each for that long (calls of 200 000 runs), then 30 000 SYNs one run each,
+/// printing `PROFILE <path> start` before each, for a sampling profiler to watch (`perf
+/// record -a -e cpu-clock`: no PMU is needed). The programs' line info maps the samples to
+/// source lines.
+fn profile_loop(secs: u64, dp: &mut Dataplane, cycle: &mut Cycle) {
+    for (name, pkt) in [("forward", &cycle.forward), ("return", &cycle.ret)] {
+        eprintln!("PROFILE {name} start");
+        let t = std::time::Instant::now();
+        while t.elapsed().as_secs() < secs {
+            xdp::run_on(&mut cycle.dp, PROGRAM, pkt, 200_000, cycle.ingress);
+        }
+    }
+    eprintln!("PROFILE syn start");
+    // A second for the profiler to start: the SYNs take a fraction of one.
+    std::thread::sleep(Duration::from_secs(1));
+    for port in 0..30_000u16 {
+        ns_per_packet(dp, PROGRAM, &tcp((CLIENT, 1024 + port), (VIP, 80), SYN), 1);
+    }
+    eprintln!("PROFILE done");
+}
+
 #[test]
 #[ignore = "benchmark: run by `cargo xtask bench`"]
 fn per_packet_cost() {
@@ -184,6 +206,12 @@ fn per_packet_cost() {
     let other_addr = tcp((CLIENT, 40000), ([10, 99, 0, 99], 80), ACK);
     let stray = tcp((BACKEND, 8080), (SNAT, 20001), ACK);
 
+    if let Some(secs) = std::env::var("LB_PROFILE_LOOP")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        return profile_loop(secs, &mut dp, &mut cycle);
+    }
     let quick = lb_tests::bench::quick();
     let rounds = if quick { 1 } else { 5 };
     let syns = if quick { 200 } else { 2000 };
