@@ -318,8 +318,8 @@ fn end_to_end() {
     };
     // Per path: keep-alive rps (32 conns), close rps (32 conns), 1-conn p50/p99, 32-conn p99,
     // close connections, close retransmissions, the balancer process's user and system CPU
-    // ticks over the keep-alive run, and that run's requests.
-    let mut res: BTreeMap<usize, Vec<[f64; 10]>> = BTreeMap::new();
+    // ticks over the keep-alive run, that run's requests, the same ticks over the close run.
+    let mut res: BTreeMap<usize, Vec<[f64; 12]>> = BTreeMap::new();
     for round in 0..ROUNDS {
         for (i, (name, url)) in paths.iter().enumerate() {
             if !wanted(name) {
@@ -341,16 +341,21 @@ fn end_to_end() {
                 // Let the neighbours resolve through the kernel first.
                 wrk(topo, url, 1, false);
             }
-            let before = process(name).map(cpu_ticks);
-            let ka = wrk(topo, url, 32, false);
-            let (user, sys) = match (process(name), before) {
-                (Some(p), Some((u0, s0))) => {
-                    let (u1, s1) = cpu_ticks(p);
-                    (u1 - u0, s1 - s0)
-                }
-                _ => (f64::NAN, f64::NAN),
+            // The balancer process's CPU ticks (user, system) over one wrk run.
+            let measured = |close: bool| {
+                let before = process(name).map(cpu_ticks);
+                let run = wrk(topo, url, 32, close);
+                let ticks = match (process(name), before) {
+                    (Some(p), Some((u0, s0))) => {
+                        let (u1, s1) = cpu_ticks(p);
+                        (u1 - u0, s1 - s0)
+                    }
+                    _ => (f64::NAN, f64::NAN),
+                };
+                (run, ticks)
             };
-            let cl = wrk(topo, url, 32, true);
+            let (ka, (user, sys)) = measured(false);
+            let (cl, (cl_user, cl_sys)) = measured(true);
             let one = wrk(topo, url, 1, false);
             if mode.is_some() {
                 let prog = fwd.program(IDEAL_FORWARDER).unwrap();
@@ -369,6 +374,8 @@ fn end_to_end() {
                 user,
                 sys,
                 ka.requests,
+                cl_user,
+                cl_sys,
             ]);
         }
     }
@@ -411,20 +418,22 @@ fn end_to_end() {
         )
         .unwrap();
     }
-    writeln!(md, "\nCPU time of the balancer's own processes (all threads and workers, user and system) per request over the keep-alive runs, all rounds together. The XDP paths have none: their work runs in the kernel's receive path, charged to whoever is on the CPU.\n").unwrap();
-    writeln!(md, "| path | user µs/request | system µs/request |").unwrap();
+    writeln!(md, "\nCPU time of the balancer's own processes (all threads and workers) per request, all rounds together: keep-alive, and `Connection: close` (a connection per request). The XDP paths have none: their work runs in the kernel's receive path, charged to whoever is on the CPU.\n").unwrap();
+    writeln!(md, "| path | keep-alive: user / system µs per request | `Connection: close`: user / system µs per connection |").unwrap();
     writeln!(md, "|---|---|---|").unwrap();
     let hz = ticks_per_second();
     for (i, (name, _)) in paths.iter().enumerate() {
         if !res.contains_key(&i) || process(name).is_none() {
             continue;
         }
-        let per_request = |k: usize| total(i, k) / hz * 1e6 / total(i, 9);
+        let per = |k: usize, n: usize| total(i, k) / hz * 1e6 / total(i, n);
         writeln!(
             md,
-            "| {name} | {:.1} | {:.1} |",
-            per_request(7),
-            per_request(8)
+            "| {name} | {:.1} / {:.1} | {:.1} / {:.1} |",
+            per(7, 9),
+            per(8, 9),
+            per(10, 5),
+            per(11, 5)
         )
         .unwrap();
     }
