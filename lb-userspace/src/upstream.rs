@@ -298,12 +298,22 @@ mod tests {
         (addr, accepted)
     }
 
-    fn pool() -> Arc<Upstreams<Empty<Bytes>>> {
+    fn pool_with_idle(idle_timeout: Duration) -> Arc<Upstreams<Empty<Bytes>>> {
         Upstreams::new(UpstreamLimits {
             connect_timeout: Duration::from_secs(2),
-            idle_timeout: Duration::from_secs(60),
+            idle_timeout,
             max_idle: 4,
         })
+    }
+
+    fn pool() -> Arc<Upstreams<Empty<Bytes>>> {
+        pool_with_idle(Duration::from_secs(60))
+    }
+
+    /// One GET to `addr` through `p`, its body read to the end.
+    async fn fetch(p: &Arc<Upstreams<Empty<Bytes>>>, addr: SocketAddr) -> Bytes {
+        let resp = p.send(addr, get()).await.unwrap();
+        resp.into_body().collect().await.unwrap().to_bytes()
     }
 
     fn get() -> Request<Empty<Bytes>> {
@@ -319,9 +329,7 @@ mod tests {
         let (addr, accepted) = backend(Answer::KeepAlive { body_len: 2 }).await;
         let p = pool();
         for _ in 0..5 {
-            let resp = p.send(addr, get()).await.unwrap();
-            let body = resp.into_body().collect().await.unwrap().to_bytes();
-            assert_eq!(&body[..], b"xx");
+            assert_eq!(&fetch(&p, addr).await[..], b"xx");
         }
         assert_eq!(accepted.load(Ordering::SeqCst), 1);
     }
@@ -331,8 +339,7 @@ mod tests {
         let (addr, accepted) = backend(Answer::ThenClose).await;
         let p = pool();
         for _ in 0..3 {
-            let resp = p.send(addr, get()).await.unwrap();
-            resp.into_body().collect().await.unwrap();
+            fetch(&p, addr).await;
             // Let the connection's driver see the backend's close, as it would between
             // two requests some time apart.
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -349,37 +356,19 @@ mod tests {
         drop(body);
         // The rest of that body is still on its way: the next request needs another
         // connection, and gets all of its own body.
-        let resp = p.send(addr, get()).await.unwrap();
-        let body = resp.into_body().collect().await.unwrap().to_bytes();
-        assert_eq!(body.len(), 1 << 20);
+        assert_eq!(fetch(&p, addr).await.len(), 1 << 20);
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
     }
 
     #[tokio::test]
     async fn idle_connections_past_their_timeout_are_closed() {
         let (addr, accepted) = backend(Answer::KeepAlive { body_len: 2 }).await;
-        let p = Upstreams::<Empty<Bytes>>::new(UpstreamLimits {
-            connect_timeout: Duration::from_secs(2),
-            idle_timeout: Duration::from_millis(50),
-            max_idle: 4,
-        });
-        p.send(addr, get())
-            .await
-            .unwrap()
-            .into_body()
-            .collect()
-            .await
-            .unwrap();
+        let p = pool_with_idle(Duration::from_millis(50));
+        fetch(&p, addr).await;
         tokio::time::sleep(Duration::from_millis(80)).await;
         p.sweep();
         assert!(p.idle.lock().unwrap().is_empty());
-        p.send(addr, get())
-            .await
-            .unwrap()
-            .into_body()
-            .collect()
-            .await
-            .unwrap();
+        fetch(&p, addr).await;
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
     }
 
