@@ -29,6 +29,10 @@ use hyper::{
 };
 use hyper_util::rt::TokioIo;
 
+/// How long a request waits for an idle connection to become ready before it takes
+/// another (or a new one).
+const READY_WAIT: Duration = Duration::from_millis(10);
+
 /// Why a request got no response from its backend.
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
@@ -92,8 +96,23 @@ where
         mut req: Request<B>,
     ) -> Result<Response<UpstreamBody<B>>, UpstreamError> {
         while let Some(mut conn) = self.checkout(addr) {
-            if conn.ready().await.is_err() {
-                continue;
+            if !conn.is_ready() {
+                // Back from a response just now, its driver not yet polled (a moment), or
+                // still sending an earlier request's body the backend answered early (as
+                // long as that client takes): not worth waiting for beyond a moment.
+                match tokio::time::timeout(READY_WAIT, conn.ready()).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(_)) => continue,
+                    Err(_) => {
+                        let pool = self.clone();
+                        tokio::spawn(async move {
+                            if conn.ready().await.is_ok() {
+                                pool.checkin(addr, conn);
+                            }
+                        });
+                        continue;
+                    }
+                }
             }
             match conn.try_send_request(req).await {
                 Ok(resp) => return Ok(self.wrap(addr, conn, resp)),
@@ -358,6 +377,38 @@ mod tests {
         // connection, and gets all of its own body.
         assert_eq!(fetch(&p, addr).await.len(), 1 << 20);
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_connection_still_sending_a_body_does_not_hold_up_the_next_request() {
+        use http_body_util::channel::Channel;
+        // The backend answers on the headers alone; the first request's body never ends
+        // (a slow upload), so its connection cannot carry another request yet.
+        let (addr, accepted) = backend(Answer::KeepAlive { body_len: 2 }).await;
+        let p = Upstreams::<Channel<Bytes>>::new(UpstreamLimits {
+            connect_timeout: Duration::from_secs(2),
+            idle_timeout: Duration::from_secs(60),
+            max_idle: 4,
+        });
+        let post = |len: usize, body| {
+            Request::post("/")
+                .header("host", "backend")
+                .header("content-length", len)
+                .body(body)
+                .unwrap()
+        };
+        let (mut upload, body) = Channel::new(1);
+        upload.send_data(Bytes::from_static(b"x")).await.unwrap();
+        let first = p.send(addr, post(1000, body)).await.unwrap();
+        first.into_body().collect().await.unwrap();
+        let (_done, empty) = Channel::<Bytes>::new(1);
+        drop(_done);
+        let second = tokio::time::timeout(Duration::from_secs(2), p.send(addr, post(0, empty)))
+            .await
+            .expect("the second request is not held up by the first one's upload");
+        assert_eq!(second.unwrap().status(), 200);
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+        drop(upload);
     }
 
     #[tokio::test]
