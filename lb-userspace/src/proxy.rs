@@ -365,18 +365,21 @@ fn strip_hop_by_hop(h: &mut HeaderMap) {
     if !h.keys().any(|k| hop.contains(&k)) {
         return;
     }
-    // Headers named in Connection are hop-by-hop too (rare: allocate only then).
-    let named: Vec<String> = if h.contains_key(header::CONNECTION) {
-        h.get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .map(|s| s.trim().to_ascii_lowercase())
-            .filter(|s| !s.is_empty())
-            .collect()
-    } else {
-        Vec::new()
-    };
+    // Headers named in Connection are hop-by-hop too (rare: allocate only then). Its common
+    // tokens name no header to remove: `close`, or `keep-alive` (removed above anyway).
+    let named: Vec<String> = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|s| {
+            !s.is_empty()
+                && !s.eq_ignore_ascii_case("close")
+                && !s.eq_ignore_ascii_case("keep-alive")
+        })
+        .map(str::to_ascii_lowercase)
+        .collect();
     for n in hop {
         h.remove(n);
     }
@@ -752,6 +755,15 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert!(h.get("x-secret").is_none() && h.get("connection").is_none());
         assert!(h.get("keep-alive").is_none());
+        assert_eq!(h.get("x-kept").unwrap(), "1");
+        // Tokens in any case, beside the common ones.
+        let mut h = headers(&[
+            ("connection", "Keep-Alive, X-Other"),
+            ("x-other", "1"),
+            ("x-kept", "1"),
+        ]);
+        strip_hop_by_hop(&mut h);
+        assert!(h.get("x-other").is_none() && h.get("connection").is_none());
         assert_eq!(h.get("x-kept").unwrap(), "1");
     }
 }
