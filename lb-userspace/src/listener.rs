@@ -57,7 +57,11 @@ pub struct Listeners(Arc<Mutex<BTreeMap<String, ListenerStats>>>);
 impl Listeners {
     fn update(&self, name: &str, f: impl FnOnce(&mut ListenerStats)) {
         if let Ok(mut m) = self.0.lock() {
-            f(m.entry(name.to_string()).or_default());
+            // Called twice per connection: the name is allocated only the first time.
+            match m.get_mut(name) {
+                Some(s) => f(s),
+                None => f(m.entry(name.to_string()).or_default()),
+            }
         }
     }
 
@@ -79,7 +83,7 @@ impl Listeners {
 /// A listener's cap, shared by every loop accepting for it (a request-mode service's workers).
 #[derive(Clone)]
 pub struct Cap {
-    name: String,
+    name: Arc<str>,
     max: usize,
     slots: Arc<Semaphore>,
     listeners: Listeners,
@@ -90,7 +94,7 @@ impl Cap {
     pub fn new(name: &str, max: usize, listeners: &Listeners) -> Cap {
         listeners.update(name, |_| {});
         Cap {
-            name: name.to_string(),
+            name: name.into(),
             max,
             slots: Arc::new(Semaphore::new(max)),
             listeners: listeners.clone(),
@@ -101,7 +105,7 @@ impl Cap {
 /// Held for as long as a connection is open: frees its slot and counts it closed.
 pub struct Slot {
     _permit: OwnedSemaphorePermit,
-    name: String,
+    name: Arc<str>,
     listeners: Listeners,
 }
 
@@ -142,7 +146,7 @@ pub async fn accept_loop<A: Acceptor>(
                     failing = false;
                     backoff = BACKOFF_MIN;
                     cap.listeners.update(&cap.name, |s| s.failing = false);
-                    tracing::info!(listener = cap.name, "accepting again");
+                    tracing::info!(listener = &*cap.name, "accepting again");
                 }
                 match cap.slots.clone().try_acquire_owned() {
                     Ok(permit) => {
@@ -165,7 +169,7 @@ pub async fn accept_loop<A: Acceptor>(
                         if logged_refusal.is_none_or(|t| now - t >= Duration::from_secs(10)) {
                             logged_refusal = Some(now);
                             tracing::warn!(
-                                listener = cap.name,
+                                listener = &*cap.name,
                                 limit = cap.max,
                                 "at its connection limit: closing new connections (see [daemon.limits])"
                             );
@@ -180,13 +184,13 @@ pub async fn accept_loop<A: Acceptor>(
                 });
                 if !failing {
                     failing = true;
-                    tracing::error!(listener = cap.name, error = %e, "cannot accept: backing off and retrying");
+                    tracing::error!(listener = &*cap.name, error = %e, "cannot accept: backing off and retrying");
                 }
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(BACKOFF_MAX);
             }
             // The peer went away before we took it, and the like: nothing to do.
-            Err(e) => tracing::debug!(listener = cap.name, error = %e, "accept failed"),
+            Err(e) => tracing::debug!(listener = &*cap.name, error = %e, "accept failed"),
         }
     }
 }
