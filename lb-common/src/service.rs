@@ -1,6 +1,9 @@
 //! Services (VIP, port, protocol) and their Maglev tables.
 
-use crate::{TABLE_SIZE, flow::IpBytes};
+use crate::{
+    TABLE_SIZE,
+    flow::{FlowKey, IpBytes},
+};
 
 /// What identifies a connection-mode service: the address and port clients connect to.
 #[repr(C)]
@@ -19,6 +22,20 @@ pub struct ServiceKey {
 }
 
 const _: () = assert!(core::mem::size_of::<ServiceKey>() == 24);
+
+impl ServiceKey {
+    /// The service a client → VIP flow is addressed to: the flow key's destination side.
+    #[inline(always)]
+    pub fn of_flow(key: &FlowKey) -> ServiceKey {
+        ServiceKey {
+            addr: key.dst,
+            port: key.dport,
+            proto: key.proto,
+            family: key.family,
+            _pad: 0,
+        }
+    }
+}
 
 /// What the data plane knows about a destination port before it hashes anything: most
 /// packets that are not for a service end with this one array lookup.

@@ -173,13 +173,7 @@ pub fn icmp(backend_id: u32) -> crate::icmp::Outcome {
 /// the backend its live table gives the flow; else not ours.
 #[inline(always)]
 pub fn icmp_by_table(key: &lb_common::flow::FlowKey) -> crate::icmp::Outcome {
-    let svc_key = lb_common::service::ServiceKey {
-        addr: key.dst,
-        port: key.dport,
-        proto: key.proto,
-        family: key.family,
-        _pad: 0,
-    };
+    let svc_key = lb_common::service::ServiceKey::of_flow(key);
     // SAFETY: read in place; userspace replaces values whole.
     let Some(svc) = (unsafe { crate::maps::LB_SERVICES.get(&svc_key) }) else {
         return crate::icmp::NOT_TRANSLATED;

@@ -212,13 +212,7 @@ const NOT_A_SERVICE: u32 = u32::MAX;
 #[inline(always)]
 fn open_flow(ctx: &XdpContext, pkt: &Packet, t: &Tunables, now: u64) -> u32 {
     let syn = pkt.is_tcp() && conntrack::is_syn(pkt.tcp_flags);
-    let svc_key = ServiceKey {
-        addr: pkt.key.dst,
-        port: pkt.key.dport,
-        proto: pkt.key.proto,
-        family: pkt.key.family,
-        _pad: 0,
-    };
+    let svc_key = ServiceKey::of_flow(&pkt.key);
     // SAFETY: userspace replaces service values whole (an atomic element swap); copied at
     // once.
     let Some(svc) = (unsafe { LB_SERVICES.get(&svc_key) }).copied() else {

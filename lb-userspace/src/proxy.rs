@@ -128,7 +128,11 @@ impl Pickers {
 
     fn update(&mut self, view: Arc<View>) {
         let mut targets = HashMap::new();
+        // A backend is usually in both lists: made (or kept) once.
         for u in view.upstreams.iter().chain(&view.routable) {
+            if targets.contains_key(&u.id) {
+                continue;
+            }
             let t = match self.targets.remove(&u.id) {
                 Some(t) if (&t.up.name, &t.up.pool, t.up.addr) == (&u.name, &u.pool, u.addr) => t,
                 _ => Arc::new(Target::new(&view.service, u, &self.metrics)),
@@ -241,14 +245,6 @@ pub async fn serve(
         idle_timeout: UPSTREAM_IDLE,
         max_idle: 64,
     });
-    let sweeping = upstreams.clone();
-    let _sweeper = AbortOnDrop(tokio::spawn(async move {
-        let mut every = tokio::time::interval(UPSTREAM_IDLE / 4);
-        loop {
-            every.tick().await;
-            sweeping.sweep();
-        }
-    }));
     let first = views.borrow().clone();
     let shared = Arc::new(Shared {
         service: first.service.clone(),
@@ -303,8 +299,17 @@ pub async fn serve(
                 }
             });
         });
+        // Idle backend connections are closed past their timeout while the proxy serves.
+        let sweeping = async {
+            let mut every = tokio::time::interval(UPSTREAM_IDLE / 4);
+            loop {
+                every.tick().await;
+                shared.upstreams.sweep();
+            }
+        };
         tokio::select! {
             never = accepting => match never {},
+            _ = sweeping => {}
             _ = stop.wait_for(|stop| *stop) => {}
         }
     }
@@ -330,15 +335,6 @@ pub async fn serve(
 
 /// How long a backend connection may stay idle in a worker's pool.
 const UPSTREAM_IDLE: Duration = Duration::from_secs(60);
-
-/// Aborts a task when dropped (the proxy's sweeper ends with the proxy).
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
 
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");

@@ -67,6 +67,13 @@ struct Idle<B> {
     since: Instant,
 }
 
+impl<B> Idle<B> {
+    /// Still open and idle for less than `timeout`.
+    fn usable(&self, timeout: Duration) -> bool {
+        !self.conn.is_closed() && self.since.elapsed() < timeout
+    }
+}
+
 /// One worker's backend connections, for requests with bodies of type `B` (the proxy's:
 /// hyper's [`Incoming`]).
 pub struct Upstreams<B = Incoming> {
@@ -133,9 +140,8 @@ where
         let Ok(mut idle) = self.idle.lock() else {
             return;
         };
-        let timeout = self.limits.idle_timeout;
         idle.retain(|_, conns| {
-            conns.retain(|c| c.since.elapsed() < timeout && !c.conn.is_closed());
+            conns.retain(|c| c.usable(self.limits.idle_timeout));
             !conns.is_empty()
         });
     }
@@ -143,12 +149,9 @@ where
     fn checkout(&self, addr: SocketAddr) -> Option<SendRequest<B>> {
         let mut idle = self.idle.lock().ok()?;
         let conns = idle.get_mut(&addr)?;
-        while let Some(c) = conns.pop() {
-            if !c.conn.is_closed() && c.since.elapsed() < self.limits.idle_timeout {
-                return Some(c.conn);
-            }
-        }
-        None
+        std::iter::from_fn(|| conns.pop())
+            .find(|c| c.usable(self.limits.idle_timeout))
+            .map(|c| c.conn)
     }
 
     async fn connect(&self, addr: SocketAddr) -> Result<SendRequest<B>, UpstreamError> {
@@ -317,7 +320,13 @@ mod tests {
         (addr, accepted)
     }
 
-    fn pool_with_idle(idle_timeout: Duration) -> Arc<Upstreams<Empty<Bytes>>> {
+    /// A pool for requests with bodies of type `B`.
+    fn pool_with_idle<B>(idle_timeout: Duration) -> Arc<Upstreams<B>>
+    where
+        B: Body + Send + Unpin + 'static,
+        B::Data: Send,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
         Upstreams::new(UpstreamLimits {
             connect_timeout: Duration::from_secs(2),
             idle_timeout,
@@ -385,11 +394,7 @@ mod tests {
         // The backend answers on the headers alone; the first request's body never ends
         // (a slow upload), so its connection cannot carry another request yet.
         let (addr, accepted) = backend(Answer::KeepAlive { body_len: 2 }).await;
-        let p = Upstreams::<Channel<Bytes>>::new(UpstreamLimits {
-            connect_timeout: Duration::from_secs(2),
-            idle_timeout: Duration::from_secs(60),
-            max_idle: 4,
-        });
+        let p = pool_with_idle::<Channel<Bytes>>(Duration::from_secs(60));
         let post = |len: usize, body| {
             Request::post("/")
                 .header("host", "backend")

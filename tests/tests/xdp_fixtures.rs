@@ -1934,25 +1934,23 @@ fn dsr_forwards_the_packet_unchanged_to_the_tables_backend_even_without_a_flow()
         )
     };
     xdp::dsr_service(&mut f.dp, 5, (DSR_VIP.into(), 8080), 6, 2);
-    let err = packets::frag_needed(
-        CLIENT_MAC,
-        [10, 99, 1, 1],
-        DSR_VIP,
-        1400,
-        ip_packet(&answer(40000)),
-    );
+    // A router's "fragmentation needed" about the backend's answer to client port `port`.
+    let error_about = |port| {
+        packets::frag_needed(
+            CLIENT_MAC,
+            [10, 99, 1, 1],
+            DSR_VIP,
+            1400,
+            ip_packet(&answer(port)),
+        )
+    };
+    let err = error_about(40000);
     assert_eq!(
         f.run(&err),
         (XDP_REDIRECT, dsr_framed(&err, 0)),
         "the flow's backend"
     );
-    let err = packets::frag_needed(
-        CLIENT_MAC,
-        [10, 99, 1, 1],
-        DSR_VIP,
-        1400,
-        ip_packet(&answer(40010)),
-    );
+    let err = error_about(40010);
     assert_eq!(
         f.run(&err),
         (XDP_REDIRECT, dsr_framed(&err, 1)),
