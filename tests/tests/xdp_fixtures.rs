@@ -1292,6 +1292,73 @@ fn a_snat_port_goes_to_a_new_flow_only_once_its_flow_is_gone_from_both_maps() {
     assert_eq!(check(&out).src.1, port, "C got the port B closed");
 }
 
+/// The collector reads the reverse-NAT map thousands of entries per system call and removes
+/// in batches too: with more flows than one read holds (4 096), every flow is judged — the
+/// live ones kept, the orphaned ones (conntrack entry evicted) removed at the second pass,
+/// in more than one removal batch — and nothing is judged twice.
+#[test]
+fn the_flow_collector_judges_every_flow_of_a_table_larger_than_one_read() {
+    if !require_root("the_flow_collector_judges_every_flow") {
+        return;
+    }
+    use lb_userspace::dataplane::gc::{Collected, Suspects};
+    pin_to_cpu0();
+    const FLOWS: u16 = 3 * 4096 + 100;
+    let _ns = xdp::private_netns("lb", &[(BACKENDS[0], backend_mac(0))]);
+    let mut dp = xdp::load(|t| {
+        t.snat_port_min = 1024;
+        t.snat_port_max = 65535;
+    });
+    xdp::set_backend(&mut dp, 1, BACKENDS[0]);
+    xdp::single_backend_table(&mut dp, 0, VIP, 80, 6, 1);
+    let key = |port: u16| lb_common::flow::FlowKey {
+        src: lb_common::flow::v4(CLIENT),
+        dst: lb_common::flow::v4(VIP),
+        sport: port.to_be(),
+        dport: 80u16.to_be(),
+        proto: 6,
+        family: lb_common::FAMILY_V4,
+        _pad: 0,
+    };
+    let ports = || 20000..20000 + FLOWS;
+    for p in ports() {
+        let (v, _, _) = xdp::run(&mut dp, PROGRAM, &tcp((CLIENT, p), (VIP, 80), SYN), 1);
+        assert_eq!(v, XDP_REDIRECT, "flow from port {p}");
+    }
+    let mut suspects = Suspects::default();
+    let all = Collected {
+        kept: FLOWS as u64,
+        ..Collected::default()
+    };
+    assert_eq!(dp.collect_flows(&mut suspects).unwrap(), all);
+
+    // A third of the flows lose their conntrack entry: suspected at the next pass (still
+    // kept), removed at the one after.
+    let lost: Vec<u16> = ports().step_by(3).collect();
+    for &p in &lost {
+        dp.evict_flow_entry(&key(p), false).unwrap();
+    }
+    assert_eq!(dp.collect_flows(&mut suspects).unwrap(), all);
+    let n = lost.len() as u64;
+    assert!(n > 4096, "more than one removal batch");
+    assert_eq!(
+        dp.collect_flows(&mut suspects).unwrap(),
+        Collected {
+            finished: 0,
+            orphaned: n,
+            kept: FLOWS as u64 - n
+        }
+    );
+    assert_eq!(
+        dp.collect_flows(&mut suspects).unwrap(),
+        Collected {
+            kept: FLOWS as u64 - n,
+            ..Collected::default()
+        },
+        "the removed are gone, the rest stay"
+    );
+}
+
 const VIP6: [u8; 16] = addr6(0x99, 0x10);
 const OTHER6: [u8; 16] = addr6(0x99, 0x11);
 const CLIENT6: [u8; 16] = addr6(0x99, 0x102);

@@ -14,7 +14,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use aya::maps::{HashMap, Map, MapData};
+use aya::maps::{Map, MapData};
 use lb_common::{
     Tunables,
     conntrack::{CtValue, state},
@@ -104,22 +104,19 @@ impl Counter {
                 let n = MapData::from_id(id)
                     .map_err(anyhow::Error::from)
                     .and_then(|d| {
-                        Ok(HashMap::<MapData, FlowKey, CtValue>::try_from(
-                            Map::LruHashMap(d),
-                        )?)
-                    })
-                    .map(|m| {
                         let now = super::gc::monotonic_ns();
-                        let mut n = 0u64;
                         let mut by_backend = std::collections::HashMap::new();
-                        // An entry evicted between its key and its lookup is an error: skipped.
-                        for (k, v) in m.iter().flatten() {
-                            n += 1;
-                            if is_active(&v, k.proto, now, &t) {
-                                *by_backend.entry(v.backend_id).or_insert(0u64) += 1;
-                            }
-                        }
-                        (n, by_backend)
+                        // Thousands of entries per system call (`batch`): a full table of a
+                        // million flows is read in a fraction of a second.
+                        let n = super::batch::for_each::<FlowKey, CtValue>(
+                            &Map::LruHashMap(d),
+                            |k, v| {
+                                if is_active(&v, k.proto, now, &t) {
+                                    *by_backend.entry(v.backend_id).or_insert(0u64) += 1;
+                                }
+                            },
+                        )?;
+                        Ok((n, by_backend))
                     });
                 match n {
                     Ok((n, by_backend)) => {

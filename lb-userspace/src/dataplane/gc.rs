@@ -32,6 +32,8 @@ use std::{
 
 use anyhow::Result;
 use aya::maps::{HashMap, Map, MapData};
+
+use super::batch;
 use lb_common::{
     Tunables,
     conntrack::{CtValue, RnatValue, holds, port_reusable},
@@ -66,19 +68,20 @@ pub fn pass(
     now_ns: u64,
     suspects: &mut Suspects,
 ) -> Result<Collected> {
-    let mut reverse: HashMap<MapData, FlowKey, RnatValue> =
-        HashMap::try_from(Map::HashMap(MapData::from_id(reverse_id)?))?;
+    let mut reverse = Map::HashMap(MapData::from_id(reverse_id)?);
     let conntrack: HashMap<MapData, FlowKey, CtValue> =
         HashMap::try_from(Map::LruHashMap(MapData::from_id(conntrack_id)?))?;
-    // Judge first, remove after: removing while iterating would restart the walk.
+    // Judge first, remove after: removing while walking would restart the walk. The walk
+    // reads thousands of entries per system call (`batch`); what is left per entry is its
+    // conntrack lookup.
     let mut finished = Vec::new();
     let mut orphaned = Vec::new();
     let mut next = HashSet::new();
     let mut kept = 0u64;
-    for (k, r) in reverse.iter().flatten() {
+    batch::for_each::<FlowKey, RnatValue>(&reverse, |k, r| {
         if port_reusable(r.last_seen_ns, r.state, k.proto, now_ns, t) {
             finished.push(k);
-            continue;
+            return;
         }
         let forward = FlowKey {
             src: r.client_addr,
@@ -98,23 +101,13 @@ pub fn pass(
             next.insert(k);
             kept += 1;
         }
-    }
+    })?;
     suspects.0 = next;
-    let mut out = Collected {
+    Ok(Collected {
         kept,
-        ..Collected::default()
-    };
-    for k in &finished {
-        if reverse.remove(k).is_ok() {
-            out.finished += 1;
-        }
-    }
-    for k in &orphaned {
-        if reverse.remove(k).is_ok() {
-            out.orphaned += 1;
-        }
-    }
-    Ok(out)
+        finished: batch::remove::<FlowKey, RnatValue>(&mut reverse, &finished)?,
+        orphaned: batch::remove::<FlowKey, RnatValue>(&mut reverse, &orphaned)?,
+    })
 }
 
 /// CLOCK_MONOTONIC in ns: the clock `bpf_ktime_get_coarse_ns` reads (coarsely).

@@ -5,6 +5,7 @@
 //! Pin layout (versioned so that an incompatible map layout is never misread):
 //! `pin_dir/v3/maps/<MAP>` and `pin_dir/v3/links/<interface>`.
 
+mod batch;
 mod counter;
 pub mod gc;
 mod kernel;
