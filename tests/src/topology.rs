@@ -192,6 +192,14 @@ impl Topology {
         lb.ip(&["addr", "add", &format!("{REQ_VIP}/32"), "dev", "lo"])?;
         bridge.ip(&["link", "add", "br0", "type", "bridge"])?;
         bridge.ip(&["link", "set", "br0", "up"])?;
+        // The bridge stands for a switch: where br_netfilter is loaded (Docker hosts), every
+        // bridged frame would also go through this namespace's iptables, a cost no switch adds
+        // (about 5 % of the machine in the SYN flood test).
+        if std::path::Path::new("/proc/sys/net/bridge").exists() {
+            for t in ["iptables", "ip6tables", "arptables"] {
+                bridge.sysctl(&format!("net.bridge.bridge-nf-call-{t}"), "0")?;
+            }
+        }
         veth(lb, "eth1", bridge, "p0")?;
         lb.ip(&[
             "addr",
