@@ -12,7 +12,7 @@ use crate::{
     guard::{MAX_SOURCE_RULES, SourceAddr, SourceRule},
     map_names,
     service::{MaglevTable, PortServices, ServiceKey, ServiceValue},
-    stats::{BackendStats, L4Stats, STAT_COUNT},
+    stats::{BackendStats, L4Stats, STAT_SLOTS},
 };
 
 /// The kind of a BPF map.
@@ -135,7 +135,7 @@ pub const XDP_STATS: MapLayout = map(
     MapKind::PerCpuArray,
     4,
     size_of::<u64>(),
-    STAT_COUNT,
+    STAT_SLOTS,
 );
 pub const SOURCES: MapLayout = map(
     map_names::SOURCES,

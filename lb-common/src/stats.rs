@@ -223,10 +223,20 @@ pub enum Stat {
     /// is not on a directly connected network (its route has a gateway). A DSR packet keeps
     /// the VIP as its destination, so the kernel cannot forward it in the balancer's place.
     DsrNotOnLink = 26,
+    /// Sent back to a backend: a reset for a connection it still held on the SNAT
+    /// address:port of a flow that has not had its SYN-ACK yet — it answered that flow's SYN
+    /// with an ACK of the old connection. The client's retransmitted SYN then opens the new
+    /// one (see `lb-ebpf/src/reset.rs`).
+    BackendStaleReset = 27,
 }
 
-/// Number of entries in the per-CPU XDP counter array.
-pub const STAT_COUNT: u32 = 27;
+/// Number of counters in the per-CPU XDP counter array (verdicts, then [`Stat`]s).
+pub const STAT_COUNT: u32 = 28;
+
+/// Entries of the counter array: room for counters added later without changing the
+/// pinned map's size (which makes lbd refuse the pins until `lbd down`).
+pub const STAT_SLOTS: u32 = 64;
+const _: () = assert!(STAT_COUNT <= STAT_SLOTS);
 
 #[cfg(test)]
 mod tests {

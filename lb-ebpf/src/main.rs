@@ -16,6 +16,7 @@ mod icmp6;
 mod maps;
 mod nat;
 mod parse;
+mod reset;
 mod select;
 mod signals;
 mod stats;
@@ -367,6 +368,14 @@ fn to_client(
                 if e.signals & lb_common::conntrack::signal::ANSWERED == 0 {
                     signals::from_backend(e, &seg);
                 }
+            }
+            // Before the backend's SYN-ACK, a plain ACK is its answer to the SYN from a
+            // connection it still holds on this four-tuple: reset that connection.
+            None if e.seq_synced == 0
+                && seg.flags & (parse::TCP_SYN | parse::TCP_RST | parse::TCP_ACK)
+                    == parse::TCP_ACK =>
+            {
+                return Ok(reset::stale_backend(ctx, pkt, seg.ack));
             }
             None => return Ok(drop(Stat::ReturnOutOfWindow)),
         }

@@ -251,6 +251,7 @@ impl Daemon {
                         ("half_open_reclaimed", Stat::HalfOpenReclaimed),
                         ("dsr_miss_forwarded", Stat::DsrMissForwarded),
                         ("dsr_not_on_link", Stat::DsrNotOnLink),
+                        ("backend_stale_reset", Stat::BackendStaleReset),
                     ],
                 ));
             }

@@ -6,9 +6,11 @@
 //! evicts an established flow: the reverse-NAT map, never evicted, caps what the flood can
 //! open.
 //!
-//! `LB_FLOOD_RATE` (SYN/s, default 100 000: the target, which this machine's two cores
-//! carry with the backends and the sender on them too) and `LB_FLOOD_SYN_TIMEOUT` /
-//! `LB_FLOOD_SYN_RECLAIM` (e.g. `"10s"`, `"2900ms"`) let a person compare.
+//! `LB_FLOOD_RATE` (SYN/s, default 60 000) and `LB_FLOOD_SYN_TIMEOUT` / `LB_FLOOD_SYN_RECLAIM`
+//! (e.g. `"10s"`, `"2900ms"`) let a person compare. `LB_FLOOD_RATE=100000` is the issue's
+//! target: this machine's two cores carry it with the backends and the sender on them too
+//! when the VM gets its full share of them, and 75 000/s of it when it does not, which is why
+//! CI floods at 60 000/s (docs/security.md has both).
 
 use std::{
     net::SocketAddr,
@@ -139,7 +141,7 @@ fn a_syn_flood_from_spoofed_sources_leaves_real_clients_and_established_flows_al
     let rate: u64 = std::env::var("LB_FLOOD_RATE")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(100_000);
+        .unwrap_or(60_000);
     let mut t = Topology::new("sf", "native").unwrap();
     if let Ok(v) = std::env::var("LB_FLOOD_SYN_TIMEOUT") {
         t.daemon_keys(&format!("tcp_syn_timeout = \"{v}\""));
@@ -165,9 +167,36 @@ fn a_syn_flood_from_spoofed_sources_leaves_real_clients_and_established_flows_al
     let new_flows_before = t.metric("lb_xdp_events_total", "reason=\"new_flow\"");
     let refused_before = t.metric("lb_xdp_events_total", "reason=\"flow_not_created\"");
     let reclaimed_before = t.metric("lb_xdp_events_total", "reason=\"half_open_reclaimed\"");
+    let resets_before = t.metric("lb_xdp_events_total", "reason=\"backend_stale_reset\"");
 
     let flooding = Arc::new(AtomicBool::new(true));
     let flood = flood(&t, frames, rate, flooding.clone());
+    // lbd while the flood lasts: its control socket every 250 ms, and the SNAT ports its
+    // collector counts in use (its view at the end of each pass).
+    let (socket, f4) = (t.socket.clone(), flooding.clone());
+    let (lb_ns, f5) = (t.lb.name.clone(), flooding.clone());
+    let control = std::thread::spawn(move || {
+        let mut worst = Duration::ZERO;
+        while f4.load(Ordering::Relaxed) {
+            let s = Instant::now();
+            lb_tests::topology::control_at(&socket, "show services").unwrap();
+            worst = worst.max(s.elapsed());
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        worst
+    });
+    let ports = std::thread::spawn(move || {
+        let mut peak = 0.0f64;
+        while f5.load(Ordering::Relaxed) {
+            peak = peak.max(lb_tests::topology::metric_in(
+                &lb_ns,
+                "lb_snat_ports_in_use",
+                "",
+            ));
+            std::thread::sleep(Duration::from_secs(1));
+        }
+        peak
+    });
     // Real clients: a new connection (one request) every 10 ms while the flood lasts.
     let f3 = flooding.clone();
     let legit = t.in_client(move || {
@@ -189,16 +218,8 @@ fn a_syn_flood_from_spoofed_sources_leaves_real_clients_and_established_flows_al
     });
     let (sent, took) = flood.join().unwrap();
     let (mut times, failed, errors) = legit.unwrap();
-    // The collector's view at the end of the flood: SNAT ports held by flows.
-    let mut ports_peak = 0.0f64;
-    let mut control_worst = Duration::ZERO;
-    for _ in 0..3 {
-        ports_peak = ports_peak.max(t.metric("lb_snat_ports_in_use", ""));
-        let s = Instant::now();
-        t.control("show services").unwrap();
-        control_worst = control_worst.max(s.elapsed());
-        std::thread::sleep(Duration::from_millis(400));
-    }
+    let control_worst = control.join().unwrap();
+    let ports_peak = ports.join().unwrap();
     let broken = t.in_client(move || {
         victims
             .into_iter()
@@ -209,12 +230,13 @@ fn a_syn_flood_from_spoofed_sources_leaves_real_clients_and_established_flows_al
     let refused = t.metric("lb_xdp_events_total", "reason=\"flow_not_created\"") - refused_before;
     let reclaimed =
         t.metric("lb_xdp_events_total", "reason=\"half_open_reclaimed\"") - reclaimed_before;
+    let resets = t.metric("lb_xdp_events_total", "reason=\"backend_stale_reset\"") - resets_before;
     let ok = times.len();
     let ratio = ok as f64 / (ok + failed).max(1) as f64;
     let p95 = quantile(&mut times, 0.95);
     let max = times.last().copied().unwrap_or_default();
     eprintln!(
-        "SYN flood: {sent} spoofed SYNs in {took:.1?} ({:.0}/s sent, {:.0}/s reached the balancer's new-flow path); {new_flows} flows created ({reclaimed} on a half-open flow's port), {refused} SYNs refused (no SNAT port); SNAT ports in use after it: {ports_peak}; real clients {ok} of {} connected ({:.2} %), connect+request p95 {p95:?}, max {max:?}; established broken: {broken:?} of 20; control answered within {control_worst:?}",
+        "SYN flood: {sent} spoofed SYNs in {took:.1?} ({:.0}/s sent, {:.0}/s reached the balancer's new-flow path); {new_flows} flows created ({reclaimed} on a half-open flow's port; {resets} backends' old connections on a reused port reset), {refused} SYNs refused (no SNAT port); SNAT ports in use at the peak: {ports_peak}; real clients {ok} of {} connected ({:.2} %), connect+request p95 {p95:?}, max {max:?}; established broken: {broken:?} of 20; control socket answered within {control_worst:?} all through",
         sent as f64 / took.as_secs_f64(),
         (new_flows + refused) / took.as_secs_f64(),
         ok + failed,
@@ -226,6 +248,16 @@ fn a_syn_flood_from_spoofed_sources_leaves_real_clients_and_established_flows_al
         ratio * 100.0
     );
     assert_eq!(broken.unwrap(), 0, "established flows broken by the flood");
+    // Half-open flows never hold the ports (or entries) new flows need: a SYN refused for
+    // want of one is a one-second wait for its client.
+    assert!(
+        refused <= sent as f64 / 1_000.0,
+        "{refused} of {sent} SYNs refused for want of a port or entry"
+    );
+    assert!(
+        control_worst < Duration::from_secs(1),
+        "control socket took {control_worst:?}"
+    );
 }
 
 /// A flood far larger than the flow tables (`conntrack_max = 4096`, 60 000 spoofed SYNs):

@@ -636,6 +636,107 @@ fn a_half_open_flows_port_goes_to_a_new_flow_after_tcp_syn_reclaim_an_establishe
     assert_eq!(check(&out).src, (SNAT, port));
 }
 
+/// The frame's TCP header: what a reset carries.
+fn tcp_of(frame: &[u8], l4: usize) -> (etherparse::TcpHeader, usize) {
+    let (t, rest) = etherparse::TcpHeader::from_slice(&frame[l4..]).expect("tcp");
+    (t, rest.len())
+}
+
+/// A SNAT port reused (after its flow ended, or taken from a half-open flow in a SYN flood)
+/// may still carry an old connection at the backend, which then answers the new flow's SYN
+/// with an ACK of that connection. The client can do nothing with it, so the balancer, owner
+/// of the SNAT end, sends the reset a client would (sequence = the ACK's acknowledgment, no
+/// ACK flag, no options or payload, checksums right) back to the backend, and the backend's
+/// SYN-ACK retransmitted for the new flow then goes through as usual. After the handshake a
+/// segment out of window is dropped as before, not answered.
+#[test]
+fn a_backend_answering_a_new_flows_syn_for_an_old_connection_gets_a_reset() {
+    if !require_root("a_backend_answering_a_new_flows_syn_for_an_old_connection") {
+        return;
+    }
+    const OLD_SEQ: u32 = 777_000;
+    const OLD_ACK: u32 = 123_456_789;
+    let mut f = Fixture::new();
+    f.v6(5);
+    let (v, out) = f.run(&tcp((CLIENT, 41500), (VIP, 80), SYN));
+    assert_eq!(v, XDP_REDIRECT);
+    let port = snat_port(&check(&out));
+    // The old connection's ACK, with a timestamp option and data a reset must not carry.
+    let stale = packets::fix_ipv4_len(packets::with_tcp_bytes(
+        &from_backend(0, port, ACK, (OLD_SEQ, OLD_ACK), b"old data"),
+        |seg| {
+            let payload = seg.split_off(20);
+            seg[12] = 8 << 4;
+            seg.extend_from_slice(&[1, 1, 8, 10, 0, 0, 0, 9, 0, 0, 0, 7]);
+            seg.extend_from_slice(&payload);
+        },
+    ));
+    let before = f.stat(Stat::BackendStaleReset);
+    let (v, out) = f.ret(&stale);
+    assert_eq!(v, XDP_TX, "the reset goes back out towards the backend");
+    assert_eq!(f.stat(Stat::BackendStaleReset), before + 1);
+    let seen = check(&out);
+    assert_eq!(
+        seen,
+        Seen {
+            src: (SNAT, port),
+            dst: (BACKENDS[0], 8080),
+            ttl: 64,
+            smac: stale[..6].try_into().unwrap(),
+            dmac: backend_mac(0),
+        }
+    );
+    let (t, payload) = tcp_of(&out, 14 + 20);
+    assert!(t.rst && !t.ack && !t.syn && !t.fin, "{t:?}");
+    assert_eq!((t.sequence_number, t.acknowledgment_number), (OLD_ACK, 0));
+    assert_eq!((t.header_len(), payload, out.len()), (20, 0, 14 + 20 + 20));
+
+    // The backend, its old connection gone, answers the client's retransmitted SYN.
+    let (v, out) = f.ret(&syn_ack(0, port));
+    assert_eq!(v, XDP_REDIRECT, "the SYN-ACK reaches the client");
+    assert_eq!(check(&out).dst, (CLIENT, 41500));
+    let before = f.stat(Stat::ReturnOutOfWindow);
+    let late = from_backend(0, port, ACK, (OLD_SEQ, OLD_ACK), b"");
+    assert_eq!(
+        f.ret(&late).0,
+        XDP_DROP,
+        "after the handshake: out of window"
+    );
+    assert_eq!(f.stat(Stat::ReturnOutOfWindow), before + 1);
+
+    // IPv6 alike.
+    let (v, out) = f.run(&tcp6((CLIENT6, 41500), (VIP6, 80), SYN));
+    assert_eq!(v, XDP_REDIRECT);
+    let port6 = check6(&out).src.1;
+    let stale6 = tcp6_full(
+        backend_mac(0),
+        (BACKENDS6[0], 8080),
+        (xdp::SNAT6, port6),
+        ACK,
+        (OLD_SEQ, OLD_ACK),
+        b"old data",
+        &[],
+    );
+    let (v, out) = f.ret(&stale6);
+    assert_eq!(v, XDP_TX);
+    let seen = check6(&out);
+    assert_eq!(
+        (seen.src, seen.dst, seen.hop_limit, seen.dmac),
+        (
+            (xdp::SNAT6, port6),
+            (BACKENDS6[0], 8080),
+            64,
+            backend_mac(0)
+        )
+    );
+    let (t, payload) = tcp_of(&out, 14 + 40);
+    assert!(t.rst && !t.ack, "{t:?}");
+    assert_eq!(
+        (t.sequence_number, payload, out.len()),
+        (OLD_ACK, 0, 14 + 40 + 20)
+    );
+}
+
 #[test]
 fn the_benchmark_programs_pass_the_verifier() {
     if !require_root("the_benchmark_programs_pass_the_verifier") {
@@ -672,13 +773,9 @@ fn spoofed_return_traffic_never_reaches_the_client() {
     let mut on_client_side = data(BACKEND_ISN + 1, b"injected");
     on_client_side[6..12].copy_from_slice(&CLIENT_MAC);
 
-    // Before the backend's SYN-ACK: only an answer to the client's SYN is taken.
+    // Before the backend's SYN-ACK: only an answer to the client's SYN is taken (a plain
+    // ACK or data is answered with a reset instead: see the stale-connection test).
     let early: Vec<(&str, Vec<u8>, Stat)> = vec![
-        (
-            "data before the SYN-ACK",
-            data(BACKEND_ISN + 1, b"x"),
-            Stat::ReturnOutOfWindow,
-        ),
         (
             "a SYN-ACK that acknowledges another ISN",
             from_backend(0, port, SYN_ACK, (BACKEND_ISN, CLIENT_ISN + 7), b""),
@@ -1846,7 +1943,8 @@ fn ipv6_crafted_syns_spoofed_sources_and_out_of_window_answers_take_no_flow() {
     assert_ne!(val, 3_000_000_000, "TSval moved onto the balancer's clock");
     let delta = val.wrapping_sub(3_000_000_000);
 
-    // Before its SYN-ACK, the backend may send nothing but an answer to the client's SYN.
+    // Before its SYN-ACK, the backend may send nothing but an answer to the client's SYN
+    // (anything else with an ACK is a connection it still holds on the tuple: it gets a reset).
     let from_b = |flags, seq_ack, payload: &[u8]| {
         tcp6_full(
             backend_mac(0),
@@ -1858,13 +1956,17 @@ fn ipv6_crafted_syns_spoofed_sources_and_out_of_window_answers_take_no_flow() {
             &[],
         )
     };
-    let before = f.stat(Stat::ReturnOutOfWindow);
+    let (before, resets) = (
+        f.stat(Stat::ReturnOutOfWindow),
+        f.stat(Stat::BackendStaleReset),
+    );
     assert_eq!(f.ret(&from_b(SYN_ACK, (BACKEND_ISN, 77), b"")).0, XDP_DROP);
     assert_eq!(
         f.ret(&from_b(ACK, (BACKEND_ISN, CLIENT_ISN + 1), b"x")).0,
-        XDP_DROP
+        XDP_TX
     );
-    assert_eq!(f.stat(Stat::ReturnOutOfWindow), before + 2);
+    assert_eq!(f.stat(Stat::ReturnOutOfWindow), before + 1);
+    assert_eq!(f.stat(Stat::BackendStaleReset), resets + 1);
     assert_eq!(
         f.ret(&from_b(SYN_ACK, (BACKEND_ISN, CLIENT_ISN + 1), b""))
             .0,
