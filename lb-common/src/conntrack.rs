@@ -152,6 +152,35 @@ pub fn half_open_reclaimable(r: &RnatValue, proto: u8, now: u64, t: &crate::Tuna
         && alive(r.last_seen_ns, r.state, proto, now, t)
 }
 
+/// The reverse-NAT key of a flow (backend → SNAT address:port), from its conntrack entry and
+/// key (client → VIP).
+#[inline(always)]
+pub fn reverse_key(ct: &CtValue, client: &FlowKey) -> FlowKey {
+    FlowKey {
+        src: ct.backend_addr,
+        dst: ct.snat_addr,
+        sport: ct.backend_port,
+        dport: ct.snat_port,
+        proto: client.proto,
+        family: client.family,
+        _pad: 0,
+    }
+}
+
+/// The conntrack key of a flow (client → VIP), from its reverse-NAT entry and key.
+#[inline(always)]
+pub fn forward_key(r: &RnatValue, backend: &FlowKey) -> FlowKey {
+    FlowKey {
+        src: r.client_addr,
+        dst: r.vip_addr,
+        sport: r.client_port,
+        dport: r.vip_port,
+        proto: backend.proto,
+        family: backend.family,
+        _pad: 0,
+    }
+}
+
 /// Whether conntrack entry `ct` is the flow whose reverse-NAT key is `rkey` (backend → SNAT
 /// address:port): the one test the XDP program (before it takes a half-open flow's port) and
 /// lbd's flow collector (before it calls an entry orphaned) must agree on.

@@ -3,11 +3,7 @@
 //! expire together, and lbd's flow collector never frees a SNAT port while its flow still
 //! runs.
 
-use lb_common::{
-    PROTO_TCP,
-    conntrack::{CtValue, RnatValue, state},
-    flow::FlowKey,
-};
+use lb_common::{PROTO_TCP, conntrack::state};
 
 use crate::parse::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
 
@@ -63,30 +59,4 @@ pub fn sync(last_seen: &mut u64, st: &mut u8, from_last_seen: u64, from_st: u8) 
     }
 }
 
-/// The reverse-NAT key of a flow (backend → SNAT address:port).
-#[inline(always)]
-pub fn reverse_key(ct: &CtValue, client: &FlowKey) -> FlowKey {
-    FlowKey {
-        src: ct.backend_addr,
-        dst: ct.snat_addr,
-        sport: ct.backend_port,
-        dport: ct.snat_port,
-        proto: client.proto,
-        family: client.family,
-        _pad: 0,
-    }
-}
-
-/// The conntrack key of a flow (client → VIP).
-#[inline(always)]
-pub fn forward_key(r: &RnatValue, backend: &FlowKey) -> FlowKey {
-    FlowKey {
-        src: r.client_addr,
-        dst: r.vip_addr,
-        sport: r.client_port,
-        dport: r.vip_port,
-        proto: backend.proto,
-        family: backend.family,
-        _pad: 0,
-    }
-}
+pub use lb_common::conntrack::{forward_key, reverse_key};

@@ -36,7 +36,7 @@ use aya::maps::{HashMap, Map, MapData};
 use super::batch;
 use lb_common::{
     Tunables,
-    conntrack::{CtValue, RnatValue, holds, port_reusable},
+    conntrack::{CtValue, RnatValue, forward_key, holds, port_reusable},
     flow::FlowKey,
 };
 
@@ -83,16 +83,9 @@ pub fn pass(
             finished.push(k);
             return;
         }
-        let forward = FlowKey {
-            src: r.client_addr,
-            dst: r.vip_addr,
-            sport: r.client_port,
-            dport: r.vip_port,
-            proto: k.proto,
-            family: k.family,
-            _pad: 0,
-        };
-        let ours = conntrack.get(&forward, 0).is_ok_and(|c| holds(&c, &k));
+        let ours = conntrack
+            .get(&forward_key(&r, &k), 0)
+            .is_ok_and(|c| holds(&c, &k));
         if ours {
             kept += 1;
         } else if suspects.0.contains(&k) {
