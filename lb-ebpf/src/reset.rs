@@ -140,6 +140,18 @@ fn tcp_reset<const N: usize>(f: &mut [u8; N], at: usize, seq: u32) {
     f[at + 13] = TCP_RST;
 }
 
+/// Writes the checksum of the TCP header at `tcp` (20 bytes, no payload), over the
+/// pseudo-header of the addresses in `f[addrs.0..addrs.1]` (source, then destination).
+#[inline(always)]
+fn tcp_checksum<const N: usize>(f: &mut [u8; N], addrs: (usize, usize), tcp: usize) {
+    let pseudo = sum(f, addrs.0, addrs.1, 0)
+        + u16::from_ne_bytes([0, lb_common::PROTO_TCP]) as u32
+        + u16::from_ne_bytes((TCP_HDR_LEN as u16).to_be_bytes()) as u32;
+    let c = checksum(sum(f, tcp, tcp + TCP_HDR_LEN, pseudo));
+    f[tcp + 16] = c[0];
+    f[tcp + 17] = c[1];
+}
+
 #[inline(always)]
 fn reset_v4(ctx: &XdpContext, seq: u32) -> Result<(), ()> {
     const IP: usize = ETH_HLEN;
@@ -157,13 +169,7 @@ fn reset_v4(ctx: &XdpContext, seq: u32) -> Result<(), ()> {
     f[IP + 10] = c[0];
     f[IP + 11] = c[1];
     tcp_reset(f, TCP, seq);
-    // Pseudo-header: addresses, protocol, TCP length.
-    let pseudo = sum(f, IP + 12, IP + 20, 0)
-        + u16::from_ne_bytes([0, lb_common::PROTO_TCP]) as u32
-        + u16::from_ne_bytes((TCP_HDR_LEN as u16).to_be_bytes()) as u32;
-    let c = checksum(sum(f, TCP, TCP + TCP_HDR_LEN, pseudo));
-    f[TCP + 16] = c[0];
-    f[TCP + 17] = c[1];
+    tcp_checksum(f, (IP + 12, IP + 20), TCP);
     Ok(())
 }
 
@@ -179,11 +185,6 @@ fn reset_v6(ctx: &XdpContext, seq: u32) -> Result<(), ()> {
     f[IP + 7] = TTL;
     swap(f, IP + 8, IP + 24, 16);
     tcp_reset(f, TCP, seq);
-    let pseudo = sum(f, IP + 8, IP + 40, 0)
-        + u16::from_ne_bytes([0, lb_common::PROTO_TCP]) as u32
-        + u16::from_ne_bytes((TCP_HDR_LEN as u16).to_be_bytes()) as u32;
-    let c = checksum(sum(f, TCP, TCP + TCP_HDR_LEN, pseudo));
-    f[TCP + 16] = c[0];
-    f[TCP + 17] = c[1];
+    tcp_checksum(f, (IP + 8, IP + 40), TCP);
     Ok(())
 }
