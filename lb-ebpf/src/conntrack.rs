@@ -42,7 +42,12 @@ pub fn observe(
             changed = true;
         }
     }
-    if changed || now.saturating_sub(*last_seen) > REFRESH_NS {
+    // A half-open flow lives on its client's SYNs alone: the backend's SYN-ACK retransmissions
+    // (a minute of them from its SYN queue) say nothing of whether the client is still there.
+    // Refreshed by them, a SYN flood's flows became young again a second after they began,
+    // just as new flows came round for their ports, and those new flows were refused.
+    let half_open_answer = proto == PROTO_TCP && *st == state::SYN && !from_client;
+    if changed || (!half_open_answer && now.saturating_sub(*last_seen) > REFRESH_NS) {
         *last_seen = now;
         changed = true;
     }

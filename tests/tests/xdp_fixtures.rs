@@ -636,6 +636,48 @@ fn a_half_open_flows_port_goes_to_a_new_flow_after_tcp_syn_reclaim_an_establishe
     assert_eq!(check(&out).src, (SNAT, port));
 }
 
+/// A half-open flow's age is its client's: the backend's SYN-ACK retransmitted a second
+/// later (a SYN queue does that for a minute) does not make it young again, so its port still
+/// goes to a new flow 250 ms after the client's SYN. (Refreshed by those retransmissions, a
+/// SYN flood's flows kept new flows from their ports a second after they began.)
+#[test]
+fn a_backends_syn_ack_retransmission_does_not_keep_a_half_open_flows_port() {
+    if !require_root("a_backends_syn_ack_retransmission_does_not_keep") {
+        return;
+    }
+    let _ns = xdp::private_netns("fr", &[(BACKENDS[0], backend_mac(0))]);
+    let mut dp = xdp::load(|t| {
+        t.snat_port_min = 61000;
+        t.snat_port_max = 61000 + t.cpus as u16 - 1;
+    });
+    pin_to_cpu0();
+    xdp::set_backend(&mut dp, 1, BACKENDS[0]);
+    xdp::single_backend_table(&mut dp, 0, VIP, 80, 6, 1);
+    let (v, out, _) = xdp::run(&mut dp, PROGRAM, &tcp((CLIENT, 40000), (VIP, 80), SYN), 1);
+    assert_eq!(v, XDP_REDIRECT);
+    let port = check(&out).src.1;
+    let syn_ack = from_backend(0, port, SYN_ACK, (BACKEND_ISN, CLIENT_ISN + 1), b"");
+    let backend_side = xdp::ifindex("veth0");
+    assert_eq!(
+        xdp::run_on(&mut dp, PROGRAM, &syn_ack, 1, backend_side).0,
+        XDP_REDIRECT
+    );
+    // Past the entries' refresh interval (1 s), the backend retransmits its SYN-ACK: still
+    // the client's to see.
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    assert_eq!(
+        xdp::run_on(&mut dp, PROGRAM, &syn_ack, 1, backend_side).0,
+        XDP_REDIRECT,
+        "the retransmitted SYN-ACK reaches the client"
+    );
+    let (v, out, _) = xdp::run(&mut dp, PROGRAM, &tcp((CLIENT, 40001), (VIP, 80), SYN), 1);
+    assert_eq!(
+        v, XDP_REDIRECT,
+        "the client has been silent for over tcp_syn_reclaim: a new flow takes the port"
+    );
+    assert_eq!(check(&out).src.1, port);
+}
+
 /// The frame's TCP header: what a reset carries.
 fn tcp_of(frame: &[u8], l4: usize) -> (etherparse::TcpHeader, usize) {
     let (t, rest) = etherparse::TcpHeader::from_slice(&frame[l4..]).expect("tcp");
