@@ -37,7 +37,10 @@ use crate::{
     listener::{Cap, Listeners, accept_loop},
     metrics::{RequestMetrics, Signals, backend_labels},
     swrr::{Swrr, integer_weights},
-    upstream::{UpstreamBody, UpstreamLimits, Upstreams},
+    upstream::{
+        UpstreamBody, UpstreamLimits, Upstreams,
+        h1::{H1Body, H1Pool},
+    },
 };
 
 /// How long an upstream may take to answer with headers.
@@ -193,7 +196,9 @@ fn matches(route: &Route, headers: &HeaderMap) -> bool {
 }
 
 /// A response's body: the backend's, or one lbd wrote itself (an error).
-type Body = Either<UpstreamBody, Full<Bytes>>;
+/// A backend's response body (from a hyper connection for a request with a body, from a
+/// hand-written one for a request without), or one the proxy wrote.
+type Body = Either<Either<UpstreamBody, H1Body>, Full<Bytes>>;
 
 fn full(status: StatusCode, text: String) -> Response<Body> {
     let mut r = Response::new(Either::Right(Full::new(Bytes::from(text))));
@@ -210,7 +215,10 @@ struct Shared {
     service: String,
     /// The pickers and where their updates come from, under one lock per request.
     pickers: Mutex<(Pickers, watch::Receiver<Arc<View>>)>,
+    /// Backend connections for requests with a body.
     upstreams: Arc<Upstreams>,
+    /// Backend connections for requests without one.
+    h1: Arc<H1Pool>,
     metrics: RequestMetrics,
     /// Set when the proxy drains: every response then says `Connection: close`.
     draining: std::sync::atomic::AtomicBool,
@@ -240,16 +248,19 @@ pub async fn serve(
     limits: ClientLimits,
     mut stop: watch::Receiver<bool>,
 ) -> Result<()> {
-    let upstreams = Upstreams::new(UpstreamLimits {
+    let limits_up = UpstreamLimits {
         connect_timeout: Duration::from_secs(2),
         idle_timeout: UPSTREAM_IDLE,
         max_idle: 64,
-    });
+    };
+    let upstreams = Upstreams::new(limits_up);
+    let h1 = H1Pool::new(limits_up);
     let first = views.borrow().clone();
     let shared = Arc::new(Shared {
         service: first.service.clone(),
         pickers: Mutex::new((Pickers::new(first, metrics.clone()), views)),
         upstreams,
+        h1,
         metrics,
         draining: std::sync::atomic::AtomicBool::new(false),
     });
@@ -305,6 +316,7 @@ pub async fn serve(
             loop {
                 every.tick().await;
                 shared.upstreams.sweep();
+                shared.h1.sweep();
             }
         };
         tokio::select! {
@@ -463,11 +475,20 @@ async fn handle(
         h.insert(X_FORWARDED_FOR.clone(), v);
     }
     let up = &target.up;
-    let result = tokio::time::timeout(UPSTREAM_TIMEOUT, shared.upstreams.send(up.addr, req)).await;
+    let result = if hyper::body::Body::is_end_stream(req.body()) {
+        let (parts, _) = req.into_parts();
+        tokio::time::timeout(UPSTREAM_TIMEOUT, shared.h1.send(up.addr, &parts))
+            .await
+            .map(|r| r.map(|resp| resp.map(|b| Either::Left(Either::Right(b)))))
+    } else {
+        tokio::time::timeout(UPSTREAM_TIMEOUT, shared.upstreams.send(up.addr, req))
+            .await
+            .map(|r| r.map(|resp| resp.map(|b| Either::Left(Either::Left(b)))))
+    };
     let mut resp = match result {
         Ok(Ok(mut resp)) => {
             strip_hop_by_hop(resp.headers_mut());
-            resp.map(Either::Left)
+            resp
         }
         Ok(Err(e)) if e.is_client_body() => {
             bad_request("the request body is malformed (e.g. a bad chunk size)")

@@ -1,5 +1,7 @@
 //! Request mode's connections to backends: each proxy worker keeps its own idle HTTP/1.1
 //! connections per backend address and sends each request on one of them, or on a new one.
+//! Here, hyper's client, for requests with a body; those without (nearly all) take the
+//! hand-written connections of [`h1`].
 //!
 //! A connection goes back to the idle list when its response body has been read to the end
 //! (only then can HTTP/1.1 carry the next request); one the backend closes, or whose
@@ -29,6 +31,8 @@ use hyper::{
 };
 use hyper_util::rt::TokioIo;
 
+pub mod h1;
+
 /// How long a request waits for an idle connection to become ready before it takes
 /// another (or a new one).
 const READY_WAIT: Duration = Duration::from_millis(10);
@@ -42,6 +46,25 @@ pub enum UpstreamError {
     ConnectTimeout(Duration),
     #[error("{0}")]
     Http(#[source] hyper::Error),
+    #[error("{0}")]
+    Io(#[source] std::io::Error),
+    #[error("the connection closed before a response")]
+    Closed,
+    #[error("invalid response: {0}")]
+    Invalid(&'static str),
+}
+
+/// A new connection to `addr`, Nagle off (a request or response is written whole).
+async fn connect(
+    addr: SocketAddr,
+    timeout: Duration,
+) -> Result<tokio::net::TcpStream, UpstreamError> {
+    let stream = tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr))
+        .await
+        .map_err(|_| UpstreamError::ConnectTimeout(timeout))?
+        .map_err(UpstreamError::Connect)?;
+    let _ = stream.set_nodelay(true);
+    Ok(stream)
 }
 
 impl UpstreamError {
@@ -155,12 +178,7 @@ where
     }
 
     async fn connect(&self, addr: SocketAddr) -> Result<SendRequest<B>, UpstreamError> {
-        let timeout = self.limits.connect_timeout;
-        let stream = tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr))
-            .await
-            .map_err(|_| UpstreamError::ConnectTimeout(timeout))?
-            .map_err(UpstreamError::Connect)?;
-        let _ = stream.set_nodelay(true);
+        let stream = connect(addr, self.limits.connect_timeout).await?;
         let (conn, driver) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(UpstreamError::Http)?;
