@@ -19,13 +19,11 @@
 //! OPTIONS, TRACE: RFC 9110 §9.2.2 allows it) and a 502 otherwise.
 
 use std::{
-    collections::HashMap,
     io,
     net::SocketAddr,
     pin::Pin,
-    sync::{Arc, Mutex},
+    sync::Arc,
     task::{Context, Poll, Waker},
-    time::Instant,
 };
 
 use bytes::{Buf as _, Bytes, BytesMut};
@@ -40,7 +38,7 @@ use tokio::{
     net::TcpStream,
 };
 
-use super::{UpstreamError, UpstreamLimits, connect};
+use super::{IdleList, Reusable, UpstreamError, UpstreamLimits, connect};
 
 /// The most a response head (status line, headers, interim responses) may take.
 const MAX_HEAD: usize = 64 * 1024;
@@ -58,10 +56,10 @@ struct Conn {
     buf: BytesMut,
 }
 
-impl Conn {
+impl Reusable for Conn {
     /// Still open with nothing unread, as far as the reactor has seen: a close (or bytes
     /// nobody asked for) marks it readable.
-    fn alive(&self) -> bool {
+    fn open(&self) -> bool {
         match self
             .io
             .poll_read_ready(&mut Context::from_waker(Waker::noop()))
@@ -74,7 +72,9 @@ impl Conn {
             }
         }
     }
+}
 
+impl Conn {
     /// Reads more into the buffer; `Ok(0)` at the end of the stream. Through `AsyncRead`
     /// (as [`Conn::fill`]), which forgets the socket's readiness after a read that did not
     /// fill the buffer: a kept connection then shows readable again only when something
@@ -98,16 +98,10 @@ impl Conn {
     }
 }
 
-struct Idle {
-    conn: Conn,
-    since: Instant,
-}
-
 /// One worker's hand-written backend connections, per backend address.
 pub struct H1Pool {
     limits: UpstreamLimits,
-    /// Oldest first; the newest is reused first.
-    idle: Mutex<HashMap<SocketAddr, Vec<Idle>>>,
+    idle: IdleList<Conn>,
 }
 
 /// How a failed attempt on one connection ended.
@@ -125,7 +119,7 @@ impl H1Pool {
     pub fn new(limits: UpstreamLimits) -> Arc<H1Pool> {
         Arc::new(H1Pool {
             limits,
-            idle: Mutex::new(HashMap::new()),
+            idle: IdleList::new(limits),
         })
     }
 
@@ -162,35 +156,15 @@ impl H1Pool {
 
     /// Closes the idle connections older than the idle timeout or closed by their backend.
     pub fn sweep(&self) {
-        let Ok(mut idle) = self.idle.lock() else {
-            return;
-        };
-        idle.retain(|_, conns| {
-            conns.retain(|c| c.since.elapsed() < self.limits.idle_timeout && c.conn.alive());
-            !conns.is_empty()
-        });
+        self.idle.sweep();
     }
 
     fn checkout(&self, addr: SocketAddr) -> Option<Conn> {
-        let mut idle = self.idle.lock().ok()?;
-        let conns = idle.get_mut(&addr)?;
-        std::iter::from_fn(|| conns.pop())
-            .find(|c| c.since.elapsed() < self.limits.idle_timeout && c.conn.alive())
-            .map(|c| c.conn)
+        self.idle.take(addr)
     }
 
     fn checkin(&self, addr: SocketAddr, conn: Conn) {
-        let Ok(mut idle) = self.idle.lock() else {
-            return;
-        };
-        let conns = idle.entry(addr).or_default();
-        if conns.len() >= self.limits.max_idle {
-            conns.remove(0);
-        }
-        conns.push(Idle {
-            conn,
-            since: Instant::now(),
-        });
+        self.idle.put(addr, conn);
     }
 
     async fn exchange(
@@ -660,7 +634,10 @@ impl H1Body {
 #[cfg(test)]
 mod tests {
     use std::{
-        sync::atomic::{AtomicUsize, Ordering},
+        sync::{
+            Mutex,
+            atomic::{AtomicUsize, Ordering},
+        },
         time::Duration,
     };
 

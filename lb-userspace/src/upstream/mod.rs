@@ -85,15 +85,75 @@ pub struct UpstreamLimits {
     pub max_idle: usize,
 }
 
-struct Idle<B> {
-    conn: SendRequest<B>,
-    since: Instant,
+/// A backend connection that can tell, while idle, whether it is still open.
+trait Reusable {
+    fn open(&self) -> bool;
 }
 
-impl<B> Idle<B> {
-    /// Still open and idle for less than `timeout`.
-    fn usable(&self, timeout: Duration) -> bool {
-        !self.conn.is_closed() && self.since.elapsed() < timeout
+impl<B> Reusable for SendRequest<B> {
+    fn open(&self) -> bool {
+        !self.is_closed()
+    }
+}
+
+/// One worker's idle connections of one kind, per backend address, oldest first: the newest
+/// is reused first (warmest, least likely to have been closed by the backend's own idle
+/// timeout). At most `max_idle` per backend; one idle past `idle_timeout`, or closed, is
+/// dropped (closing it) where it is met.
+struct IdleList<C> {
+    limits: UpstreamLimits,
+    idle: Mutex<HashMap<SocketAddr, Vec<(C, Instant)>>>,
+}
+
+impl<C: Reusable> IdleList<C> {
+    fn new(limits: UpstreamLimits) -> IdleList<C> {
+        IdleList {
+            limits,
+            idle: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn usable(&self, (conn, since): &(C, Instant)) -> bool {
+        since.elapsed() < self.limits.idle_timeout && conn.open()
+    }
+
+    /// The newest usable connection to `addr`.
+    fn take(&self, addr: SocketAddr) -> Option<C> {
+        let mut idle = self.idle.lock().ok()?;
+        let conns = idle.get_mut(&addr)?;
+        std::iter::from_fn(|| conns.pop())
+            .find(|c| self.usable(c))
+            .map(|(conn, _)| conn)
+    }
+
+    fn put(&self, addr: SocketAddr, conn: C) {
+        if !conn.open() {
+            return;
+        }
+        let Ok(mut idle) = self.idle.lock() else {
+            return;
+        };
+        let conns = idle.entry(addr).or_default();
+        if conns.len() >= self.limits.max_idle {
+            conns.remove(0);
+        }
+        conns.push((conn, Instant::now()));
+    }
+
+    /// Closes the idle connections past the idle timeout or closed by their backend.
+    fn sweep(&self) {
+        let Ok(mut idle) = self.idle.lock() else {
+            return;
+        };
+        idle.retain(|_, conns| {
+            conns.retain(|c| self.usable(c));
+            !conns.is_empty()
+        });
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.idle.lock().unwrap().values().map(Vec::len).sum()
     }
 }
 
@@ -101,9 +161,7 @@ impl<B> Idle<B> {
 /// hyper's [`Incoming`]).
 pub struct Upstreams<B = Incoming> {
     limits: UpstreamLimits,
-    /// Per backend address, oldest first: the newest is reused first (warmest, least likely
-    /// to have been closed by the backend's own idle timeout).
-    idle: Mutex<HashMap<SocketAddr, Vec<Idle<B>>>>,
+    idle: IdleList<SendRequest<B>>,
 }
 
 impl<B> Upstreams<B>
@@ -115,7 +173,7 @@ where
     pub fn new(limits: UpstreamLimits) -> Arc<Upstreams<B>> {
         Arc::new(Upstreams {
             limits,
-            idle: Mutex::new(HashMap::new()),
+            idle: IdleList::new(limits),
         })
     }
 
@@ -160,21 +218,11 @@ where
 
     /// Closes the idle connections older than the idle timeout.
     pub fn sweep(&self) {
-        let Ok(mut idle) = self.idle.lock() else {
-            return;
-        };
-        idle.retain(|_, conns| {
-            conns.retain(|c| c.usable(self.limits.idle_timeout));
-            !conns.is_empty()
-        });
+        self.idle.sweep();
     }
 
     fn checkout(&self, addr: SocketAddr) -> Option<SendRequest<B>> {
-        let mut idle = self.idle.lock().ok()?;
-        let conns = idle.get_mut(&addr)?;
-        std::iter::from_fn(|| conns.pop())
-            .find(|c| c.usable(self.limits.idle_timeout))
-            .map(|c| c.conn)
+        self.idle.take(addr)
     }
 
     async fn connect(&self, addr: SocketAddr) -> Result<SendRequest<B>, UpstreamError> {
@@ -203,20 +251,7 @@ where
 
 impl<B> Upstreams<B> {
     fn checkin(&self, addr: SocketAddr, conn: SendRequest<B>) {
-        if conn.is_closed() {
-            return;
-        }
-        let Ok(mut idle) = self.idle.lock() else {
-            return;
-        };
-        let conns = idle.entry(addr).or_default();
-        if conns.len() >= self.limits.max_idle {
-            conns.remove(0);
-        }
-        conns.push(Idle {
-            conn,
-            since: Instant::now(),
-        });
+        self.idle.put(addr, conn);
     }
 }
 
@@ -441,7 +476,7 @@ mod tests {
         fetch(&p, addr).await;
         tokio::time::sleep(Duration::from_millis(80)).await;
         p.sweep();
-        assert!(p.idle.lock().unwrap().is_empty());
+        assert_eq!(p.idle.len(), 0);
         fetch(&p, addr).await;
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
     }
