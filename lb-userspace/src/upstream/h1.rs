@@ -4,7 +4,7 @@
 //! head is handed on whole. hyper's client, which the proxy keeps for requests with a body,
 //! costs a task and two channels per connection and the hand-offs between them on every
 //! request: lbd spent 4.0–4.6 µs of user time per keep-alive request through it, 3.1–3.6 µs
-//! this way (nginx: 2.2–2.6), in the same runs (BENCHMARKS.md's topology, 4 runs against 8).
+//! this way (nginx: 2.2–2.6), in the same runs (BENCHMARKS.md's topology, 4 runs against 11).
 //!
 //! The response is read as RFC 9112 §6.3 frames it: no body for a HEAD or a 204/304; chunked
 //! when the last transfer coding is chunked (any other transfer coding is refused); else
