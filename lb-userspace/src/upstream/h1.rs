@@ -78,7 +78,7 @@ impl Conn {
     /// Reads more into the buffer; `Ok(0)` at the end of the stream. Through `AsyncRead`
     /// (as [`Conn::fill`]), which forgets the socket's readiness after a read that did not
     /// fill the buffer: a kept connection then shows readable again only when something
-    /// arrives, and [`Conn::alive`] costs no system call.
+    /// arrives, and [`Reusable::open`] costs no system call.
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
         let len = self.buf.len();
         // Zeroed, not uninitialised: safe code, paid only by bodies that span reads.
@@ -304,6 +304,8 @@ fn parse_head(buf: &mut BytesMut, head_only: bool) -> Result<Option<Parsed>, Ups
         let base = buf.as_ptr() as usize;
         let mut fields = Vec::with_capacity(r.headers.len());
         let mut length: Option<u64> = None;
+        // Elements of all Content-Length fields: one (nearly always) is passed on as it came.
+        let mut lengths = 0;
         let (mut chunked, mut coded, mut close, mut keep_alive) = (false, false, false, false);
         for h in r.headers.iter() {
             let name = HeaderName::from_bytes(h.name.as_bytes())
@@ -319,6 +321,7 @@ fn parse_head(buf: &mut BytesMut, head_only: bool) -> Result<Option<Parsed>, Ups
                         return Err(UpstreamError::Invalid("Content-Length values disagree"));
                     }
                     length = Some(n);
+                    lengths += 1;
                 }
             } else if name == header::TRANSFER_ENCODING {
                 for v in split_list(h.value) {
@@ -351,12 +354,14 @@ fn parse_head(buf: &mut BytesMut, head_only: bool) -> Result<Option<Parsed>, Ups
             // Both framings named: read as chunked, but not trusted with another request.
             && !(coded && length.is_some());
         let head = buf.split_to(len).freeze();
+        let dechunked = framing == Framing::Chunked;
         let mut map = HeaderMap::with_capacity(fields.len());
         for (name, at, len) in fields {
-            // A chunked body's framing is this hop's: the proxy frames it anew. A length is
-            // passed on once, as one number (`6, 6` is one length to us, not to everyone).
-            if name == header::CONTENT_LENGTH
-                || (framing == Framing::Chunked && name == header::TRANSFER_ENCODING)
+            // A chunked body's framing is this hop's: the proxy frames it anew. A length
+            // given more than once (`6, 6`: one length to us, not to everyone) is passed on
+            // once, as one number.
+            if (name == header::TRANSFER_ENCODING && dechunked)
+                || (name == header::CONTENT_LENGTH && (dechunked || lengths > 1))
             {
                 continue;
             }
@@ -365,7 +370,8 @@ fn parse_head(buf: &mut BytesMut, head_only: bool) -> Result<Option<Parsed>, Ups
             map.append(name, value);
         }
         if let Some(n) = length
-            && framing != Framing::Chunked
+            && !dechunked
+            && lengths > 1
         {
             map.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
         }
