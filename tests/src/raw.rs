@@ -4,7 +4,7 @@
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
-use anyhow::{Result, bail};
+use anyhow::{Context as _, Result, bail};
 
 /// An AF_PACKET socket bound to one interface of the calling thread's namespace.
 pub struct RawSender {
@@ -30,20 +30,13 @@ impl RawSender {
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
         // Straight to the driver: a crafted frame needs no queueing discipline, and a flood
         // sent through one spends its time in the qdisc's lock rather than on the balancer.
-        let one: libc::c_int = 1;
-        // SAFETY: a valid int option of the size passed.
-        let rc = unsafe {
-            libc::setsockopt(
-                fd.as_raw_fd(),
-                libc::SOL_PACKET,
-                libc::PACKET_QDISC_BYPASS,
-                &one as *const libc::c_int as *const libc::c_void,
-                std::mem::size_of::<libc::c_int>() as u32,
-            )
-        };
-        if rc != 0 {
-            bail!("PACKET_QDISC_BYPASS: {}", std::io::Error::last_os_error());
-        }
+        set_option(
+            &fd,
+            libc::SOL_PACKET,
+            libc::PACKET_QDISC_BYPASS,
+            &(1 as libc::c_int),
+        )
+        .context("PACKET_QDISC_BYPASS")?;
         Ok(RawSender { fd, ifindex })
     }
 
@@ -72,6 +65,29 @@ impl RawSender {
         }
         Ok(())
     }
+}
+
+/// Sets socket option `name` at `level` to `value`.
+fn set_option<T>(
+    fd: &OwnedFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: &T,
+) -> std::io::Result<()> {
+    // SAFETY: a valid value of the size passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            level,
+            name,
+            value as *const T as *const libc::c_void,
+            std::mem::size_of::<T>() as u32,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// A MAC address as `ip link` prints it.
@@ -117,24 +133,18 @@ impl Capture {
             tv_sec: timeout.as_secs() as libc::time_t,
             tv_usec: timeout.subsec_micros() as libc::suseconds_t,
         };
-        // SAFETY: valid pointers and sizes for both calls.
-        unsafe {
-            if libc::bind(
+        // SAFETY: a valid address of the size passed.
+        if unsafe {
+            libc::bind(
                 fd.as_raw_fd(),
                 &sa as *const libc::sockaddr_ll as *const libc::sockaddr,
                 std::mem::size_of::<libc::sockaddr_ll>() as u32,
-            ) != 0
-            {
-                bail!("bind: {}", std::io::Error::last_os_error());
-            }
-            libc::setsockopt(
-                fd.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_RCVTIMEO,
-                &tv as *const libc::timeval as *const libc::c_void,
-                std::mem::size_of::<libc::timeval>() as u32,
-            );
+            )
+        } != 0
+        {
+            bail!("bind: {}", std::io::Error::last_os_error());
         }
+        set_option(&fd, libc::SOL_SOCKET, libc::SO_RCVTIMEO, &tv).context("SO_RCVTIMEO")?;
         Ok(Capture { fd })
     }
 

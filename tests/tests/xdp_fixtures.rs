@@ -540,19 +540,28 @@ fn flows_are_natted_both_ways_and_survive_table_changes() {
     assert_eq!(f.stat(Stat::NewFlow), 7);
 }
 
+/// A data plane (in a private namespace named after `tag`) whose one service, VIP:80/tcp, has
+/// backend 1 alone and one SNAT port per CPU: every new flow test_run sends on a CPU wants
+/// that CPU's port. `tune` sets other tunables.
+fn one_port_per_cpu(tag: &str, tune: impl FnOnce(&mut lb_common::Tunables)) -> (Netns, Dataplane) {
+    let ns = xdp::private_netns(tag, &[(BACKENDS[0], backend_mac(0))]);
+    let mut dp = xdp::load(|t| {
+        t.snat_port_min = 61000;
+        t.snat_port_max = 61000 + t.cpus as u16 - 1;
+        tune(t);
+    });
+    xdp::set_backend(&mut dp, 1, BACKENDS[0]);
+    xdp::single_backend_table(&mut dp, 0, VIP, 80, 6, 1);
+    (ns, dp)
+}
+
 #[test]
 fn a_flow_that_cannot_get_a_snat_port_is_dropped_and_counted() {
     if !require_root("a_flow_that_cannot_get_a_snat_port_is_dropped_and_counted") {
         return;
     }
-    // A range of exactly one port per CPU: the first flow per CPU takes it, the next is refused.
-    let _ns = xdp::private_netns("fs", &[(BACKENDS[0], backend_mac(0))]);
-    let mut dp = xdp::load(|t| {
-        t.snat_port_min = 61000;
-        t.snat_port_max = 61000 + t.cpus as u16 - 1;
-    });
-    xdp::set_backend(&mut dp, 1, BACKENDS[0]);
-    xdp::single_backend_table(&mut dp, 0, VIP, 80, 6, 1);
+    // The first flow per CPU takes the CPU's one port, the next is refused.
+    let (_ns, mut dp) = one_port_per_cpu("fs", |_| {});
     let mut verdicts = Vec::new();
     for port in 0..2 {
         let pkt = tcp((CLIENT, 40000 + port), (VIP, 80), SYN);
@@ -573,15 +582,8 @@ fn a_half_open_flows_port_goes_to_a_new_flow_after_tcp_syn_reclaim_an_establishe
     if !require_root("a_half_open_flows_port_goes_to_a_new_flow") {
         return;
     }
-    // One port per CPU, as above: every new flow on this CPU wants that port.
-    let _ns = xdp::private_netns("fh", &[(BACKENDS[0], backend_mac(0))]);
-    let mut dp = xdp::load(|t| {
-        t.snat_port_min = 61000;
-        t.snat_port_max = 61000 + t.cpus as u16 - 1;
-    });
+    let (_ns, mut dp) = one_port_per_cpu("fh", |_| {});
     pin_to_cpu0();
-    xdp::set_backend(&mut dp, 1, BACKENDS[0]);
-    xdp::single_backend_table(&mut dp, 0, VIP, 80, 6, 1);
     let stat = |dp: &Dataplane, s: Stat| dp.xdp_stats().unwrap()[s as usize];
     let syn = |port| tcp((CLIENT, port), (VIP, 80), SYN);
 
@@ -645,14 +647,8 @@ fn a_backends_syn_ack_retransmission_does_not_keep_a_half_open_flows_port() {
     if !require_root("a_backends_syn_ack_retransmission_does_not_keep") {
         return;
     }
-    let _ns = xdp::private_netns("fr", &[(BACKENDS[0], backend_mac(0))]);
-    let mut dp = xdp::load(|t| {
-        t.snat_port_min = 61000;
-        t.snat_port_max = 61000 + t.cpus as u16 - 1;
-    });
+    let (_ns, mut dp) = one_port_per_cpu("fr", |_| {});
     pin_to_cpu0();
-    xdp::set_backend(&mut dp, 1, BACKENDS[0]);
-    xdp::single_backend_table(&mut dp, 0, VIP, 80, 6, 1);
     let (v, out, _) = xdp::run(&mut dp, PROGRAM, &tcp((CLIENT, 40000), (VIP, 80), SYN), 1);
     assert_eq!(v, XDP_REDIRECT);
     let port = check(&out).src.1;
@@ -1333,16 +1329,9 @@ fn a_snat_port_goes_to_a_new_flow_only_once_its_flow_is_gone_from_both_maps() {
     }
     use lb_userspace::dataplane::gc::{Collected, Suspects};
     pin_to_cpu0();
-    // One port per CPU: every flow here competes for CPU 0's. Closed flows free their port
-    // 50 ms after their last packet.
-    let _ns = xdp::private_netns("lp", &[(BACKENDS[0], backend_mac(0))]);
-    let mut dp = xdp::load(|t| {
-        t.snat_port_min = 61000;
-        t.snat_port_max = 61000 + t.cpus as u16 - 1;
-        t.tcp_closed_reuse_ns = 50_000_000;
-    });
-    xdp::set_backend(&mut dp, 1, BACKENDS[0]);
-    xdp::single_backend_table(&mut dp, 0, VIP, 80, 6, 1);
+    // Every flow here competes for CPU 0's port. Closed flows free their port 50 ms after
+    // their last packet.
+    let (_ns, mut dp) = one_port_per_cpu("lp", |t| t.tcp_closed_reuse_ns = 50_000_000);
     let stat = |dp: &Dataplane, s: Stat| dp.xdp_stats().unwrap()[s as usize];
     let from = |port: u16, f: packets::Flags| tcp((CLIENT, port), (VIP, 80), f);
     let mut suspects = Suspects::default();
