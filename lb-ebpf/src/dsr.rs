@@ -229,8 +229,7 @@ pub fn send_icmp(ctx: &XdpContext, backend_id: u32, v6: bool) -> u32 {
         crate::icmp::set_word(b, 14 + 10, check);
         lb_common::flow::v4([b[30], b[31], b[32], b[33]])
     };
-    // SAFETY: helper without arguments.
-    let now = unsafe { aya_ebpf::helpers::bpf_ktime_get_coarse_ns() };
+    let now = crate::clock::now();
     match forward::on_link_hop(
         ctx,
         backend_id,

@@ -22,7 +22,6 @@
 
 use aya_ebpf::{
     bindings::xdp_action::{XDP_DROP, XDP_PASS},
-    helpers::bpf_ktime_get_coarse_ns,
     programs::XdpContext,
 };
 use lb_common::{
@@ -145,8 +144,7 @@ fn towards_backend(ctx: &XdpContext, t: &Tunables, backend_id: u32, v6: bool) ->
         let b = unsafe { &*b };
         (FAMILY_V4, v4(addr(b, IP + 12)), v4(addr(b, IP + 16)))
     };
-    // SAFETY: helper without arguments.
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let now = crate::clock::now();
     match forward::next_hop(
         ctx,
         backend_id,
@@ -216,8 +214,7 @@ fn translate(ctx: &XdpContext, t: &Tunables) -> Outcome {
         _pad: 0,
     };
     let key: &FlowKey = key;
-    // SAFETY: helper without arguments.
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let now = crate::clock::now();
     let sport = u16::from_be(key.dport);
     if sport >= t.snat_port_min && sport <= t.snat_port_max {
         // Quoted SNAT address:port → backend: a packet we sent to a backend.

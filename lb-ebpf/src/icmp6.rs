@@ -8,7 +8,6 @@
 
 use aya_ebpf::{
     bindings::xdp_action::{XDP_DROP, XDP_PASS},
-    helpers::bpf_ktime_get_coarse_ns,
     programs::XdpContext,
 };
 use lb_common::{
@@ -111,8 +110,7 @@ pub fn translate(ctx: &XdpContext, t: &Tunables) -> Outcome {
         _pad: 0,
     };
     let key: &FlowKey = key;
-    // SAFETY: helper without arguments.
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let now = crate::clock::now();
     let sport = u16::from_be(key.dport);
     if sport >= t.snat_port_min && sport <= t.snat_port_max {
         // Quoted SNAT address:port → backend: a packet we sent to a backend.

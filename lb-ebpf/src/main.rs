@@ -7,6 +7,7 @@
 #![no_std]
 #![no_main]
 
+mod clock;
 mod conntrack;
 mod dsr;
 mod forward;
@@ -24,7 +25,6 @@ mod tcpts;
 
 use aya_ebpf::{
     bindings::xdp_action::{XDP_ABORTED, XDP_DROP, XDP_PASS},
-    helpers::bpf_ktime_get_coarse_ns,
     macros::xdp,
     programs::XdpContext,
 };
@@ -124,8 +124,7 @@ fn try_new_flow(ctx: &XdpContext) -> Result<u32, ()> {
         Err(reason) => return Ok(pass(reason)),
     };
     let t = maps::tunables();
-    // SAFETY: helper without arguments.
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let now = crate::clock::now();
     match open_flow(ctx, &pkt, t, now) {
         NOT_A_SERVICE => from_backend(ctx, &pkt, t),
         action => Ok(action),
@@ -154,8 +153,7 @@ fn to_backend(
     services_on_port: u32,
     t: &Tunables,
 ) -> Result<u32, ()> {
-    // SAFETY: helper without arguments.
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let now = crate::clock::now();
     let proto = pkt.key.proto;
     let syn = pkt.is_tcp() && conntrack::is_syn(pkt.tcp_flags);
     // Conntrack first: a hit needs no service lookup, only the check that its service still
@@ -334,8 +332,7 @@ fn to_client(
 ) -> Result<u32, ()> {
     // SAFETY: LRU entry; fields are plain integers.
     let e = unsafe { &mut *r };
-    // SAFETY: helper without arguments.
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let now = crate::clock::now();
     let proto = pkt.key.proto;
     if !conntrack::alive(e.last_seen_ns, e.state, proto, now, t) {
         return Ok(pass(Stat::NotOurs));

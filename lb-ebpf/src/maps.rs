@@ -98,6 +98,10 @@ pub static LB_NEW_FLOW: PerCpuArray<crate::select::NewFlow> = PerCpuArray::with_
 #[map]
 pub static LB_SCRATCH_KEY: PerCpuArray<FlowKey> = PerCpuArray::with_max_entries(1, 0);
 
+/// Index 0 → this CPU's cached coarse clock reading (see `clock`). Not pinned.
+#[map]
+pub static LB_CLOCK: PerCpuArray<crate::clock::Reading> = PerCpuArray::with_max_entries(1, 0);
+
 /// Load-time settings (SNAT port range, timeouts); userspace overrides the default.
 #[unsafe(no_mangle)]
 pub static LB_TUNABLES: Global<Tunables> = Global::new(Tunables::DEFAULT);

@@ -2,7 +2,7 @@
 
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_EXIST, BPF_NOEXIST},
-    helpers::{bpf_get_smp_processor_id, bpf_ktime_get_coarse_ns},
+    helpers::bpf_get_smp_processor_id,
     programs::XdpContext,
 };
 use lb_common::{
@@ -189,8 +189,7 @@ pub fn new_flow(
     let f = LB_NEW_FLOW.get_ptr_mut(0).ok_or(Stat::FlowNotCreated)?;
     // SAFETY: per-CPU slot: only this CPU touches it while the program runs.
     let f = unsafe { &mut *f };
-    // SAFETY: helper without arguments.
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let now = crate::clock::now();
     let (id, be) = (f.backend_id, &f.backend);
     // Where the backend's answers must come from: the route towards it, now.
     let (backend_ifindex, backend_mac) = if f.routed != 0 {
