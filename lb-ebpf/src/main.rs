@@ -112,7 +112,7 @@ fn try_balance(ctx: &XdpContext) -> Result<u32, ()> {
             return to_backend(ctx, &pkt, on_port.ids, t);
         }
     }
-    from_backend(ctx, &pkt, t)
+    from_backend::<true>(ctx, &pkt, t)
 }
 
 /// The new-flow program's body: the packet is parsed again (the tail call keeps only the
@@ -126,19 +126,29 @@ fn try_new_flow(ctx: &XdpContext) -> Result<u32, ()> {
     let t = maps::tunables();
     let now = crate::clock::now();
     match open_flow(ctx, &pkt, t, now) {
-        NOT_A_SERVICE => from_backend(ctx, &pkt, t),
+        NOT_A_SERVICE => from_backend::<false>(ctx, &pkt, t),
         action => Ok(action),
     }
 }
 
 /// What is not for a service: a backend's answer to a SNAT address:port (to its client), or
-/// not ours at all (passed).
+/// not ours at all (passed). `IN_MAIN`: the return path is inlined (the per-packet program,
+/// where a BPF subprogram's call and return cost ~10 ns on hosts with return thunks), or
+/// called as a subprogram (the new-flow program, whose own frames leave no room for it).
 #[inline(always)]
-fn from_backend(ctx: &XdpContext, pkt: &Packet, t: &Tunables) -> Result<u32, ()> {
+fn from_backend<const IN_MAIN: bool>(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    t: &Tunables,
+) -> Result<u32, ()> {
     let dport = u16::from_be(pkt.key.dport);
     if dport >= t.snat_port_min && dport <= t.snat_port_max {
         if let Some(r) = LB_REVERSE_NAT.get_ptr_mut(&pkt.key) {
-            return to_client(ctx, pkt, r, t);
+            return if IN_MAIN {
+                to_client::<true>(ctx, pkt, r, t)
+            } else {
+                to_client_call(ctx, pkt, r, t)
+            };
         }
     }
     Ok(pass(Stat::NotOurs))
@@ -320,11 +330,24 @@ fn deliver(
     })
 }
 
-/// Backend → SNAT address:port: rewrite back to VIP → client and send it the way the client's
-/// packets came in. A function of its own (a BPF subprogram): its stack frame is not added
-/// to the new-flow path's, which alone comes close to the 512-byte limit.
+/// [`to_client`] as a BPF subprogram: its stack frame is not added to the new-flow
+/// program's, which alone comes close to the 512-byte limit.
 #[inline(never)]
-fn to_client(
+fn to_client_call(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    r: *mut lb_common::conntrack::RnatValue,
+    t: &Tunables,
+) -> Result<u32, ()> {
+    to_client::<false>(ctx, pkt, r, t)
+}
+
+/// Backend → SNAT address:port: rewrite back to VIP → client and send it the way the client's
+/// packets came in. `IN_MAIN`: inlined in the per-packet program, whose frame then leaves
+/// room for the IPv6 rewrite as a subprogram; in [`to_client_call`] that would be a third
+/// frame, so there the IPv6 rewrite is inlined as well.
+#[inline(always)]
+fn to_client<const IN_MAIN: bool>(
     ctx: &XdpContext,
     pkt: &Packet,
     r: *mut lb_common::conntrack::RnatValue,
@@ -395,15 +418,17 @@ fn to_client(
             conntrack::sync(&mut c.last_seen_ns, &mut c.state, e.last_seen_ns, e.state);
         }
     }
-    nat::rewrite_inlined(
-        pkt,
-        &Rewrite {
-            src: &e.vip_addr,
-            dst: &e.client_addr,
-            sport: e.vip_port,
-            dport: e.client_port,
-        },
-    )?;
+    let rw = Rewrite {
+        src: &e.vip_addr,
+        dst: &e.client_addr,
+        sport: e.vip_port,
+        dport: e.client_port,
+    };
+    if IN_MAIN {
+        nat::rewrite(pkt, &rw)?;
+    } else {
+        nat::rewrite_inlined(pkt, &rw)?;
+    }
     if pkt.is_tcp() {
         tcpts::shift(pkt, tcpts::Field::Ecr, e.ts_delta.wrapping_neg());
     }
