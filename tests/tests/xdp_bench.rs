@@ -213,7 +213,7 @@ fn per_packet_cost() {
         return profile_loop(secs, &mut dp, &mut cycle);
     }
     let quick = lb_tests::bench::quick();
-    let rounds = if quick { 1 } else { 5 };
+    let rounds = if quick { 1 } else { 9 };
     let syns = if quick { 200 } else { 2000 };
     let names = [
         "non-VIP pass (another port)",
