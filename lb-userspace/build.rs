@@ -9,6 +9,9 @@ use aya_build::{Package, Toolchain};
 
 fn main() -> anyhow::Result<()> {
     println!("cargo:rerun-if-env-changed=LB_EBPF_TOOLCHAIN");
+    // aya-build watches lb-ebpf's own folder only: a change to the types it shares with
+    // userspace must rebuild the object too, or the kernel side keeps the old layout.
+    println!("cargo:rerun-if-changed=../lb-common/src");
     let toolchain = std::env::var("LB_EBPF_TOOLCHAIN").unwrap_or_else(|_| "/usr".into());
     let metadata = cargo_metadata::MetadataCommand::new()
         .no_deps()
