@@ -225,8 +225,10 @@ fn bench() -> Result<()> {
     let _ = std::fs::remove_dir_all(&sections);
     let benches = ["xdp_bench", "control_bench", "e2e_bench"];
     // Everything is built first and the build's writes flushed before the first
-    // measurement: the page cache's writeback of a fresh build ran beside the per-packet
-    // rounds and put 40 ns outliers into them.
+    // measurement; then one benchmark at a time, the per-packet one first. (One `cargo test`
+    // of all three ran them in name order, the per-packet rounds last, right after the
+    // end-to-end run and its namespaces' teardown: two full runs got 40 ns outliers there
+    // that standalone runs of the same build never showed.)
     sh(&mut cargo(&["build", "--release", "--bins"]))?;
     let mut build_only = bench_test_args(true, &benches);
     build_only.push("--no-run");
@@ -241,7 +243,9 @@ fn bench() -> Result<()> {
     ]))?;
     sh(&mut Command::new("sync"))?;
     std::thread::sleep(std::time::Duration::from_secs(5));
-    sh(bench_tests(true, &benches).env("LBD_BIN", target.join("release/lbd")))?;
+    for b in benches {
+        sh(bench_tests(true, &[b]).env("LBD_BIN", target.join("release/lbd")))?;
+    }
     sh(&mut cargo(&[
         "bench",
         "-p",
