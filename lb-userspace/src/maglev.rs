@@ -265,12 +265,19 @@ pub fn compose(pools: &[Pool], tables: &[&[u32]], rank: &[u32]) -> Vec<u32> {
     // still build the same table.
     let mut order: Vec<usize> = (0..pools.len()).collect();
     order.sort_by(|&a, &b| pools[a].name.cmp(&pools[b].name));
+    // A pool without a backend to give a bucket to takes none: its share goes to the
+    // others, as if its weight were 0 (which is what lbd's state gives it; this keeps a
+    // table from ever sending flows to nothing while another pool could take them).
     let weights: Vec<Entry> = order
         .iter()
         .map(|&i| Entry {
             key: pools[i].name.clone(),
             id: 0,
-            weight: pools[i].weight,
+            weight: if pools[i].backends.iter().any(|e| e.weight > 0.0) {
+                pools[i].weight
+            } else {
+                0.0
+            },
         })
         .collect();
     // Ends of each pool's run of ranks, with its table.
@@ -530,6 +537,19 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Found by the property test above: a pool whose only backend has weight 0 kept its 1 %
+    /// of the buckets, and they sent new flows to no backend.
+    #[test]
+    fn a_pool_without_a_live_backend_gives_its_share_to_the_others() {
+        let table = build_pools(&pools(1, &[0], &[1]), TABLE_SIZE);
+        assert!(
+            table.iter().all(|&id| id == 1000),
+            "every bucket to k8s' one backend"
+        );
+        let none = build_pools(&pools(50, &[0], &[0]), TABLE_SIZE);
+        assert!(none.iter().all(|&id| id == NO_BACKEND));
     }
 
     #[test]
