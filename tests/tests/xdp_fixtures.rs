@@ -540,6 +540,19 @@ fn flows_are_natted_both_ways_and_survive_table_changes() {
     assert_eq!(f.stat(Stat::NewFlow), 7);
 }
 
+/// The conntrack key of the TCP flow from CLIENT:`port` to VIP:80.
+fn client_flow(port: u16) -> lb_common::flow::FlowKey {
+    lb_common::flow::FlowKey {
+        src: lb_common::flow::v4(CLIENT),
+        dst: lb_common::flow::v4(VIP),
+        sport: port.to_be(),
+        dport: 80u16.to_be(),
+        proto: 6,
+        family: lb_common::FAMILY_V4,
+        _pad: 0,
+    }
+}
+
 /// A data plane (in a private namespace named after `tag`) whose one service, VIP:80/tcp, has
 /// backend 1 alone and one SNAT port per CPU: every new flow test_run sends on a CPU wants
 /// that CPU's port. `tune` sets other tunables.
@@ -636,6 +649,47 @@ fn a_half_open_flows_port_goes_to_a_new_flow_after_tcp_syn_reclaim_an_establishe
     let (v, out, _) = xdp::run(&mut dp, PROGRAM, &ack, 1);
     assert_eq!(v, XDP_REDIRECT, "and it still flows");
     assert_eq!(check(&out).src, (SNAT, port));
+}
+
+/// The timestamps the data plane writes into flow entries are the host's monotonic clock,
+/// which lbd's flow collector compares them with (a tick or two behind it at most: the
+/// program reads the coarse clock through a per-CPU cache refreshed once per jiffy), and they
+/// move on while a flow runs: an entry is refreshed at most once a second.
+#[test]
+fn flow_timestamps_are_the_hosts_monotonic_clock_and_move_on_while_the_flow_runs() {
+    if !require_root("flow_timestamps_are_the_hosts_monotonic_clock") {
+        return;
+    }
+    let (_ns, mut dp) = one_port_per_cpu("ft", |_| {});
+    pin_to_cpu0();
+    // Two timer ticks at HZ = 100, with room to spare.
+    const SLACK_NS: u64 = 25_000_000;
+    let now = lb_userspace::dataplane::gc::monotonic_ns;
+    let stamped = |dp: &mut Dataplane, pkt: &[u8], what: &str| {
+        let before = now();
+        assert_eq!(xdp::run(dp, PROGRAM, pkt, 1).0, XDP_REDIRECT, "{what}");
+        let after = now();
+        let e = dp
+            .conntrack_entry(&client_flow(40000))
+            .unwrap()
+            .expect("the flow has its conntrack entry");
+        assert!(
+            e.last_seen_ns + SLACK_NS >= before && e.last_seen_ns <= after,
+            "{what}: stamped {} ns, the host's clock read {before}..{after}",
+            e.last_seen_ns
+        );
+        e.last_seen_ns
+    };
+    let opened = stamped(&mut dp, &tcp((CLIENT, 40000), (VIP, 80), SYN), "the SYN");
+    let ack = tcp((CLIENT, 40000), (VIP, 80), ACK);
+    // The first ACK establishes the flow (a state change is stamped at once).
+    stamped(&mut dp, &ack, "the ACK that establishes it");
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let later = stamped(&mut dp, &ack, "an ACK a second later");
+    assert!(
+        later >= opened + 1_000_000_000,
+        "the clock moved on: {opened} → {later}"
+    );
 }
 
 /// A half-open flow's age is its client's: the backend's SYN-ACK retransmitted a second
@@ -1349,15 +1403,7 @@ fn a_snat_port_goes_to_a_new_flow_only_once_its_flow_is_gone_from_both_maps() {
     // A's conntrack entry is evicted (its LRU map was full). A's client packets find no
     // flow (the host resets them), but its reverse entry still holds the port: the backend
     // may still answer. Flow B does not get it.
-    let a_key = lb_common::flow::FlowKey {
-        src: lb_common::flow::v4(CLIENT),
-        dst: lb_common::flow::v4(VIP),
-        sport: 40000u16.to_be(),
-        dport: 80u16.to_be(),
-        proto: 6,
-        family: lb_common::FAMILY_V4,
-        _pad: 0,
-    };
+    let a_key = client_flow(40000);
     dp.evict_flow_entry(&a_key, false).unwrap();
     let a_ack = from(40000, ACK);
     assert_eq!(
@@ -1439,15 +1485,7 @@ fn the_flow_collector_judges_every_flow_of_a_table_larger_than_one_read() {
     });
     xdp::set_backend(&mut dp, 1, BACKENDS[0]);
     xdp::single_backend_table(&mut dp, 0, VIP, 80, 6, 1);
-    let key = |port: u16| lb_common::flow::FlowKey {
-        src: lb_common::flow::v4(CLIENT),
-        dst: lb_common::flow::v4(VIP),
-        sport: port.to_be(),
-        dport: 80u16.to_be(),
-        proto: 6,
-        family: lb_common::FAMILY_V4,
-        _pad: 0,
-    };
+    let key = client_flow;
     let ports = || 20000..20000 + FLOWS;
     for p in ports() {
         let (v, _, _) = xdp::run(&mut dp, PROGRAM, &tcp((CLIENT, p), (VIP, 80), SYN), 1);
