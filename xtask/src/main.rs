@@ -233,28 +233,18 @@ fn bench() -> Result<()> {
     let mut build_only = bench_test_args(true, &benches);
     build_only.push("--no-run");
     sh(&mut cargo(&build_only))?;
-    sh(&mut cargo(&[
-        "bench",
-        "-p",
-        "lb-userspace",
-        "--bench",
-        "table_build",
-        "--no-run",
-    ]))?;
+    let table_build = |extra: &[&str]| {
+        let mut args = vec!["bench", "-p", "lb-userspace", "--bench", "table_build"];
+        args.extend(extra);
+        sh(&mut cargo(&args))
+    };
+    table_build(&["--no-run"])?;
     sh(&mut Command::new("sync"))?;
     std::thread::sleep(std::time::Duration::from_secs(5));
     for b in benches {
         sh(bench_tests(true, &[b]).env("LBD_BIN", target.join("release/lbd")))?;
     }
-    sh(&mut cargo(&[
-        "bench",
-        "-p",
-        "lb-userspace",
-        "--bench",
-        "table_build",
-        "--",
-        "--noplot",
-    ]))?;
+    table_build(&["--", "--noplot"])?;
     let estimate = |name: &str| -> Result<String> {
         let est = target.join(format!("criterion/{name}/new/estimates.json"));
         let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&est)?)?;
