@@ -3,14 +3,15 @@
 //!
 //! The coarse clock only moves on the timer tick, so reading it once per tick loses nothing.
 //! Reading it per packet cost a helper call, which on hosts with return-thunk mitigations
-//! (`spectre_v2: Retpolines`, `spec_rstack_overflow: Safe RET`) is several ns of a ~85 ns hit
-//! path. `bpf_jiffies64` is inlined by the verifier on 64-bit JITs (a load of `jiffies`), and
+//! (`spectre_v2: Retpolines`, `spec_rstack_overflow: Safe RET`) was ~20 ns of an 84 ns hit
+//! path (BENCHMARKS.md's host). `bpf_jiffies64` is inlined by the verifier on 64-bit JITs (a load of `jiffies`), and
 //! the per-CPU array lookup is inlined too, so a packet now pays two loads and a compare.
 //!
 //! The cached value can lag the coarse clock by one tick at most (a CPU that sees the new
-//! jiffy before the timekeeper's update keeps the previous tick's time for that jiffy):
-//! nothing here needs better than a second. It never runs backwards on a CPU, and userspace
-//! keeps comparing it with `CLOCK_MONOTONIC_COARSE`, the clock it comes from.
+//! jiffy before the timekeeper's update keeps the previous tick's time for that jiffy): the
+//! finest use is the 250 ms SYN reclaim age. It never runs backwards on a CPU, and lbd's flow
+//! collector keeps comparing it with `CLOCK_MONOTONIC`, which the coarse clock follows a
+//! tick behind.
 
 use aya_ebpf::helpers::{bpf_jiffies64, bpf_ktime_get_coarse_ns};
 
