@@ -19,6 +19,7 @@
 //! OPTIONS, TRACE: RFC 9110 §9.2.2 allows it) and a 502 otherwise.
 
 use std::{
+    future::Future as _,
     io,
     net::SocketAddr,
     pin::Pin,
@@ -34,7 +35,7 @@ use hyper::{
     http::request::Parts,
 };
 use tokio::{
-    io::{AsyncRead as _, AsyncReadExt as _, AsyncWriteExt as _},
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
     net::TcpStream,
 };
 
@@ -75,26 +76,21 @@ impl Reusable for Conn {
 }
 
 impl Conn {
-    /// Reads more into the buffer; `Ok(0)` at the end of the stream. Through `AsyncRead`
-    /// (as [`Conn::fill`]), which forgets the socket's readiness after a read that did not
-    /// fill the buffer: a kept connection then shows readable again only when something
-    /// arrives, and [`Reusable::open`] costs no system call.
+    /// Reads more into the buffer's spare room; `Ok(0)` at the end of the stream. Through
+    /// `AsyncRead`, which forgets the socket's readiness after a read that did not fill the
+    /// buffer: a kept connection then shows readable again only when something arrives, and
+    /// [`Reusable::open`] costs no system call.
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-        let len = self.buf.len();
-        // Zeroed, not uninitialised: safe code, paid only by bodies that span reads.
-        self.buf.resize(len + READ_CHUNK, 0);
-        let mut rb = tokio::io::ReadBuf::new(&mut self.buf[len..]);
-        let r = Pin::new(&mut self.io).poll_read(cx, &mut rb);
-        let n = rb.filled().len();
-        self.buf.truncate(len + n);
-        r.map_ok(|()| n)
-    }
-
-    async fn fill(&mut self) -> io::Result<usize> {
         if self.buf.capacity() - self.buf.len() < READ_CHUNK / 4 {
             self.buf.reserve(READ_CHUNK);
         }
-        self.io.read_buf(&mut self.buf).await
+        // `read_buf`'s future keeps no state of its own between polls: a fresh one per poll
+        // reads into the spare capacity as it would.
+        std::pin::pin!(self.io.read_buf(&mut self.buf)).poll(cx)
+    }
+
+    async fn fill(&mut self) -> io::Result<usize> {
+        std::future::poll_fn(|cx| self.poll_fill(cx)).await
     }
 }
 
@@ -137,7 +133,7 @@ impl H1Pool {
             parts.method,
             Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE
         );
-        while let Some(conn) = self.checkout(addr) {
+        while let Some(conn) = self.idle.take(addr) {
             match self.exchange(addr, conn, &head, head_only).await {
                 Ok(resp) => return Ok(resp),
                 Err(Failed::Unsent(_)) => continue,
@@ -159,12 +155,12 @@ impl H1Pool {
         self.idle.sweep();
     }
 
-    fn checkout(&self, addr: SocketAddr) -> Option<Conn> {
-        self.idle.take(addr)
-    }
-
+    /// Keeps a connection whose response was read to its end for the next request, unless
+    /// something came after that end (nothing may: it would be taken for the next answer).
     fn checkin(&self, addr: SocketAddr, conn: Conn) {
-        self.idle.put(addr, conn);
+        if conn.buf.is_empty() {
+            self.idle.put(addr, conn);
+        }
     }
 
     async fn exchange(
@@ -437,9 +433,7 @@ enum Chunk {
 impl H1Body {
     /// A body already read; its connection goes back to the pool now (when it may).
     fn whole(data: Bytes, back: Option<((Arc<H1Pool>, SocketAddr), Conn)>) -> H1Body {
-        if let Some(((pool, addr), conn)) = back
-            && conn.buf.is_empty()
-        {
+        if let Some(((pool, addr), conn)) = back {
             pool.checkin(addr, conn);
         }
         H1Body {
@@ -630,7 +624,7 @@ impl H1Body {
                 back,
                 ..
             } = *s;
-            if reusable && conn.buf.is_empty() {
+            if reusable {
                 back.0.checkin(back.1, conn);
             }
         }
