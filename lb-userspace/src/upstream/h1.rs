@@ -662,7 +662,10 @@ mod tests {
 
     /// A raw HTTP/1.1 backend: its address, how many connections it took, and the request
     /// heads it read.
-    async fn backend(script: Script) -> (SocketAddr, Arc<AtomicUsize>, Arc<Mutex<Vec<String>>>) {
+    async fn backend(
+        script: impl Fn(usize, usize) -> Act + Send + Sync + 'static,
+    ) -> (SocketAddr, Arc<AtomicUsize>, Arc<Mutex<Vec<String>>>) {
+        let script = Arc::new(script);
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
         let accepted = Arc::new(AtomicUsize::new(0));
@@ -671,7 +674,7 @@ mod tests {
         tokio::spawn(async move {
             while let Ok((mut s, _)) = l.accept().await {
                 let conn = count.fetch_add(1, Ordering::SeqCst);
-                let seen = seen.clone();
+                let (seen, script) = (seen.clone(), script.clone());
                 tokio::spawn(async move {
                     let mut buf = Vec::new();
                     let mut request = 0;
@@ -863,52 +866,33 @@ mod tests {
 
     #[tokio::test]
     async fn malformed_responses_are_errors_and_their_connections_are_not_kept() {
-        let cases: [(&str, Script); 6] = [
-            ("two lengths", |c, _| {
-                Act::Answer(if c == 0 {
-                    b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!"
-                } else {
-                    OK
-                })
-            }),
-            ("a transfer coding not chunked", |c, _| {
-                Act::Answer(if c == 0 {
-                    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\nxx"
-                } else {
-                    OK
-                })
-            }),
-            ("a chunk size that is not hex", |c, _| {
-                Act::Answer(if c == 0 {
-                    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nxx\r\n0\r\n\r\n"
-                } else {
-                    OK
-                })
-            }),
-            ("a chunk longer than its size", |c, _| {
-                Act::Answer(if c == 0 {
-                    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nxxx\r\n0\r\n\r\n"
-                } else {
-                    OK
-                })
-            }),
-            ("a status line that is not one", |c, _| {
-                Act::Answer(if c == 0 {
-                    b"HTTP/1.1 2x0 OK\r\n\r\n"
-                } else {
-                    OK
-                })
-            }),
-            ("bytes after the response", |c, _| {
-                Act::Answer(if c == 0 {
-                    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nxxHTTP/1.1 200 OK\r\n"
-                } else {
-                    OK
-                })
-            }),
+        // Each answers its first request with this, every later one with OK.
+        let cases: [(&str, &[u8]); 6] = [
+            (
+                "two lengths",
+                b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!",
+            ),
+            (
+                "a transfer coding not chunked",
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\nxx",
+            ),
+            (
+                "a chunk size that is not hex",
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nxx\r\n0\r\n\r\n",
+            ),
+            (
+                "a chunk longer than its size",
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nxxx\r\n0\r\n\r\n",
+            ),
+            ("a status line that is not one", b"HTTP/1.1 2x0 OK\r\n\r\n"),
+            (
+                "bytes after the response",
+                b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nxxHTTP/1.1 200 OK\r\n",
+            ),
         ];
-        for (what, script) in cases {
-            let (addr, accepted, _) = backend(script).await;
+        for (what, bad) in cases {
+            let (addr, accepted, _) =
+                backend(move |c, _| Act::Answer(if c == 0 { bad } else { OK })).await;
             let p = pool();
             let first = fetch(&p, addr, Method::GET).await;
             if what == "bytes after the response" {
