@@ -215,6 +215,23 @@ impl Dataplane {
         })
     }
 
+    /// The conntrack map, opened by id: userspace keeps no handle on it (only its walker
+    /// reads it), and one-key reads and removals are rare.
+    fn conntrack_map(
+        &self,
+    ) -> Result<
+        aya::maps::HashMap<
+            aya::maps::MapData,
+            lb_common::flow::FlowKey,
+            lb_common::conntrack::CtValue,
+        >,
+    > {
+        let data = aya::maps::MapData::from_id(self.conntrack.map_id())?;
+        Ok(aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(
+            data,
+        ))?)
+    }
+
     /// Starts the flow collector ([`gc`]), which frees the SNAT ports of finished flows once a
     /// second. lbd starts it once; without it no port is ever reused.
     pub fn start_flow_collector(&mut self) -> Result<()> {

@@ -112,11 +112,7 @@ impl Dataplane {
         &self,
         key: &lb_common::flow::FlowKey,
     ) -> Result<Option<lb_common::conntrack::CtValue>> {
-        // Userspace keeps no handle on conntrack (only its walker reads it): open it by id.
-        let data = aya::maps::MapData::from_id(self.conntrack.map_id())?;
-        let m: aya::maps::HashMap<_, lb_common::flow::FlowKey, lb_common::conntrack::CtValue> =
-            aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(data))?;
-        match m.get(key, 0) {
+        match self.conntrack_map()?.get(key, 0) {
             Ok(v) => Ok(Some(v)),
             Err(aya::maps::MapError::KeyNotFound) => Ok(None),
             Err(e) => Err(e.into()),

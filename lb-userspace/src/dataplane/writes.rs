@@ -8,7 +8,7 @@ use aya::{
 use lb_common::{
     MAX_BACKENDS,
     backend::{BackendInfo, NextHop},
-    conntrack::{CtValue, RnatValue},
+    conntrack::RnatValue,
     flow::FlowKey,
     guard::{SourceAddr, SourceRule},
     map_names,
@@ -143,11 +143,9 @@ impl Dataplane {
                 aya::maps::HashMap::try_from(map)?;
             m.remove(key).context("removing a reverse-NAT entry")
         } else {
-            // Userspace keeps no handle on conntrack (only its walker reads it): open it by id.
-            let data = aya::maps::MapData::from_id(self.conntrack.map_id())?;
-            let mut m: aya::maps::HashMap<_, FlowKey, CtValue> =
-                aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(data))?;
-            m.remove(key).context("removing a conntrack entry")
+            self.conntrack_map()?
+                .remove(key)
+                .context("removing a conntrack entry")
         }
     }
 
