@@ -31,6 +31,8 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus_client::metrics::{counter::Counter, histogram::Histogram};
 use tokio::sync::watch;
 
+mod front;
+
 pub use crate::view::{Upstream, View};
 use crate::{
     config::{Match, Route},
@@ -38,7 +40,7 @@ use crate::{
     metrics::{RequestMetrics, Signals, backend_labels},
     swrr::{Swrr, integer_weights},
     upstream::{
-        UpstreamBody, UpstreamLimits, Upstreams,
+        UpstreamBody, UpstreamError, UpstreamLimits, Upstreams,
         h1::{H1Body, H1Pool},
     },
 };
@@ -164,7 +166,7 @@ impl Pickers {
 
     /// Canary routes first (the first that matches and whose pool can answer), then the
     /// weighted pick over every pool.
-    fn pick(&mut self, headers: &HeaderMap) -> Option<Arc<Target>> {
+    fn pick(&mut self, headers: &(impl RequestHeaders + ?Sized)) -> Option<Arc<Target>> {
         let routed = self
             .view
             .routes
@@ -179,19 +181,36 @@ impl Pickers {
     }
 }
 
-fn matches(route: &Route, headers: &HeaderMap) -> bool {
+/// A request's headers as a route looks at them: hyper's map, or the fields of a head
+/// parsed in place ([`front`]).
+trait RequestHeaders {
+    /// Whether any value of the header `name` (lowercase) satisfies `f`.
+    fn any_value(&self, name: &str, f: impl FnMut(&[u8]) -> bool) -> bool;
+}
+
+impl RequestHeaders for HeaderMap {
+    fn any_value(&self, name: &str, mut f: impl FnMut(&[u8]) -> bool) -> bool {
+        self.get_all(name).iter().any(|v| f(v.as_bytes()))
+    }
+}
+
+impl RequestHeaders for [httparse::Header<'_>] {
+    fn any_value(&self, name: &str, mut f: impl FnMut(&[u8]) -> bool) -> bool {
+        self.iter()
+            .any(|h| h.name.eq_ignore_ascii_case(name) && f(h.value))
+    }
+}
+
+fn matches(route: &Route, headers: &(impl RequestHeaders + ?Sized)) -> bool {
     match &route.matches {
-        Match::Header(name) => headers
-            .get_all(name.as_str())
-            .iter()
-            .any(|v| v.as_bytes() == route.value.as_bytes()),
-        Match::Cookie(name) => headers
-            .get_all(header::COOKIE)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(';'))
-            .filter_map(|kv| kv.trim().split_once('='))
-            .any(|(k, v)| k == name && v == route.value),
+        Match::Header(name) => headers.any_value(name.as_str(), |v| v == route.value.as_bytes()),
+        Match::Cookie(name) => headers.any_value("cookie", |v| {
+            std::str::from_utf8(v).is_ok_and(|v| {
+                v.split(';')
+                    .filter_map(|kv| kv.trim().split_once('='))
+                    .any(|(k, v)| k == name && v == route.value)
+            })
+        }),
     }
 }
 
@@ -225,7 +244,7 @@ struct Shared {
 }
 
 impl Shared {
-    fn pick(&self, headers: &HeaderMap) -> Option<Arc<Target>> {
+    fn pick(&self, headers: &(impl RequestHeaders + ?Sized)) -> Option<Arc<Target>> {
         let mut guard = self.pickers.lock().ok()?;
         let (pickers, rx) = &mut *guard;
         if rx.has_changed().unwrap_or(false) {
@@ -278,6 +297,18 @@ pub async fn serve(
                 // Made once per connection, cloned (a reference count) per request.
                 let peer_ip = HeaderValue::from_str(&peer.ip().to_string())
                     .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
+                let stream = match front::serve(
+                    stream,
+                    peer_ip.as_bytes(),
+                    &shared,
+                    &mut drain,
+                    header_timeout,
+                )
+                .await
+                {
+                    front::Ended::Closed => return,
+                    front::Ended::Handoff(stream, read) => front::Prefixed::new(stream, read),
+                };
                 let svc = service_fn(move |req| {
                     let shared = shared.clone();
                     let peer_ip = peer_ip.clone();
@@ -493,17 +524,14 @@ async fn handle(
         Ok(Err(e)) if e.is_client_body() => {
             bad_request("the request body is malformed (e.g. a bad chunk size)")
         }
-        Ok(Err(e)) => full(
-            StatusCode::BAD_GATEWAY,
-            format!("502: backend {} ({}) failed: {e}\n", up.name, up.addr),
-        ),
-        Err(_) => full(
-            StatusCode::GATEWAY_TIMEOUT,
-            format!(
-                "504: backend {} ({}) did not answer within {UPSTREAM_TIMEOUT:?}\n",
-                up.name, up.addr
-            ),
-        ),
+        Ok(Err(e)) => {
+            let (status, text) = upstream_failure(up, Some(&e));
+            full(status, text)
+        }
+        Err(_) => {
+            let (status, text) = upstream_failure(up, None);
+            full(status, text)
+        }
     };
     target.observe(
         &shared.service,
@@ -516,6 +544,24 @@ async fn handle(
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
     resp
+}
+
+/// The answer to a request its backend failed: a 502 saying how (`Some`), or a 504 when it
+/// did not answer in time (`None`).
+fn upstream_failure(up: &Upstream, e: Option<&UpstreamError>) -> (StatusCode, String) {
+    match e {
+        Some(e) => (
+            StatusCode::BAD_GATEWAY,
+            format!("502: backend {} ({}) failed: {e}\n", up.name, up.addr),
+        ),
+        None => (
+            StatusCode::GATEWAY_TIMEOUT,
+            format!(
+                "504: backend {} ({}) did not answer within {UPSTREAM_TIMEOUT:?}\n",
+                up.name, up.addr
+            ),
+        ),
+    }
 }
 
 /// One service's running proxy: its worker threads, stopped (after draining) when dropped.

@@ -29,7 +29,7 @@ use std::{
 
 use bytes::{Buf as _, Bytes, BytesMut};
 use hyper::{
-    Method, Response, StatusCode, Version,
+    Response, StatusCode, Version,
     body::{Body, Frame, SizeHint},
     header::{self, HeaderMap, HeaderName, HeaderValue},
     http::request::Parts,
@@ -128,13 +128,22 @@ impl H1Pool {
         parts: &Parts,
     ) -> Result<Response<H1Body>, UpstreamError> {
         let head = encode_head(parts);
-        let head_only = parts.method == Method::HEAD;
-        let safe = matches!(
-            parts.method,
-            Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE
-        );
+        self.send_head(addr, &head, parts.method.as_str().as_bytes())
+            .await
+    }
+
+    /// Sends a request head already encoded (`method` is its method: whether the response
+    /// has a body, whether a failed attempt may be retried) as [`H1Pool::send`] does.
+    pub async fn send_head(
+        self: &Arc<Self>,
+        addr: SocketAddr,
+        head: &[u8],
+        method: &[u8],
+    ) -> Result<Response<H1Body>, UpstreamError> {
+        let head_only = method == b"HEAD";
+        let safe = matches!(method, b"GET" | b"HEAD" | b"OPTIONS" | b"TRACE");
         while let Some(conn) = self.idle.take(addr) {
-            match self.exchange(addr, conn, &head, head_only).await {
+            match self.exchange(addr, conn, head, head_only).await {
                 Ok(resp) => return Ok(resp),
                 Err(Failed::Unsent(_)) => continue,
                 Err(Failed::Unanswered(_)) if safe => continue,
@@ -145,7 +154,7 @@ impl H1Pool {
             io: connect(addr, self.limits.connect_timeout).await?,
             buf: BytesMut::with_capacity(READ_CHUNK),
         };
-        self.exchange(addr, conn, &head, head_only)
+        self.exchange(addr, conn, head, head_only)
             .await
             .map_err(|(Failed::Unsent(e) | Failed::Unanswered(e) | Failed::Answered(e))| e)
     }
@@ -642,7 +651,7 @@ mod tests {
     };
 
     use http_body_util::BodyExt as _;
-    use hyper::Request;
+    use hyper::{Method, Request};
     use tokio::io::AsyncWriteExt as _;
 
     use super::*;
