@@ -154,6 +154,10 @@ fn wrk(t: &Topology, url: &str, conns: u32, close: bool) -> Run {
             r.p99_us = parse_latency(v);
         }
     }
+    // A path that answers with errors would be measured at the speed of its errors.
+    if let Some(l) = out.lines().find(|l| l.contains("Non-2xx or 3xx responses")) {
+        panic!("wrk {url} ({conns} conns, close={close}): {}", l.trim());
+    }
     if out.contains("Socket errors") {
         eprintln!(
             "wrk {url} ({conns} conns, close={close}): {}",
