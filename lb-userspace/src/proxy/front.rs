@@ -26,15 +26,15 @@ use std::{
 
 use bytes::{Buf as _, Bytes, BytesMut};
 use http_body_util::BodyExt as _;
-use hyper::{Response, StatusCode, body::Body as _, header};
+use hyper::{StatusCode, body::Body as _};
 use tokio::{
     io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _, ReadBuf},
     net::TcpStream,
     sync::watch,
 };
 
-use super::{DRAIN_GRACE, Shared, Target, UPSTREAM_TIMEOUT, strip_hop_by_hop, upstream_failure};
-use crate::upstream::h1::H1Body;
+use super::{DRAIN_GRACE, Shared, Target, UPSTREAM_TIMEOUT, upstream_failure};
+use crate::upstream::h1::{self, H1Body, Head};
 
 /// The most header fields a request handled here may have (hyper's default limit too).
 const MAX_HEADERS: usize = 100;
@@ -46,16 +46,21 @@ const READ_CHUNK: usize = 4096;
 /// A body up to this size is copied behind its head, so both leave in one write.
 const COPY_BODY: usize = 16 * 1024;
 
-/// Request headers that describe one hop, not the message (RFC 9110 §7.6.1): not forwarded.
-/// (`Upgrade` never reaches here.)
-const HOP_BY_HOP: [&str; 6] = [
+/// Fields that describe one hop, not the message (RFC 9110 §7.6.1): not passed on, either
+/// way. (A request with `Upgrade` never reaches here.)
+const HOP_BY_HOP: [&str; 7] = [
     "connection",
     "keep-alive",
     "proxy-connection",
     "te",
     "trailer",
+    "upgrade",
     "proxy-authorization",
 ];
+
+fn hop_by_hop(name: &str) -> bool {
+    HOP_BY_HOP.iter().any(|n| name.eq_ignore_ascii_case(n))
+}
 
 /// How a connection left this loop.
 pub(super) enum Ended {
@@ -178,15 +183,14 @@ pub(super) async fn serve(
         let keep = p.keep && !draining;
         let head_only = &up[..p.method_len] == b"HEAD";
         let sent = match result {
-            Ok(mut resp) => {
-                strip_hop_by_hop(resp.headers_mut());
+            Ok((head, body)) => {
                 p.target.observe(
                     &shared.service,
                     &shared.metrics,
-                    resp.status().as_u16(),
+                    head.status.as_u16(),
                     started.elapsed(),
                 );
-                respond(&mut io, &mut out, resp, p.http10, keep, head_only).await
+                respond(&mut io, &mut out, &head, body, p.http10, keep, head_only).await
             }
             Err(e) => {
                 let (status, text) = upstream_failure(&p.target.up, e.as_ref());
@@ -263,7 +267,7 @@ fn prepare(buf: &[u8], peer_ip: &[u8], shared: &Shared, up: &mut Vec<u8>) -> Ste
     up.extend_from_slice(b" HTTP/1.1\r\n");
     let mut forwarded_for = false;
     for h in req.headers.iter() {
-        if HOP_BY_HOP.iter().any(|n| h.name.eq_ignore_ascii_case(n)) {
+        if hop_by_hop(h.name) {
             continue;
         }
         let xff = h.name.eq_ignore_ascii_case("x-forwarded-for");
@@ -338,20 +342,20 @@ fn plain(out: &mut Vec<u8>, http10: bool, status: StatusCode, text: &str, keep: 
     out.extend_from_slice(text.as_bytes());
 }
 
-/// Writes a backend's response (hop-by-hop headers gone) to the client, framed for it: the
-/// backend's `Content-Length`, or the body's length when it is known, or chunked (an
-/// HTTP/1.1 client) or until the connection closes (HTTP/1.0). Whether the connection stays
-/// open.
+/// Writes a backend's response to the client, its hop-by-hop fields left out (those its
+/// `Connection` names too), framed for the client: the backend's `Content-Length`, or the
+/// body's length when it is known, or chunked (an HTTP/1.1 client) or until the connection
+/// closes (HTTP/1.0). Whether the connection stays open.
 async fn respond(
     io: &mut TcpStream,
     out: &mut Vec<u8>,
-    resp: Response<H1Body>,
+    head: &Head,
+    mut body: H1Body,
     http10: bool,
     keep: bool,
     head_only: bool,
 ) -> io::Result<bool> {
-    let (parts, mut body) = resp.into_parts();
-    let status = parts.status;
+    let status = head.status;
     let bodiless = head_only
         || status == StatusCode::NO_CONTENT
         || status == StatusCode::NOT_MODIFIED
@@ -366,22 +370,52 @@ async fn respond(
     let keep = keep && (length.is_some() || chunked);
     out.clear();
     status_line(out, http10, status);
-    for (name, value) in &parts.headers {
-        out.extend_from_slice(name.as_str().as_bytes());
+    let mut slots = [const { MaybeUninit::uninit() }; h1::MAX_HEADERS];
+    let fields = head.fields(&mut slots);
+    // Fields the backend's `Connection` names are hop-by-hop too (rare: gathered only then).
+    let mut named: Vec<&[u8]> = Vec::new();
+    for f in fields
+        .iter()
+        .filter(|f| f.name.eq_ignore_ascii_case("connection"))
+    {
+        named.extend(
+            f.value
+                .split(|&b| b == b',')
+                .map(<[u8]>::trim_ascii)
+                .filter(|t| {
+                    !t.is_empty()
+                        && !t.eq_ignore_ascii_case(b"close")
+                        && !t.eq_ignore_ascii_case(b"keep-alive")
+                }),
+        );
+    }
+    let mut has_length = false;
+    for f in fields {
+        if hop_by_hop(f.name)
+            || !head.passes_on(f.name)
+            || named
+                .iter()
+                .any(|n| n.eq_ignore_ascii_case(f.name.as_bytes()))
+        {
+            continue;
+        }
+        has_length |= f.name.eq_ignore_ascii_case("content-length");
+        out.extend_from_slice(f.name.as_bytes());
         out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(f.value);
         out.extend_from_slice(b"\r\n");
     }
-    if !bodiless && !parts.headers.contains_key(header::CONTENT_LENGTH) {
-        match length {
-            Some(n) => {
-                out.extend_from_slice(b"content-length: ");
-                out.extend_from_slice(n.to_string().as_bytes());
-                out.extend_from_slice(b"\r\n");
-            }
-            None if chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
-            None => {}
-        }
+    let length_field = match head.one_length() {
+        Some(n) => Some(n),
+        None if !bodiless && !has_length => length,
+        None => None,
+    };
+    if let Some(n) = length_field {
+        out.extend_from_slice(b"content-length: ");
+        out.extend_from_slice(n.to_string().as_bytes());
+        out.extend_from_slice(b"\r\n");
+    } else if chunked && !bodiless {
+        out.extend_from_slice(b"transfer-encoding: chunked\r\n");
     }
     connection(out, http10, keep);
     out.extend_from_slice(b"\r\n");
@@ -558,6 +592,10 @@ mod tests {
                 "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"
             }
             "/hop" => "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nKeep-Alive: timeout=5\r\n\r\nok",
+            "/named" => {
+                "HTTP/1.1 200 OK\r\nConnection: x-secret\r\nX-Secret: 1\r\nContent-Length: 2\r\n\r\nok"
+            }
+            "/twice" => "HTTP/1.1 200 OK\r\nContent-Length: 2, 2\r\n\r\nok",
             _ => "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-From: backend\r\n\r\nhello",
         }
     }
@@ -724,9 +762,9 @@ mod tests {
                     let parts: Vec<&str> = answer.split("HTTP/1.1 200 OK").collect();
                     (parts.len() == 4
                         && parts[1].ends_with("\r\n\r\nhello")
-                        && parts[2].contains("transfer-encoding: chunked")
+                        && field(parts[2], "transfer-encoding") == Some("chunked")
                         && parts[2].ends_with("\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n")
-                        && parts[3].contains("content-length: 5")
+                        && field(parts[3], "content-length") == Some("5")
                         && parts[3].ends_with("\r\n\r\n"))
                     .then_some(())
                     .ok_or(format!("{parts:?}"))
@@ -754,6 +792,36 @@ mod tests {
                     (field(answer, "keep-alive").is_none() && answer.ends_with("\r\n\r\nok"))
                         .then_some(())
                         .ok_or("keep-alive forwarded".into())
+                },
+            },
+            Case {
+                name: "a field the backend's Connection names stays on its hop",
+                send: "GET /named HTTP/1.1\r\nHost: lb\r\n\r\n",
+                statuses: &["HTTP/1.1 200 OK"],
+                closed: false,
+                check: |answer, _| {
+                    (field(answer, "x-secret").is_none()
+                        && field(answer, "connection").is_none()
+                        && answer.ends_with("\r\n\r\nok"))
+                    .then_some(())
+                    .ok_or("a hop-by-hop field forwarded".into())
+                },
+            },
+            Case {
+                name: "a length given as a list is passed on once",
+                send: "GET /twice HTTP/1.1\r\nHost: lb\r\n\r\n",
+                statuses: &["HTTP/1.1 200 OK"],
+                closed: false,
+                check: |answer, _| {
+                    (field(answer, "content-length") == Some("2")
+                        && answer
+                            .to_ascii_lowercase()
+                            .matches("content-length")
+                            .count()
+                            == 1
+                        && answer.ends_with("\r\n\r\nok"))
+                    .then_some(())
+                    .ok_or("not one length".into())
                 },
             },
             Case {

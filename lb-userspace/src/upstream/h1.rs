@@ -21,6 +21,7 @@
 use std::{
     future::Future as _,
     io,
+    mem::MaybeUninit,
     net::SocketAddr,
     pin::Pin,
     sync::Arc,
@@ -44,7 +45,7 @@ use super::{IdleList, Reusable, UpstreamError, UpstreamLimits, connect};
 /// The most a response head (status line, headers, interim responses) may take.
 const MAX_HEAD: usize = 64 * 1024;
 /// The most headers a response may have.
-const MAX_HEADERS: usize = 100;
+pub const MAX_HEADERS: usize = 100;
 /// The most a chunk-size line (with its extensions) or the trailer section may take.
 const MAX_CHUNK_LINE: usize = 4096;
 const MAX_TRAILERS: usize = 16 * 1024;
@@ -128,18 +129,21 @@ impl H1Pool {
         parts: &Parts,
     ) -> Result<Response<H1Body>, UpstreamError> {
         let head = encode_head(parts);
-        self.send_head(addr, &head, parts.method.as_str().as_bytes())
-            .await
+        let (head, body) = self
+            .send_head(addr, &head, parts.method.as_str().as_bytes())
+            .await?;
+        head.into_response(body)
     }
 
     /// Sends a request head already encoded (`method` is its method: whether the response
-    /// has a body, whether a failed attempt may be retried) as [`H1Pool::send`] does.
+    /// has a body, whether a failed attempt may be retried) as [`H1Pool::send`] does; the
+    /// response's head as it came.
     pub async fn send_head(
         self: &Arc<Self>,
         addr: SocketAddr,
         head: &[u8],
         method: &[u8],
-    ) -> Result<Response<H1Body>, UpstreamError> {
+    ) -> Result<(Head, H1Body), UpstreamError> {
         let head_only = method == b"HEAD";
         let safe = matches!(method, b"GET" | b"HEAD" | b"OPTIONS" | b"TRACE");
         while let Some(conn) = self.idle.take(addr) {
@@ -178,7 +182,7 @@ impl H1Pool {
         mut conn: Conn,
         head: &[u8],
         head_only: bool,
-    ) -> Result<Response<H1Body>, Failed> {
+    ) -> Result<(Head, H1Body), Failed> {
         conn.io
             .write_all(head)
             .await
@@ -207,7 +211,7 @@ impl H1Pool {
             }
         };
         let Parsed {
-            response,
+            head,
             framing,
             reusable,
         } = parsed;
@@ -230,7 +234,7 @@ impl H1Pool {
                 })),
             },
         };
-        Ok(response.map(|()| body))
+        Ok((head, body))
     }
 }
 
@@ -269,20 +273,90 @@ enum Framing {
 }
 
 struct Parsed {
-    /// Its body is attached by the caller.
-    response: Response<()>,
+    head: Head,
     framing: Framing,
     /// The connection may carry another request once this body has been read.
     reusable: bool,
+}
+
+/// A backend's final response head (interim responses skipped) as it came, and what of it
+/// is this hop's framing: the proxy passes the rest on from these bytes, without a header
+/// map ([`Head::fields`]), or as hyper's response ([`Head::into_response`]).
+pub struct Head {
+    /// Status line to blank line.
+    bytes: Bytes,
+    pub status: StatusCode,
+    pub version: Version,
+    /// A chunked body is decoded here and framed anew: its `Transfer-Encoding` and any
+    /// `Content-Length` beside it are this hop's.
+    dechunked: bool,
+    /// A length given as several elements (`6, 6`: one length to us, not to everyone), to be
+    /// passed on once, as one number, instead of the fields as they came.
+    one_length: Option<u64>,
+}
+
+impl Head {
+    /// The head's fields, parsed again from its bytes into `slots` (they parsed before).
+    pub fn fields<'h>(
+        &'h self,
+        slots: &'h mut [MaybeUninit<httparse::Header<'h>>; MAX_HEADERS],
+    ) -> &'h [httparse::Header<'h>] {
+        let mut r = httparse::Response::new(&mut []);
+        match httparse::ParserConfig::default().parse_response_with_uninit_headers(
+            &mut r,
+            &self.bytes,
+            slots,
+        ) {
+            Ok(httparse::Status::Complete(_)) => r.headers,
+            _ => &[],
+        }
+    }
+
+    /// Whether the field `name` is the message's, not this hop's framing.
+    pub fn passes_on(&self, name: &str) -> bool {
+        let length = name.eq_ignore_ascii_case("content-length");
+        !((self.dechunked && (length || name.eq_ignore_ascii_case("transfer-encoding")))
+            || (length && self.one_length.is_some()))
+    }
+
+    /// The `Content-Length` to send in place of the backend's, when it gave one as a list.
+    pub fn one_length(&self) -> Option<u64> {
+        self.one_length.filter(|_| !self.dechunked)
+    }
+
+    /// As hyper's response, with the fields [`Head::passes_on`] keeps (values cut from the
+    /// head's bytes without a copy).
+    pub fn into_response<B>(self, body: B) -> Result<Response<B>, UpstreamError> {
+        let mut slots = [const { MaybeUninit::uninit() }; MAX_HEADERS];
+        let fields = self.fields(&mut slots);
+        let mut map = HeaderMap::with_capacity(fields.len());
+        for h in fields.iter().filter(|h| self.passes_on(h.name)) {
+            let name = HeaderName::from_bytes(h.name.as_bytes())
+                .map_err(|_| UpstreamError::Invalid("a response header name is invalid"))?;
+            let value = HeaderValue::from_maybe_shared(self.bytes.slice_ref(h.value))
+                .map_err(|_| UpstreamError::Invalid("a response header value is invalid"))?;
+            map.append(name, value);
+        }
+        if let Some(n) = self.one_length() {
+            map.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+        }
+        let mut response = Response::new(body);
+        *response.status_mut() = self.status;
+        *response.version_mut() = self.version;
+        *response.headers_mut() = map;
+        Ok(response)
+    }
 }
 
 /// Parses the response head at the start of `buf`, taking it (and any interim responses
 /// before it) out; `None` while it is incomplete.
 fn parse_head(buf: &mut BytesMut, head_only: bool) -> Result<Option<Parsed>, UpstreamError> {
     loop {
-        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut r = httparse::Response::new(&mut headers);
-        let len = match r.parse(buf) {
+        let mut slots = [const { MaybeUninit::uninit() }; MAX_HEADERS];
+        let mut r = httparse::Response::new(&mut []);
+        let len = match httparse::ParserConfig::default()
+            .parse_response_with_uninit_headers(&mut r, buf, &mut slots)
+        {
             Ok(httparse::Status::Complete(len)) => len,
             Ok(httparse::Status::Partial) => return Ok(None),
             Err(_) => return Err(UpstreamError::Invalid("the response head does not parse")),
@@ -304,18 +378,12 @@ fn parse_head(buf: &mut BytesMut, head_only: bool) -> Result<Option<Parsed>, Ups
         } else {
             Version::HTTP_11
         };
-        // Names and value positions now; the values are then cut from the head's bytes
-        // without a copy.
-        let base = buf.as_ptr() as usize;
-        let mut fields = Vec::with_capacity(r.headers.len());
         let mut length: Option<u64> = None;
         // Elements of all Content-Length fields: one (nearly always) is passed on as it came.
         let mut lengths = 0;
         let (mut chunked, mut coded, mut close, mut keep_alive) = (false, false, false, false);
         for h in r.headers.iter() {
-            let name = HeaderName::from_bytes(h.name.as_bytes())
-                .map_err(|_| UpstreamError::Invalid("a response header name is invalid"))?;
-            if name == header::CONTENT_LENGTH {
+            if h.name.eq_ignore_ascii_case("content-length") {
                 for v in split_list(h.value) {
                     let n = std::str::from_utf8(v)
                         .ok()
@@ -328,18 +396,17 @@ fn parse_head(buf: &mut BytesMut, head_only: bool) -> Result<Option<Parsed>, Ups
                     length = Some(n);
                     lengths += 1;
                 }
-            } else if name == header::TRANSFER_ENCODING {
+            } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
                 for v in split_list(h.value) {
                     coded = true;
                     chunked = v.eq_ignore_ascii_case(b"chunked");
                 }
-            } else if name == header::CONNECTION {
+            } else if h.name.eq_ignore_ascii_case("connection") {
                 for v in split_list(h.value) {
                     close |= v.eq_ignore_ascii_case(b"close");
                     keep_alive |= v.eq_ignore_ascii_case(b"keep-alive");
                 }
             }
-            fields.push((name, h.value.as_ptr() as usize - base, h.value.len()));
         }
         let framing = if head_only || code == 204 || code == 304 {
             Framing::Length(0)
@@ -358,34 +425,15 @@ fn parse_head(buf: &mut BytesMut, head_only: bool) -> Result<Option<Parsed>, Ups
             && framing != Framing::Eof
             // Both framings named: read as chunked, but not trusted with another request.
             && !(coded && length.is_some());
-        let head = buf.split_to(len).freeze();
-        let dechunked = framing == Framing::Chunked;
-        let mut map = HeaderMap::with_capacity(fields.len());
-        for (name, at, len) in fields {
-            // A chunked body's framing is this hop's: the proxy frames it anew. A length
-            // given more than once (`6, 6`: one length to us, not to everyone) is passed on
-            // once, as one number.
-            if (name == header::TRANSFER_ENCODING && dechunked)
-                || (name == header::CONTENT_LENGTH && (dechunked || lengths > 1))
-            {
-                continue;
-            }
-            let value = HeaderValue::from_maybe_shared(head.slice(at..at + len))
-                .map_err(|_| UpstreamError::Invalid("a response header value is invalid"))?;
-            map.append(name, value);
-        }
-        if let Some(n) = length
-            && !dechunked
-            && lengths > 1
-        {
-            map.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
-        }
-        let mut response = Response::new(());
-        *response.status_mut() = status;
-        *response.version_mut() = version;
-        *response.headers_mut() = map;
+        let head = Head {
+            bytes: buf.split_to(len).freeze(),
+            status,
+            version,
+            dechunked: framing == Framing::Chunked,
+            one_length: length.filter(|_| lengths > 1),
+        };
         return Ok(Some(Parsed {
-            response,
+            head,
             framing,
             reusable,
         }));
