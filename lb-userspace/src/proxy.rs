@@ -287,60 +287,68 @@ pub async fn serve(
     let (drain_tx, drain_rx) = watch::channel(false);
     let header_timeout = limits.header_timeout;
     {
-        let accepting = accept_loop(listener, limits.cap.clone(), |(stream, peer), slot| {
-            while connections.try_join_next().is_some() {}
-            let _ = stream.set_nodelay(true);
-            let shared = shared.clone();
-            let mut drain = drain_rx.clone();
-            connections.spawn(async move {
-                let _slot = slot;
-                // Made once per connection, cloned (a reference count) per request.
-                let peer_ip = HeaderValue::from_str(&peer.ip().to_string())
-                    .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
-                let stream = match front::serve(
-                    stream,
-                    peer_ip.as_bytes(),
-                    &shared,
-                    &mut drain,
-                    header_timeout,
-                )
-                .await
-                {
-                    front::Ended::Closed => return,
-                    front::Ended::Handoff(stream, read) => front::Prefixed::new(stream, read),
-                };
-                let svc = service_fn(move |req| {
-                    let shared = shared.clone();
-                    let peer_ip = peer_ip.clone();
-                    async move { Ok::<_, Infallible>(handle(&shared, req, peer_ip).await) }
+        let accepting =
+            accept_loop(listener, limits.cap.clone(), |(stream, peer), slot| {
+                while connections.try_join_next().is_some() {}
+                let _ = stream.set_nodelay(true);
+                let shared = shared.clone();
+                let mut drain = drain_rx.clone();
+                connections.spawn(async move {
+                    let _slot = slot;
+                    // The client's address as X-Forwarded-For carries it, written once per
+                    // connection on the stack (an IPv6 address takes at most 45 bytes).
+                    let mut text = [0u8; 48];
+                    let peer_ip = {
+                        let mut w = &mut text[..];
+                        let room = w.len();
+                        let n = std::io::Write::write_fmt(&mut w, format_args!("{}", peer.ip()))
+                            .map_or(0, |()| room - w.len());
+                        &text[..n]
+                    };
+                    let stream =
+                        match front::serve(stream, peer_ip, &shared, &mut drain, header_timeout)
+                            .await
+                        {
+                            front::Ended::Closed => return,
+                            front::Ended::Handoff(stream, read) => {
+                                front::Prefixed::new(stream, read)
+                            }
+                        };
+                    // Cloned (a reference count) per request.
+                    let peer_ip = HeaderValue::from_bytes(peer_ip)
+                        .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
+                    let svc = service_fn(move |req| {
+                        let shared = shared.clone();
+                        let peer_ip = peer_ip.clone();
+                        async move { Ok::<_, Infallible>(handle(&shared, req, peer_ip).await) }
+                    });
+                    let conn = hyper::server::conn::http1::Builder::new()
+                        .timer(TokioTimer::new())
+                        .header_read_timeout(header_timeout)
+                        .serve_connection(TokioIo::new(stream), svc);
+                    tokio::pin!(conn);
+                    let ended = tokio::select! {
+                        r = conn.as_mut() => Some(r),
+                        _ = drain.wait_for(|d| *d) => None,
+                    };
+                    let r = match ended {
+                        Some(r) => r,
+                        // Draining: the next request is still read and answered (with
+                        // `Connection: close`) for a grace; then an idle connection closes, a
+                        // busy one after its response.
+                        None => match tokio::time::timeout(DRAIN_GRACE, conn.as_mut()).await {
+                            Ok(r) => r,
+                            Err(_) => {
+                                conn.as_mut().graceful_shutdown();
+                                conn.await
+                            }
+                        },
+                    };
+                    if let Err(e) = r {
+                        tracing::debug!(error = %e, %peer, "proxy connection ended");
+                    }
                 });
-                let conn = hyper::server::conn::http1::Builder::new()
-                    .timer(TokioTimer::new())
-                    .header_read_timeout(header_timeout)
-                    .serve_connection(TokioIo::new(stream), svc);
-                tokio::pin!(conn);
-                let ended = tokio::select! {
-                    r = conn.as_mut() => Some(r),
-                    _ = drain.wait_for(|d| *d) => None,
-                };
-                let r = match ended {
-                    Some(r) => r,
-                    // Draining: the next request is still read and answered (with
-                    // `Connection: close`) for a grace; then an idle connection closes, a
-                    // busy one after its response.
-                    None => match tokio::time::timeout(DRAIN_GRACE, conn.as_mut()).await {
-                        Ok(r) => r,
-                        Err(_) => {
-                            conn.as_mut().graceful_shutdown();
-                            conn.await
-                        }
-                    },
-                };
-                if let Err(e) = r {
-                    tracing::debug!(error = %e, %peer, "proxy connection ended");
-                }
             });
-        });
         // Idle backend connections are closed past their timeout while the proxy serves.
         let sweeping = async {
             let mut every = tokio::time::interval(UPSTREAM_IDLE / 4);
