@@ -290,7 +290,6 @@ pub async fn serve(
         let accepting =
             accept_loop(listener, limits.cap.clone(), |(stream, peer), slot| {
                 while connections.try_join_next().is_some() {}
-                let _ = stream.set_nodelay(true);
                 let shared = shared.clone();
                 let mut drain = drain_rx.clone();
                 connections.spawn(async move {

@@ -71,6 +71,32 @@ pub(super) enum Ended {
     Handoff(TcpStream, Bytes),
 }
 
+/// A client connection as responses are written to it.
+struct Client {
+    io: TcpStream,
+    /// TCP_NODELAY is set. Only from when it can matter: Nagle holds back a small segment
+    /// only while an earlier one is unacknowledged, so a connection's first response,
+    /// written whole in one write, never waits for it; a second response, or one written
+    /// in pieces, could wait for the client's delayed ACK (up to 40 ms). Connections that
+    /// carry one response (`Connection: close`) save the system call, as nginx's do.
+    nodelay: bool,
+    /// A response has been written on it.
+    answered: bool,
+}
+
+impl Client {
+    /// Writes `bytes`; `whole`: they are a response from its first byte to its last.
+    async fn write(&mut self, bytes: &[u8], whole: bool) -> io::Result<()> {
+        // Only a connection's first response, whole, may go with Nagle on.
+        let alone = whole && !self.answered;
+        if !self.nodelay && !alone {
+            self.nodelay = true;
+            let _ = self.io.set_nodelay(true);
+        }
+        self.io.write_all(bytes).await
+    }
+}
+
 /// A request whose head has been read and turned into its backend's head.
 struct Prepared {
     target: Arc<Target>,
@@ -97,7 +123,7 @@ enum Step {
 /// included); once `drain` turns true, an idle connection gets [`DRAIN_GRACE`] to bring one
 /// more request, answered with `Connection: close`.
 pub(super) async fn serve(
-    mut io: TcpStream,
+    io: TcpStream,
     peer_ip: &[u8],
     shared: &Shared,
     drain: &mut watch::Receiver<bool>,
@@ -111,6 +137,11 @@ pub(super) async fn serve(
     let timer = tokio::time::sleep(header_timeout);
     tokio::pin!(timer);
     let mut draining = false;
+    let mut client = Client {
+        io,
+        nodelay: false,
+        answered: false,
+    };
     loop {
         let mut waiting = false;
         let (len, prepared) = loop {
@@ -118,7 +149,10 @@ pub(super) async fn serve(
                 match prepare(&buf, peer_ip, shared, &mut up) {
                     Step::Ready(len, p) => break (len, p),
                     Step::More if buf.len() < MAX_HEAD => {}
-                    Step::More | Step::Handoff => return Ended::Handoff(io, buf.freeze()),
+                    Step::More | Step::Handoff => {
+                        let _ = client.io.set_nodelay(true);
+                        return Ended::Handoff(client.io, buf.freeze());
+                    }
                 }
             }
             if !waiting {
@@ -134,7 +168,7 @@ pub(super) async fn serve(
                 buf.reserve(READ_CHUNK);
             }
             tokio::select! {
-                r = io.read_buf(&mut buf) => match r {
+                r = client.io.read_buf(&mut buf) => match r {
                     Ok(0) | Err(_) => return Ended::Closed,
                     Ok(_) => {}
                 },
@@ -165,9 +199,10 @@ pub(super) async fn serve(
                     &text,
                     keep,
                 );
-                if io.write_all(&out).await.is_err() || !keep {
+                if client.write(&out, true).await.is_err() || !keep {
                     return Ended::Closed;
                 }
+                client.answered = true;
                 continue;
             }
         };
@@ -190,7 +225,16 @@ pub(super) async fn serve(
                     head.status.as_u16(),
                     started.elapsed(),
                 );
-                respond(&mut io, &mut out, &head, body, p.http10, keep, head_only).await
+                respond(
+                    &mut client,
+                    &mut out,
+                    &head,
+                    body,
+                    p.http10,
+                    keep,
+                    head_only,
+                )
+                .await
             }
             Err(e) => {
                 let (status, text) = upstream_failure(&p.target.up, e.as_ref());
@@ -201,12 +245,13 @@ pub(super) async fn serve(
                     started.elapsed(),
                 );
                 plain(&mut out, p.http10, status, &text, keep);
-                io.write_all(&out).await.map(|()| keep)
+                client.write(&out, true).await.map(|()| keep)
             }
         };
         if !matches!(sent, Ok(true)) {
             return Ended::Closed;
         }
+        client.answered = true;
     }
 }
 
@@ -347,7 +392,7 @@ fn plain(out: &mut Vec<u8>, http10: bool, status: StatusCode, text: &str, keep: 
 /// body's length when it is known, or chunked (an HTTP/1.1 client) or until the connection
 /// closes (HTTP/1.0). Whether the connection stays open.
 async fn respond(
-    io: &mut TcpStream,
+    client: &mut Client,
     out: &mut Vec<u8>,
     head: &Head,
     mut body: H1Body,
@@ -421,6 +466,7 @@ async fn respond(
     out.extend_from_slice(b"\r\n");
     // The head waits in `out` for the body's first bytes: a body that came with its head
     // leaves with it.
+    let mut pieces = false;
     while let Some(frame) = body.frame().await {
         let Ok(data) = frame?.into_data() else {
             // Trailers: this hop's, not forwarded.
@@ -435,23 +481,25 @@ async fn respond(
         if out.len() + data.len() <= COPY_BODY {
             out.extend_from_slice(&data);
         } else {
-            io.write_all(out).await?;
+            client.write(out, false).await?;
             out.clear();
-            io.write_all(&data).await?;
+            client.write(&data, false).await?;
+            pieces = true;
         }
         if chunked {
             out.extend_from_slice(b"\r\n");
         }
         // More to come from the backend: what is gathered goes now.
         if !body.is_end_stream() && !out.is_empty() {
-            io.write_all(out).await?;
+            client.write(out, false).await?;
             out.clear();
+            pieces = true;
         }
     }
     if chunked {
         out.extend_from_slice(b"0\r\n\r\n");
     }
-    io.write_all(out).await?;
+    client.write(out, !pieces).await?;
     Ok(keep)
 }
 
@@ -941,6 +989,40 @@ mod tests {
             }
         }
         assert!(wrong.is_empty(), "{}", wrong.join("\n\n"));
+    }
+
+    /// Nagle stays on for a connection's first response written whole (a `Connection: close`
+    /// client's only one) and goes off before any write that could wait behind an earlier
+    /// unacknowledged segment: a second response, or a response written in pieces.
+    #[tokio::test]
+    async fn nagle_goes_off_before_the_first_write_that_could_wait_for_an_ack() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let accepted = || async {
+            let _peer = TcpStream::connect(addr).await.unwrap();
+            let (io, _) = l.accept().await.unwrap();
+            (
+                super::Client {
+                    io,
+                    nodelay: false,
+                    answered: false,
+                },
+                _peer,
+            )
+        };
+        let (mut one, _peer) = accepted().await;
+        one.write(b"HTTP/1.1 200 OK\r\n\r\n", true).await.unwrap();
+        one.answered = true;
+        assert!(!one.io.nodelay().unwrap(), "set for a lone first response");
+        one.write(b"HTTP/1.1 200 OK\r\n\r\n", true).await.unwrap();
+        assert!(one.io.nodelay().unwrap(), "not set for a second response");
+
+        let (mut pieces, _peer) = accepted().await;
+        pieces.write(b"HTTP/1.1 200 OK\r\n", false).await.unwrap();
+        assert!(
+            pieces.io.nodelay().unwrap(),
+            "not set for a response in pieces"
+        );
     }
 
     /// A client that sends nothing within the header timeout is closed, and one whose backend
