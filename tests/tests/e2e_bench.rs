@@ -24,7 +24,7 @@ const NGINX_HTTP: &str = "10.99.0.14";
 const HAPROXY_HTTP: &str = "10.99.0.15";
 
 const SECONDS: u32 = 3;
-const ROUNDS: usize = 5;
+const ROUNDS: usize = 7;
 
 fn weight(i: usize) -> u32 {
     if BACKENDS[i].0 == "legacy" { 45 } else { 5 }
@@ -325,7 +325,15 @@ fn end_to_end() {
     // ticks over the keep-alive run, that run's requests, the same ticks over the close run.
     let mut res: BTreeMap<usize, Vec<[f64; 12]>> = BTreeMap::new();
     for round in 0..ROUNDS {
-        for (i, (name, url)) in paths.iter().enumerate() {
+        // Every other round runs the paths in reverse: no path always follows the same one
+        // (and the state its run leaves: TIME_WAIT sockets, warm caches).
+        let order: Vec<usize> = if round % 2 == 0 {
+            (0..paths.len()).collect()
+        } else {
+            (0..paths.len()).rev().collect()
+        };
+        for i in order {
+            let (name, url) = &paths[i];
             if !wanted(name) {
                 continue;
             }
@@ -393,7 +401,7 @@ fn end_to_end() {
     };
     let mut md = String::new();
     writeln!(md, "## End to end (wrk)\n").unwrap();
-    writeln!(md, "Client namespace → balancer namespace → bridge → 4 backend namespaces (nginx answering with its name), weights 90/10, all on this machine's 2 cores. wrk `-t2 -c32 -d{SECONDS}s` (keep-alive, and with `Connection: close` = one connection per request) and `-t1 -c1` for single-connection latency. {ROUNDS} interleaved rounds: median (min–max); ratio to direct. The balancer runs in skb XDP mode (on veth it is faster than native).\n").unwrap();
+    writeln!(md, "Client namespace → balancer namespace → bridge → 4 backend namespaces (nginx answering with its name), weights 90/10, all on this machine's 2 cores. wrk `-t2 -c32 -d{SECONDS}s` (keep-alive, and with `Connection: close` = one connection per request) and `-t1 -c1` for single-connection latency. {ROUNDS} interleaved rounds, every other one in reverse order: median (min–max); ratio to direct. The balancer runs in skb XDP mode (on veth it is faster than native).\n").unwrap();
     writeln!(md, "| path | keep-alive req/s | `Connection: close` conn/s | 1-conn p50 / p99 µs | 32-conn p99 µs | client retransmissions under `Connection: close` (all rounds; target 0) |").unwrap();
     writeln!(md, "|---|---|---|---|---|---|").unwrap();
     let total = |i: usize, k: usize| res[&i].iter().map(|r| r[k]).sum::<f64>();
