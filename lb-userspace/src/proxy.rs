@@ -4,6 +4,10 @@
 //! and reused. The daemon publishes every change (weights, states, health, reload) as a new
 //! [`View`]; the next request uses it.
 //!
+//! A request without a body (nearly all of them) is read, forwarded and answered by
+//! [`front`] without hyper's server; a connection that brings anything else is handed to
+//! hyper's HTTP/1 server ([`handle`]) for the rest of its life.
+//!
 //! Each service's proxy runs one thread per CPU, each with its own single-threaded runtime,
 //! listener (`SO_REUSEPORT`: the kernel spreads connections) and upstream pool, as nginx runs
 //! workers: a request never wakes another thread. On lbd's shared two-thread runtime, perf put
