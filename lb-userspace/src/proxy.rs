@@ -5,8 +5,8 @@
 //! [`View`]; the next request uses it.
 //!
 //! A request without a body (nearly all of them) is read, forwarded and answered by
-//! [`front`] without hyper's server; a connection that brings anything else is handed to
-//! hyper's HTTP/1 server ([`handle`]) for the rest of its life.
+//! `proxy/front.rs` without hyper's server; a connection that brings anything else is handed
+//! to hyper's HTTP/1 server (`handle`) for the rest of its life.
 //!
 //! Each service's proxy runs one thread per CPU, each with its own single-threaded runtime,
 //! listener (`SO_REUSEPORT`: the kernel spreads connections) and upstream pool, as nginx runs

@@ -85,7 +85,7 @@ impl Dataplane {
     }
 
     /// Active flows per backend id (as of the last conntrack walk, at most
-    /// [`counter::STALE`] old; never blocks).
+    /// `counter::STALE` old; never blocks).
     pub fn active_flows(&self) -> std::collections::HashMap<u32, u64> {
         self.conntrack.active()
     }
@@ -99,7 +99,7 @@ impl Dataplane {
         Ok(out)
     }
 
-    /// Flows in the conntrack map (as of the last count, at most [`counter::STALE`] old: the
+    /// Flows in the conntrack map (as of the last count, at most `counter::STALE` old: the
     /// count walks every key, one syscall each, so it runs on a thread of its own and never
     /// delays the caller), and the map's capacity.
     pub fn conntrack_fill(&self) -> (u64, u32) {

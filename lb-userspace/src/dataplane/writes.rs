@@ -121,7 +121,7 @@ impl Dataplane {
     }
 
     /// Until when the service at index `id` may not get a new table: the half it would be
-    /// written into stopped being live less than [`HALF_GRACE`] ago (a packet may still read
+    /// written into stopped being live less than `HALF_GRACE` ago (a packet may still read
     /// it). `None`: now.
     pub fn grace_until(&self, id: u32) -> Option<tokio::time::Instant> {
         let until = *self.retired.get(&id)? + HALF_GRACE;
