@@ -106,6 +106,31 @@ pub struct Dataplane {
     links: Vec<PinnedLink>,
 }
 
+/// How often a program load interrupted by a signal is tried.
+const LOAD_ATTEMPTS: u32 = 5;
+
+/// Loads `prog` (called `name`). The verifier gives up with EAGAIN when a signal arrives for
+/// the loading thread while it works (a child process exiting, a SIGHUP); libbpf tries such
+/// a load again, and so does this. Any other error is the verifier's answer.
+fn load_program(prog: &mut Xdp, name: &str) -> Result<()> {
+    let mut attempt = 1;
+    loop {
+        match prog.load() {
+            Err(aya::programs::ProgramError::LoadError { io_error, .. })
+                if io_error.raw_os_error() == Some(libc::EAGAIN) && attempt < LOAD_ATTEMPTS =>
+            {
+                tracing::debug!(
+                    program = name,
+                    attempt,
+                    "program load interrupted; trying again"
+                );
+                attempt += 1;
+            }
+            r => return r.with_context(|| format!("verifier rejected {name}")),
+        }
+    }
+}
+
 impl Dataplane {
     /// Loads the object (adopting pinned maps under `pin_dir/v3/maps` when they exist).
     /// With `LB_VERIFIER_LOG` set, a rejected program comes with the verifier's whole log.
@@ -146,17 +171,14 @@ impl Dataplane {
             .program_mut(PROGRAM)
             .ok_or_else(|| anyhow!("program {PROGRAM} missing from the object"))?
             .try_into()?;
-        prog.load()
-            .with_context(|| format!("verifier rejected {PROGRAM}"))?;
+        load_program(prog, PROGRAM)?;
         // The new-flow half, which the balancer tail-calls: loaded and put in its slot now,
         // before any interface runs this object's balancer.
         let new_flow: &mut Xdp = ebpf
             .program_mut(NEW_FLOW_PROGRAM)
             .ok_or_else(|| anyhow!("program {NEW_FLOW_PROGRAM} missing from the object"))?
             .try_into()?;
-        new_flow
-            .load()
-            .with_context(|| format!("verifier rejected {NEW_FLOW_PROGRAM}"))?;
+        load_program(new_flow, NEW_FLOW_PROGRAM)?;
         let new_flow_fd = new_flow.fd()?.try_clone()?;
         let mut programs = ProgramArray::try_from(
             ebpf.map_mut(map_names::PROGRAMS)
@@ -280,8 +302,7 @@ impl Dataplane {
             .ok_or_else(|| anyhow!("no program {name}"))?
             .try_into()?;
         if prog.fd().is_err() {
-            prog.load()
-                .with_context(|| format!("verifier rejected {name}"))?;
+            load_program(prog, name)?;
         }
         Ok(prog)
     }
