@@ -109,13 +109,22 @@ pub struct Dataplane {
 /// How often a program load interrupted by a signal is tried.
 const LOAD_ATTEMPTS: u32 = 5;
 
-/// Loads `prog` (called `name`). The verifier gives up with EAGAIN when a signal arrives for
-/// the loading thread while it works (a child process exiting, a SIGHUP); libbpf tries such
-/// a load again, and so does this. Any other error is the verifier's answer.
+/// Loads `prog` (called `name`), through [`retry_interrupted`].
 fn load_program(prog: &mut Xdp, name: &str) -> Result<()> {
+    retry_interrupted(name, || prog.load()).with_context(|| format!("verifier rejected {name}"))
+}
+
+/// Runs `load` until it does not fail with EAGAIN, at most [`LOAD_ATTEMPTS`] times. The
+/// verifier gives up with EAGAIN when a signal arrives for the loading thread while it works
+/// (a child process exiting, a SIGHUP); libbpf tries such a load again, and so does this. Any
+/// other error is the verifier's answer, returned at once.
+fn retry_interrupted(
+    name: &str,
+    mut load: impl FnMut() -> Result<(), aya::programs::ProgramError>,
+) -> Result<(), aya::programs::ProgramError> {
     let mut attempt = 1;
     loop {
-        match prog.load() {
+        match load() {
             Err(aya::programs::ProgramError::LoadError { io_error, .. })
                 if io_error.raw_os_error() == Some(libc::EAGAIN) && attempt < LOAD_ATTEMPTS =>
             {
@@ -126,7 +135,7 @@ fn load_program(prog: &mut Xdp, name: &str) -> Result<()> {
                 );
                 attempt += 1;
             }
-            r => return r.with_context(|| format!("verifier rejected {name}")),
+            r => return r,
         }
     }
 }
@@ -381,5 +390,47 @@ pub fn empty_table() -> Box<MaglevTable> {
             std::alloc::handle_alloc_error(layout);
         }
         Box::from_raw(p)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use aya::programs::ProgramError;
+
+    use super::{LOAD_ATTEMPTS, retry_interrupted};
+
+    fn failed(errno: i32) -> ProgramError {
+        ProgramError::LoadError {
+            io_error: std::io::Error::from_raw_os_error(errno),
+            verifier_log: aya_obj::VerifierLog::new(String::new()),
+        }
+    }
+
+    /// A load interrupted by signals is tried again until it goes through, up to
+    /// `LOAD_ATTEMPTS` times; the verifier's own refusal is not tried again.
+    #[test]
+    fn only_an_interrupted_load_is_tried_again_and_only_so_often() {
+        // Interrupted 1, 4 and 5 times, then it would go through; refused once.
+        for (interrupted, errno, ok, calls) in [
+            (1, libc::EAGAIN, true, 2),
+            (LOAD_ATTEMPTS - 1, libc::EAGAIN, true, LOAD_ATTEMPTS),
+            (LOAD_ATTEMPTS, libc::EAGAIN, false, LOAD_ATTEMPTS),
+            (1, libc::EACCES, false, 1),
+        ] {
+            let mut n = 0;
+            let r = retry_interrupted("p", || {
+                n += 1;
+                if n <= interrupted {
+                    Err(failed(errno))
+                } else {
+                    Ok(())
+                }
+            });
+            assert_eq!(
+                (r.is_ok(), n),
+                (ok, calls),
+                "{interrupted} failures with errno {errno}"
+            );
+        }
     }
 }
