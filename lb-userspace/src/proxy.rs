@@ -45,7 +45,7 @@ use crate::{
     swrr::{Swrr, integer_weights},
     upstream::{
         UpstreamBody, UpstreamError, UpstreamLimits, Upstreams,
-        h1::{H1Body, H1Pool},
+        h1::{H1Body, H1Pool, split_list},
     },
 };
 
@@ -291,67 +291,15 @@ pub async fn serve(
     let (drain_tx, drain_rx) = watch::channel(false);
     let header_timeout = limits.header_timeout;
     {
-        let accepting =
-            accept_loop(listener, limits.cap.clone(), |(stream, peer), slot| {
-                while connections.try_join_next().is_some() {}
-                let shared = shared.clone();
-                let mut drain = drain_rx.clone();
-                connections.spawn(async move {
-                    let _slot = slot;
-                    // The client's address as X-Forwarded-For carries it, written once per
-                    // connection on the stack (an IPv6 address takes at most 45 bytes).
-                    let mut text = [0u8; 48];
-                    let peer_ip = {
-                        let mut w = &mut text[..];
-                        let room = w.len();
-                        let n = std::io::Write::write_fmt(&mut w, format_args!("{}", peer.ip()))
-                            .map_or(0, |()| room - w.len());
-                        &text[..n]
-                    };
-                    let stream =
-                        match front::serve(stream, peer_ip, &shared, &mut drain, header_timeout)
-                            .await
-                        {
-                            front::Ended::Closed => return,
-                            front::Ended::Handoff(stream, read) => {
-                                front::Prefixed::new(stream, read)
-                            }
-                        };
-                    // Cloned (a reference count) per request.
-                    let peer_ip = HeaderValue::from_bytes(peer_ip)
-                        .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
-                    let svc = service_fn(move |req| {
-                        let shared = shared.clone();
-                        let peer_ip = peer_ip.clone();
-                        async move { Ok::<_, Infallible>(handle(&shared, req, peer_ip).await) }
-                    });
-                    let conn = hyper::server::conn::http1::Builder::new()
-                        .timer(TokioTimer::new())
-                        .header_read_timeout(header_timeout)
-                        .serve_connection(TokioIo::new(stream), svc);
-                    tokio::pin!(conn);
-                    let ended = tokio::select! {
-                        r = conn.as_mut() => Some(r),
-                        _ = drain.wait_for(|d| *d) => None,
-                    };
-                    let r = match ended {
-                        Some(r) => r,
-                        // Draining: the next request is still read and answered (with
-                        // `Connection: close`) for a grace; then an idle connection closes, a
-                        // busy one after its response.
-                        None => match tokio::time::timeout(DRAIN_GRACE, conn.as_mut()).await {
-                            Ok(r) => r,
-                            Err(_) => {
-                                conn.as_mut().graceful_shutdown();
-                                conn.await
-                            }
-                        },
-                    };
-                    if let Err(e) = r {
-                        tracing::debug!(error = %e, %peer, "proxy connection ended");
-                    }
-                });
+        let accepting = accept_loop(listener, limits.cap.clone(), |(stream, peer), slot| {
+            while connections.try_join_next().is_some() {}
+            let shared = shared.clone();
+            let drain = drain_rx.clone();
+            connections.spawn(async move {
+                let _slot = slot;
+                connection(stream, peer, &shared, drain, header_timeout).await;
             });
+        });
         // Idle backend connections are closed past their timeout while the proxy serves.
         let sweeping = async {
             let mut every = tokio::time::interval(UPSTREAM_IDLE / 4);
@@ -387,50 +335,113 @@ pub async fn serve(
     Ok(())
 }
 
+/// One client connection: served by [`front`] while its requests allow, then by hyper's
+/// server; draining as [`serve`] says.
+async fn connection(
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    shared: &Arc<Shared>,
+    mut drain: watch::Receiver<bool>,
+    header_timeout: Duration,
+) {
+    // The client's address as X-Forwarded-For carries it, written once per
+    // connection on the stack (an IPv6 address takes at most 45 bytes).
+    let mut text = [0u8; 48];
+    let peer_ip = {
+        let mut w = &mut text[..];
+        let room = w.len();
+        let n = std::io::Write::write_fmt(&mut w, format_args!("{}", peer.ip()))
+            .map_or(0, |()| room - w.len());
+        &text[..n]
+    };
+    let stream = match front::serve(stream, peer_ip, shared, &mut drain, header_timeout).await {
+        front::Ended::Closed => return,
+        front::Ended::Handoff(stream, read) => front::Prefixed::new(stream, read),
+    };
+    // Cloned (a reference count) per request.
+    let peer_ip =
+        HeaderValue::from_bytes(peer_ip).unwrap_or_else(|_| HeaderValue::from_static("unknown"));
+    let svc = service_fn(move |req| {
+        let shared = shared.clone();
+        let peer_ip = peer_ip.clone();
+        async move { Ok::<_, Infallible>(handle(&shared, req, peer_ip).await) }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout)
+        .serve_connection(TokioIo::new(stream), svc);
+    tokio::pin!(conn);
+    let ended = tokio::select! {
+        r = conn.as_mut() => Some(r),
+        _ = drain.wait_for(|d| *d) => None,
+    };
+    let r = match ended {
+        Some(r) => r,
+        // Draining: the next request is still read and answered (with
+        // `Connection: close`) for a grace; then an idle connection closes, a
+        // busy one after its response.
+        None => match tokio::time::timeout(DRAIN_GRACE, conn.as_mut()).await {
+            Ok(r) => r,
+            Err(_) => {
+                conn.as_mut().graceful_shutdown();
+                conn.await
+            }
+        },
+    };
+    if let Err(e) = r {
+        tracing::debug!(error = %e, %peer, "proxy connection ended");
+    }
+}
+
 /// How long a backend connection may stay idle in a worker's pool.
 const UPSTREAM_IDLE: Duration = Duration::from_secs(60);
 
-static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
-static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 
-/// Headers that describe one hop, not the message (RFC 9110 §7.6.1). Names, not strings:
-/// a removal by string parses and hashes the name on every request.
-fn hop_by_hop() -> [&'static HeaderName; 7] {
-    [
-        &header::CONNECTION,
-        &KEEP_ALIVE,
-        &PROXY_CONNECTION,
-        &header::TE,
-        &header::TRAILER,
-        &header::UPGRADE,
-        &header::PROXY_AUTHORIZATION,
-    ]
+/// Fields that describe one hop, not the message (RFC 9110 §7.6.1): not passed on, either
+/// way.
+const HOP_BY_HOP: [&str; 7] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "upgrade",
+    "proxy-authorization",
+];
+
+/// Whether the field `name` is one of [`HOP_BY_HOP`].
+fn hop_by_hop(name: &str) -> bool {
+    HOP_BY_HOP.iter().any(|n| name.eq_ignore_ascii_case(n))
+}
+
+/// The fields a `Connection` value names, hop-by-hop too: its elements other than the
+/// options `close` and `keep-alive`.
+fn connection_named(value: &[u8]) -> impl Iterator<Item = &[u8]> {
+    split_list(value)
+        .filter(|t| !t.eq_ignore_ascii_case(b"close") && !t.eq_ignore_ascii_case(b"keep-alive"))
+}
+
+/// The 503 body when `service` has no backend to send a request to.
+fn no_backend(service: &str) -> String {
+    format!("503: service {service:?} has no healthy ready backend\n")
 }
 
 fn strip_hop_by_hop(h: &mut HeaderMap) {
     // Most messages carry none: one pass over their few names costs less than seven
-    // removals, each a hash and a probe.
-    let hop = hop_by_hop();
-    if !h.keys().any(|k| hop.contains(&k)) {
+    // removals, each a parse, a hash and a probe.
+    if !h.keys().any(|k| hop_by_hop(k.as_str())) {
         return;
     }
-    // Headers named in Connection are hop-by-hop too (rare: allocate only then). Its common
-    // tokens name no header to remove: `close`, or `keep-alive` (removed above anyway).
+    // Headers named in Connection are hop-by-hop too (rare: allocate only then).
     let named: Vec<String> = h
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(str::trim)
-        .filter(|s| {
-            !s.is_empty()
-                && !s.eq_ignore_ascii_case("close")
-                && !s.eq_ignore_ascii_case("keep-alive")
-        })
-        .map(str::to_ascii_lowercase)
+        .flat_map(|v| connection_named(v.as_bytes()))
+        .map(|t| String::from_utf8_lossy(t).to_ascii_lowercase())
         .collect();
-    for n in hop {
+    for n in HOP_BY_HOP {
         h.remove(n);
     }
     for n in named {
@@ -480,13 +491,7 @@ async fn handle(
         return bad_request(why);
     }
     let Some(target) = shared.pick(req.headers()) else {
-        return full(
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!(
-                "503: service {:?} has no healthy ready backend\n",
-                shared.service
-            ),
-        );
+        return full(StatusCode::SERVICE_UNAVAILABLE, no_backend(&shared.service));
     };
     let started = Instant::now();
     // Origin form (what a backend expects from a proxy that is not an HTTP proxy): an

@@ -33,8 +33,11 @@ use tokio::{
     sync::watch,
 };
 
-use super::{DRAIN_GRACE, Shared, Target, UPSTREAM_TIMEOUT, upstream_failure};
-use crate::upstream::h1::{self, H1Body, Head};
+use super::{
+    DRAIN_GRACE, Shared, Target, UPSTREAM_TIMEOUT, connection_named, hop_by_hop, no_backend,
+    upstream_failure,
+};
+use crate::upstream::h1::{self, H1Body, Head, split_list};
 
 /// The most header fields a request handled here may have (hyper's default limit too).
 const MAX_HEADERS: usize = 100;
@@ -45,22 +48,6 @@ const MAX_HEAD: usize = 16 * 1024;
 const READ_CHUNK: usize = 4096;
 /// A body up to this size is copied behind its head, so both leave in one write.
 const COPY_BODY: usize = 16 * 1024;
-
-/// Fields that describe one hop, not the message (RFC 9110 §7.6.1): not passed on, either
-/// way. (A request with `Upgrade` never reaches here.)
-const HOP_BY_HOP: [&str; 7] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "upgrade",
-    "proxy-authorization",
-];
-
-fn hop_by_hop(name: &str) -> bool {
-    HOP_BY_HOP.iter().any(|n| name.eq_ignore_ascii_case(n))
-}
 
 /// How a connection left this loop.
 pub(super) enum Ended {
@@ -187,10 +174,7 @@ pub(super) async fn serve(
         let p = match prepared {
             Ok(p) => p,
             Err((http10, keep)) => {
-                let text = format!(
-                    "503: service {:?} has no healthy ready backend\n",
-                    shared.service
-                );
+                let text = no_backend(&shared.service);
                 let keep = keep && !draining;
                 plain(
                     &mut out,
@@ -286,12 +270,12 @@ fn prepare(buf: &[u8], peer_ip: &[u8], shared: &Shared, up: &mut Vec<u8>) -> Ste
         {
             return Step::Handoff;
         } else if name.eq_ignore_ascii_case("connection") {
-            for token in h.value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+            for token in split_list(h.value) {
                 if token.eq_ignore_ascii_case(b"close") {
                     close = true;
                 } else if token.eq_ignore_ascii_case(b"keep-alive") {
                     keep_alive = true;
-                } else if !token.is_empty() {
+                } else {
                     // It names headers to remove as hop-by-hop too: rare, hyper's path does.
                     return Step::Handoff;
                 }
@@ -423,16 +407,7 @@ async fn respond(
         .iter()
         .filter(|f| f.name.eq_ignore_ascii_case("connection"))
     {
-        named.extend(
-            f.value
-                .split(|&b| b == b',')
-                .map(<[u8]>::trim_ascii)
-                .filter(|t| {
-                    !t.is_empty()
-                        && !t.eq_ignore_ascii_case(b"close")
-                        && !t.eq_ignore_ascii_case(b"keep-alive")
-                }),
-        );
+        named.extend(connection_named(f.value));
     }
     let mut has_length = false;
     for f in fields {

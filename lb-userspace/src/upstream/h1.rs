@@ -441,7 +441,7 @@ fn parse_head(buf: &mut BytesMut, head_only: bool) -> Result<Option<Parsed>, Ups
 }
 
 /// The elements of a comma-separated header value, trimmed, empty ones skipped.
-fn split_list(value: &[u8]) -> impl Iterator<Item = &[u8]> {
+pub fn split_list(value: &[u8]) -> impl Iterator<Item = &[u8]> {
     value
         .split(|&b| b == b',')
         .map(|v| v.trim_ascii())
