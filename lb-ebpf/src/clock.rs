@@ -4,8 +4,9 @@
 //! The coarse clock only moves on the timer tick, so reading it once per tick loses nothing.
 //! Reading it per packet cost a helper call, which on hosts with return-thunk mitigations
 //! (`spectre_v2: Retpolines`, `spec_rstack_overflow: Safe RET`) was ~20 ns of an 84 ns hit
-//! path (BENCHMARKS.md's host). `bpf_jiffies64` is inlined by the verifier on 64-bit JITs (a load of `jiffies`), and
-//! the per-CPU array lookup is inlined too, so a packet now pays two loads and a compare.
+//! path (BENCHMARKS.md's host). `bpf_jiffies64` is inlined by the verifier on 64-bit JITs (a
+//! load of `jiffies`), and the per-CPU array lookup is inlined too, so a packet now pays two
+//! loads and a compare.
 //!
 //! The cached value can lag the coarse clock by one tick at most (a CPU that sees the new
 //! jiffy before the timekeeper's update keeps the previous tick's time for that jiffy): the
