@@ -25,6 +25,17 @@ pub mod signal {
     pub const ANSWERED: u8 = 1;
 }
 
+/// How long the XDP program may use a CPU's cached copy of an established flow's conntrack
+/// entry after taking it (its per-CPU flow cache, `lb-ebpf/src/flowcache.rs`). A new entry
+/// under the key reaches the copies at once (a generation they are checked against); an
+/// entry the LRU evicts does not, so a copy may outlive its entry by this long, and lbd's flow
+/// collector leaves an orphaned flow's SNAT port alone for longer than this
+/// (`dataplane/gc.rs`).
+pub const FLOW_CACHE_TTL_NS: u64 = 250_000_000;
+
+// A closed flow's copies must be gone before its SNAT port can go to another flow.
+const _: () = assert!(FLOW_CACHE_TTL_NS < crate::Tunables::DEFAULT.tcp_closed_reuse_ns);
+
 /// Forward direction (client → VIP): where the flow goes and as whom.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]

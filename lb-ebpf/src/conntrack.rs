@@ -11,6 +11,12 @@ use crate::parse::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
 /// line between CPUs for no gain in precision.
 const REFRESH_NS: u64 = 1_000_000_000;
 
+/// Whether an entry last refreshed at `last_seen` is refreshed by a packet at `now`.
+#[inline(always)]
+pub fn needs_refresh(last_seen: u64, now: u64) -> bool {
+    now.saturating_sub(last_seen) > REFRESH_NS
+}
+
 /// Whether `flags` is a connection-opening SYN (SYN without ACK).
 #[inline(always)]
 pub fn is_syn(flags: u8) -> bool {
@@ -47,7 +53,7 @@ pub fn observe(
     // Refreshed by them, a SYN flood's flows became young again a second after they began,
     // just as new flows came round for their ports, and those new flows were refused.
     let half_open_answer = proto == PROTO_TCP && *st == state::SYN && !from_client;
-    if changed || (!half_open_answer && now.saturating_sub(*last_seen) > REFRESH_NS) {
+    if changed || (!half_open_answer && needs_refresh(*last_seen, now)) {
         *last_seen = now;
         changed = true;
     }

@@ -117,6 +117,8 @@ pub fn open(ctx: &XdpContext, pkt: &Packet, svc: &ServiceValue, now: u64) -> u32
         // Not stored (the map is full of live flows): the packet still goes where the table
         // says, as the flow's next packets will while the table stays.
         if LB_CONNTRACK.insert(&pkt.key, &f.ct, BPF_ANY as u64).is_ok() {
+            // It may have replaced a full-NAT flow that other CPUs hold copies of.
+            crate::flowcache::invalidate(crate::flowcache::slot_of(&pkt.key));
             stats::bump(Stat::NewFlow);
         }
     }

@@ -1,15 +1,19 @@
 //! lb's data plane: an XDP full-NAT layer-4 balancer.
 //!
-//! Per packet: parse → VIP? (conntrack hit, or a SYN → Maglev bucket → backend, new flow) →
-//! full-NAT rewrite → cached next hop → TX/REDIRECT. Return traffic (backend → SNAT
-//! address:port) is reverse-NATed back to the client; ICMP errors about a flow are translated
-//! to its other end (`icmp`). A direct-server-return service's packets skip the NAT (`dsr`). Everything else is passed to the kernel untouched. Tables, weights and health are userspace's business; this program only reads them.
+//! Per packet: parse → VIP? (this CPU's copy of the flow's entry (`flowcache`), a conntrack
+//! hit, or a SYN → Maglev bucket → backend, new flow) → full-NAT rewrite → cached next hop →
+//! TX/REDIRECT. Return traffic (backend → SNAT address:port) is reverse-NATed back to the
+//! client; ICMP errors about a flow are translated to its other end (`icmp`). A
+//! direct-server-return service's packets skip the NAT (`dsr`). Everything else is passed to
+//! the kernel untouched. Tables, weights and health are userspace's business; this program
+//! only reads them.
 #![no_std]
 #![no_main]
 
 mod clock;
 mod conntrack;
 mod dsr;
+mod flowcache;
 mod forward;
 mod guard;
 mod icmp;
@@ -164,8 +168,47 @@ fn to_backend(
     t: &Tunables,
 ) -> Result<u32, ()> {
     let now = crate::clock::now();
+    let slot = flowcache::slot_of(&pkt.key);
+    // This CPU's copy of the flow's entry when this packet would change nothing in it (see
+    // `flowcache`): no hashing of the key, no bucket walk.
+    let cached = flowcache::get(pkt, slot, now, t)
+        .filter(|c| serves(services_on_port, c.service_id))
+        .filter(|_| nat::ttl(pkt) > 1);
+    let e = match cached {
+        Some(c) => c,
+        None => match track(ctx, pkt, services_on_port, slot, now, t) {
+            Ok(e) => e,
+            Err(verdict) => return Ok(verdict),
+        },
+    };
+    deliver(ctx, pkt, e, None, now, t)
+}
+
+/// Whether the service with id `service_id` is among `services_on_port` (a bit per id).
+#[inline(always)]
+fn serves(services_on_port: u32, service_id: u8) -> bool {
+    services_on_port
+        .checked_shr(service_id as u32)
+        .is_some_and(|m| m & 1 != 0)
+}
+
+/// The full path of a client packet: its flow's conntrack entry, updated by the packet and
+/// copied to this CPU's flow cache (in `slot`) when the next packets may use the copy. `Err`:
+/// the packet's verdict, when it is not forwarded as a packet of a live full-NAT flow (a new
+/// flow, TTL exceeded, a direct-server-return flow).
+#[inline(always)]
+fn track(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    services_on_port: u32,
+    slot: u32,
+    now: u64,
+    t: &Tunables,
+) -> Result<&'static lb_common::conntrack::CtValue, u32> {
     let proto = pkt.key.proto;
     let syn = pkt.is_tcp() && conntrack::is_syn(pkt.tcp_flags);
+    // Before the lookup: a change to the entry after this read makes the copy stale.
+    let generation = flowcache::generation(slot);
     // Conntrack first: a hit needs no service lookup, only the check that its service still
     // listens here (a removed service's flows end, as they would without the entry).
     let existing = LB_CONNTRACK.get_ptr_mut(&pkt.key).and_then(|p| {
@@ -173,22 +216,20 @@ fn to_backend(
         let e = unsafe { &mut *p };
         let reusable = conntrack::alive(e.last_seen_ns, e.state, proto, now, t)
             && !(syn && e.state == lb_common::conntrack::state::CLOSING)
-            && services_on_port
-                .checked_shr(e.service_id as u32)
-                .is_some_and(|m| m & 1 != 0);
+            && serves(services_on_port, e.service_id);
         reusable.then_some(e)
     });
     let Some(e) = existing else {
         // SAFETY: a tail call with this program's context; it returns only when the slot is
         // empty (lbd fills it at load).
         unsafe { maps::LB_PROGRAMS.tail_call(ctx, lb_common::layout::NEW_FLOW_PROGRAM) };
-        return Ok(drop(Stat::FlowNotCreated));
+        return Err(drop(Stat::FlowNotCreated));
     };
     if nat::ttl(pkt) <= 1 {
-        return Ok(pass(Stat::TtlExceeded));
+        return Err(pass(Stat::TtlExceeded));
     }
     if e.flags & lb_common::conntrack::CtValue::DSR != 0 {
-        return Ok(dsr::forward(ctx, pkt, e, syn, now, t));
+        return Err(dsr::forward(ctx, pkt, e, syn, now, t));
     }
     if pkt.is_tcp() && e.signals & lb_common::conntrack::signal::REQUEST == 0 {
         signals::from_client(pkt, e, syn);
@@ -208,7 +249,8 @@ fn to_backend(
             conntrack::sync(&mut r.last_seen_ns, &mut r.state, e.last_seen_ns, e.state);
         }
     }
-    deliver(ctx, pkt, e, None, now, t)
+    flowcache::put(slot, generation, &pkt.key, e, now);
+    Ok(e)
 }
 
 /// What [`open_flow`] returns when the packet is for no service at its address.
@@ -282,6 +324,8 @@ fn open_flow(ctx: &XdpContext, pkt: &Packet, t: &Tunables, now: u64) -> u32 {
     if let Err(reason) = select::new_flow(ctx, pkt, &svc, t, wscale as u32) {
         return drop(reason);
     }
+    // It may have replaced a flow on the same 5-tuple that other CPUs hold copies of.
+    flowcache::invalidate(flowcache::slot_of(&pkt.key));
     stats::bump(Stat::NewFlow);
     let hop = if f.routed != 0 { Ok(f.hop) } else { Err(0) };
     deliver(ctx, pkt, &f.ct, Some(hop), now, t).unwrap_or(XDP_ABORTED)

@@ -98,6 +98,22 @@ pub static LB_NEW_FLOW: PerCpuArray<crate::select::NewFlow> = PerCpuArray::with_
 #[map]
 pub static LB_SCRATCH_KEY: PerCpuArray<FlowKey> = PerCpuArray::with_max_entries(1, 0);
 
+/// Slot (a cheap hash of a flow key) → this CPU's copy of an established flow's conntrack
+/// entry (see `flowcache`). Not pinned: a new program starts with an empty cache.
+#[map]
+pub static LB_FLOW_CACHE: PerCpuArray<crate::flowcache::Slot> =
+    PerCpuArray::with_max_entries(crate::flowcache::SLOTS, 0);
+
+/// Slot → the generation of the conntrack entries hashed to it, new after every insert of
+/// one of them; shared by all CPUs (see `flowcache`). Not pinned.
+#[map]
+pub static LB_FLOW_GEN: Array<u64> = Array::with_max_entries(crate::flowcache::SLOTS, 0);
+
+/// Index 0 → how many conntrack entries this CPU inserted: the unique part of the
+/// generations it writes (see `flowcache::invalidate`). Not pinned.
+#[map]
+pub static LB_FLOW_CHANGES: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
 /// Index 0 → this CPU's cached coarse clock reading (see `clock`). Not pinned.
 #[map]
 pub static LB_CLOCK: PerCpuArray<crate::clock::Reading> = PerCpuArray::with_max_entries(1, 0);

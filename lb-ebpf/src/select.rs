@@ -139,6 +139,8 @@ fn reclaim(rkey: &FlowKey, rval: &RnatValue, t: &Tunables) -> bool {
     if !own || LB_CONNTRACK.remove(fkey).is_err() {
         return false;
     }
+    // No flow cache holds a half-open flow (`flowcache::put`), and copies of whatever held
+    // its 5-tuple before were made stale when it replaced that: nothing to invalidate.
     if LB_REVERSE_NAT.insert(rkey, rval, BPF_EXIST as u64).is_err() {
         return false;
     }

@@ -1361,10 +1361,15 @@ fn icmp_errors_about_a_flow_are_translated_to_its_other_end() {
 /// Keeps the calling thread on CPU 0: test_run runs the program on the caller's CPU, and the
 /// SNAT port classes are per CPU.
 fn pin_to_cpu0() {
+    pin_to_cpu(0)
+}
+
+/// Moves the calling thread to CPU `cpu` (and keeps it there).
+fn pin_to_cpu(cpu: usize) {
     // SAFETY: a zeroed cpu_set_t with one bit set, for the calling thread.
     unsafe {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(0, &mut set);
+        libc::CPU_SET(cpu, &mut set);
         assert_eq!(
             libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set),
             0
@@ -1372,10 +1377,112 @@ fn pin_to_cpu0() {
     }
 }
 
+/// A data plane (in a private namespace named after `tag`) whose one service, VIP:80/tcp, has
+/// backend 1 alone; and the client's segment from port 40000 with flags `f` and a request.
+fn one_backend(tag: &str) -> (Netns, Dataplane) {
+    let ns = xdp::private_netns(tag, &[(BACKENDS[0], backend_mac(0))]);
+    let mut dp = xdp::load(|_| {});
+    xdp::set_backend(&mut dp, 1, BACKENDS[0]);
+    xdp::single_backend_table(&mut dp, 0, VIP, 80, 6, 1);
+    (ns, dp)
+}
+
+/// The client's segment from port 40000 to VIP:80 with flags `f`, carrying a request.
+fn request(f: packets::Flags) -> Vec<u8> {
+    tcp_with(
+        (CLIENT, 40000),
+        (VIP, 80),
+        f,
+        b"GET / HTTP/1.1\r\n\r\n",
+        &[],
+    )
+}
+
+/// Sends `pkt` and returns the SNAT port it went out from (it must be forwarded).
+fn sent_from(dp: &mut Dataplane, pkt: &[u8]) -> u16 {
+    let (v, out, _) = xdp::run(dp, PROGRAM, pkt, 1);
+    assert_eq!(v, XDP_REDIRECT, "forwarded");
+    check(&out).src.1
+}
+
+/// Each CPU forwards an established flow's packets from its own copy of the flow's entry
+/// (its flow cache). A client that closes a connection and opens another on the same
+/// 5-tuple gets a new flow (a new SNAT port, maybe another backend): a CPU that holds a copy
+/// of the old flow must send the new connection's packets as the new flow's, at once.
+#[test]
+fn a_flow_reopened_on_one_cpu_is_never_served_from_another_cpus_copy_of_the_old_one() {
+    if !require_root("a_flow_reopened_on_one_cpu_is_never_served") {
+        return;
+    }
+    if std::thread::available_parallelism().map_or(1, |n| n.get()) < 2 {
+        eprintln!("skipped: needs two CPUs (a flow cache is per CPU)");
+        return;
+    }
+    let (_ns, mut dp) = one_backend("fr");
+    let syn = tcp((CLIENT, 40000), (VIP, 80), SYN);
+
+    // CPU 1: the connection opens and sends its request; CPU 1 keeps a copy of its flow and
+    // forwards its next packets from it.
+    pin_to_cpu(1);
+    let old = sent_from(&mut dp, &syn);
+    for _ in 0..3 {
+        assert_eq!(sent_from(&mut dp, &request(ACK)), old);
+    }
+    // CPU 0: the client closes it and opens another on the same 5-tuple, a new flow with one
+    // of CPU 0's SNAT ports.
+    pin_to_cpu0();
+    assert_eq!(
+        sent_from(&mut dp, &tcp((CLIENT, 40000), (VIP, 80), FIN)),
+        old
+    );
+    let new = sent_from(&mut dp, &syn);
+    assert_ne!(new, old, "each CPU has SNAT ports of its own");
+    // CPU 1, well within its copy's lifetime: the new connection's packets are the new flow's.
+    pin_to_cpu(1);
+    for _ in 0..3 {
+        assert_eq!(
+            sent_from(&mut dp, &request(ACK)),
+            new,
+            "sent as the new flow, not from CPU 1's copy of the old one"
+        );
+    }
+}
+
+/// The conntrack map's LRU evicts without telling the CPUs' flow caches: a copy of the
+/// evicted flow forwards its packets for at most `FLOW_CACHE_TTL_NS`, then they find no flow
+/// and pass to the host (which resets the connection), as without a cache.
+#[test]
+fn an_evicted_flow_is_forwarded_from_a_cpus_copy_for_at_most_the_cache_ttl() {
+    if !require_root("an_evicted_flow_is_forwarded_from_a_cpus_copy") {
+        return;
+    }
+    let (_ns, mut dp) = one_backend("fe");
+    pin_to_cpu0();
+    let port = sent_from(&mut dp, &tcp((CLIENT, 40000), (VIP, 80), SYN));
+    assert_eq!(sent_from(&mut dp, &request(ACK)), port);
+    dp.evict_flow_entry(&client_flow(40000), false).unwrap();
+    assert_eq!(
+        sent_from(&mut dp, &request(ACK)),
+        port,
+        "CPU 0's copy still forwards it"
+    );
+    std::thread::sleep(std::time::Duration::from_nanos(
+        lb_common::conntrack::FLOW_CACHE_TTL_NS + 50_000_000,
+    ));
+    let pkt = request(ACK);
+    let (v, out, _) = xdp::run(&mut dp, PROGRAM, &pkt, 1);
+    assert_eq!(
+        (v, out),
+        (XDP_PASS, pkt),
+        "no flow: passed to the host untouched"
+    );
+}
+
 /// A SNAT port is held by its flow's reverse-NAT entry, which the XDP program never evicts;
 /// lbd's flow collector frees it once the flow is over (closed, or idle past its timeout) or
-/// its conntrack entry has been evicted (at two passes in a row). So a port never goes to a
-/// new flow while a flow that still has an entry on either side uses it.
+/// its conntrack entry has been evicted (at two passes in a row, `ORPHAN_AGE` apart: a CPU's
+/// flow cache may forward the flow that long after). So a port never goes to a new flow
+/// while a flow that still has an entry on either side, or a cached copy, uses it.
 #[test]
 fn a_snat_port_goes_to_a_new_flow_only_once_its_flow_is_gone_from_both_maps() {
     if !require_root("a_snat_port_goes_to_a_new_flow_only_once") {
@@ -1414,17 +1521,17 @@ fn a_snat_port_goes_to_a_new_flow_only_once_its_flow_is_gone_from_both_maps() {
     assert!(refused(&mut dp, 40001), "B must not get A's port yet");
 
     // The collector's first pass only suspects A's reverse entry (a new flow's two inserts
-    // are not atomic); the second frees the port, and B gets it.
-    let c = dp.collect_flows(&mut suspects).unwrap();
-    assert_eq!(
-        (c.orphaned, c.finished, c.kept),
-        (0, 0, 1),
-        "first pass: {c:?}"
-    );
-    assert!(
-        refused(&mut dp, 40001),
-        "B must not get A's port after one pass"
-    );
+    // are not atomic); so does a second one right after (a CPU may still forward A from its
+    // flow cache); the first pass `ORPHAN_AGE` later frees the port, and B gets it.
+    for pass in ["first pass", "second pass, at once"] {
+        let c = dp.collect_flows(&mut suspects).unwrap();
+        assert_eq!((c.orphaned, c.finished, c.kept), (0, 0, 1), "{pass}: {c:?}");
+        assert!(
+            refused(&mut dp, 40001),
+            "B must not get A's port after the {pass}"
+        );
+    }
+    std::thread::sleep(lb_userspace::dataplane::gc::ORPHAN_AGE);
     let c = dp.collect_flows(&mut suspects).unwrap();
     assert_eq!(
         c,
@@ -1499,12 +1606,13 @@ fn the_flow_collector_judges_every_flow_of_a_table_larger_than_one_read() {
     assert_eq!(dp.collect_flows(&mut suspects).unwrap(), all);
 
     // A third of the flows lose their conntrack entry: suspected at the next pass (still
-    // kept), removed at the one after.
+    // kept), removed at the first one `ORPHAN_AGE` after.
     let lost: Vec<u16> = ports().step_by(3).collect();
     for &p in &lost {
         dp.evict_flow_entry(&key(p), false).unwrap();
     }
     assert_eq!(dp.collect_flows(&mut suspects).unwrap(), all);
+    std::thread::sleep(lb_userspace::dataplane::gc::ORPHAN_AGE);
     let n = lost.len() as u64;
     assert!(n > 4096, "more than one removal batch");
     assert_eq!(

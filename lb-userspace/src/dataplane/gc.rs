@@ -10,8 +10,11 @@
 //!   `tcp_closed_reuse` (what only strays still follow);
 //! - **orphaned** entries: their conntrack entry is gone (evicted from its LRU map when the
 //!   table is full) or now belongs to another flow, at two passes in a row — so the moment
-//!   between a new flow's two inserts is never mistaken for an orphan. The flow's client
-//!   packets already find no flow (the host resets them); its port is free again.
+//!   between a new flow's two inserts is never mistaken for an orphan — the first of them
+//!   more than [`ORPHAN_AGE`] ago: a CPU may still forward the flow's client packets from
+//!   its flow cache for [`FLOW_CACHE_TTL_NS`] after the entry went (`lb-ebpf`'s
+//!   `flowcache`), and must not do so onto the port's next owner. After that the flow's
+//!   client packets find no flow (the host resets them); its port is free again.
 //!
 //! Only the collector removes entries (besides a new flow taking back the entry it has just
 //! made, when its conntrack insert fails). The XDP program replaces an entry with another
@@ -22,7 +25,6 @@
 //! is freed all the same, as a closed flow's port always was after `tcp_closed_reuse`.)
 
 use std::{
-    collections::HashSet,
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -36,7 +38,7 @@ use aya::maps::{HashMap, Map, MapData};
 use super::batch;
 use lb_common::{
     Tunables,
-    conntrack::{CtValue, RnatValue, forward_key, holds, port_reusable},
+    conntrack::{CtValue, FLOW_CACHE_TTL_NS, RnatValue, forward_key, holds, port_reusable},
     flow::FlowKey,
 };
 
@@ -48,15 +50,21 @@ pub const INTERVAL: Duration = Duration::from_secs(1);
 pub struct Collected {
     /// Entries of finished flows (idle past their timeout, or closed).
     pub finished: u64,
-    /// Entries whose conntrack entry was gone at two passes in a row.
+    /// Entries whose conntrack entry was gone at two passes in a row, [`ORPHAN_AGE`] apart.
     pub orphaned: u64,
     /// Entries left in place.
     pub kept: u64,
 }
 
-/// The collector's memory between passes: entries without their conntrack entry last time.
+/// How long after a pass first finds a flow's conntrack entry gone its SNAT port may be
+/// freed: past the XDP flow cache's lifetime of a copy, plus two ticks of the coarse clock
+/// that copies are timed by (up to 10 ms each at HZ=100).
+pub const ORPHAN_AGE: Duration = Duration::from_nanos(FLOW_CACHE_TTL_NS + 20_000_000);
+
+/// The collector's memory between passes: entries without their conntrack entry, and when
+/// (CLOCK_MONOTONIC ns) a pass had found that out, at the latest.
 #[derive(Debug, Default)]
-pub struct Suspects(HashSet<FlowKey>);
+pub struct Suspects(std::collections::HashMap<FlowKey, u64>);
 
 /// One pass: judges every reverse-NAT entry (map id `reverse_id`) against its conntrack entry
 /// (map id `conntrack_id`) at `now_ns` (CLOCK_MONOTONIC, the XDP program's clock) and removes
@@ -76,7 +84,8 @@ pub fn pass(
     // conntrack lookup.
     let mut finished = Vec::new();
     let mut orphaned = Vec::new();
-    let mut next = HashSet::new();
+    let mut next = std::collections::HashMap::new();
+    let mut new_suspects = Vec::new();
     let mut kept = 0u64;
     batch::for_each::<FlowKey, RnatValue>(&reverse, |k, r| {
         if port_reusable(r.last_seen_ns, r.state, k.proto, now_ns, t) {
@@ -88,13 +97,25 @@ pub fn pass(
             .is_ok_and(|c| holds(&c, &k));
         if ours {
             kept += 1;
-        } else if suspects.0.contains(&k) {
-            orphaned.push(k);
-        } else {
-            next.insert(k);
-            kept += 1;
+            return;
+        }
+        match suspects.0.get(&k) {
+            Some(&seen) if now_ns.saturating_sub(seen) > ORPHAN_AGE.as_nanos() as u64 => {
+                orphaned.push(k)
+            }
+            Some(&seen) => {
+                next.insert(k, seen);
+                kept += 1;
+            }
+            None => {
+                new_suspects.push(k);
+                kept += 1;
+            }
         }
     })?;
+    // Every lookup of this walk is over by now: an entry found gone was gone by then.
+    let walked = monotonic_ns();
+    next.extend(new_suspects.into_iter().map(|k| (k, walked)));
     suspects.0 = next;
     Ok(Collected {
         kept,
