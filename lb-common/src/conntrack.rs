@@ -36,6 +36,19 @@ pub const FLOW_CACHE_TTL_NS: u64 = 250_000_000;
 // A closed flow's copies must be gone before its SNAT port can go to another flow.
 const _: () = assert!(FLOW_CACHE_TTL_NS < crate::Tunables::DEFAULT.tcp_closed_reuse_ns);
 
+/// Slots of each CPU's flow cache (a power of two).
+pub const FLOW_CACHE_SLOTS: u32 = 1 << FLOW_CACHE_BITS;
+const FLOW_CACHE_BITS: u32 = 12;
+
+/// The flow cache slot of flow `k`, in every CPU's cache and in the shared generations. Not
+/// a strong hash: a collision costs a miss, never a wrong copy (the whole key is compared).
+#[inline(always)]
+pub const fn flow_cache_slot(k: &FlowKey) -> u32 {
+    let a = k.src.lo ^ k.src.hi ^ k.dst.lo ^ k.dst.hi;
+    let w = (a as u32) ^ ((a >> 32) as u32) ^ ((k.sport as u32) << 16 | k.dport as u32);
+    w.wrapping_mul(0x9E37_79B1) >> (32 - FLOW_CACHE_BITS)
+}
+
 /// Forward direction (client → VIP): where the flow goes and as whom.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -374,5 +387,30 @@ mod tests {
         );
         // An out-of-range scale is capped at 14.
         assert_eq!(window_ok(true, 0, 200, seg(1 << 31, 1, ACK, 0)), None);
+    }
+
+    #[test]
+    fn the_flows_of_one_client_or_one_port_spread_over_the_flow_cache() {
+        extern crate std;
+        let flow = |src: [u8; 4], sport: u16| FlowKey {
+            src: crate::flow::v4(src),
+            dst: crate::flow::v4([10, 99, 0, 10]),
+            sport: sport.to_be(),
+            dport: 80u16.to_be(),
+            proto: crate::PROTO_TCP,
+            family: crate::FAMILY_V4,
+            _pad: 0,
+        };
+        let n = FLOW_CACHE_SLOTS as usize;
+        let spread = |slots: std::collections::HashSet<u32>| {
+            assert!(slots.iter().all(|&s| s < FLOW_CACHE_SLOTS));
+            slots.len()
+        };
+        // As many flows as slots: random slots would fill 63 % of them.
+        let one_client = (0..n as u16).map(|p| flow_cache_slot(&flow([10, 99, 1, 2], 32768 + p)));
+        assert!(spread(one_client.collect()) > n * 3 / 5);
+        let one_port =
+            (0..n).map(|i| flow_cache_slot(&flow([10, 99, (i >> 8) as u8, i as u8], 40000)));
+        assert!(spread(one_port.collect()) > n * 3 / 5);
     }
 }

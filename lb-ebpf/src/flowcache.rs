@@ -40,7 +40,7 @@ use core::sync::atomic::{Ordering, compiler_fence};
 
 use lb_common::{
     PROTO_TCP, Tunables,
-    conntrack::{CtValue, FLOW_CACHE_TTL_NS, signal, state},
+    conntrack::{CtValue, FLOW_CACHE_SLOTS, FLOW_CACHE_TTL_NS, signal, state},
     flow::FlowKey,
 };
 
@@ -49,9 +49,8 @@ use crate::{
     parse::{Packet, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
-/// Slots per CPU, and generations: a power of two.
-pub const SLOTS: u32 = 1 << BITS;
-const BITS: u32 = 12;
+/// Slots per CPU, and generations.
+pub const SLOTS: u32 = FLOW_CACHE_SLOTS;
 
 /// One CPU's copy of a flow's conntrack entry.
 #[repr(C)]
@@ -66,14 +65,7 @@ pub struct Slot {
     pub generation: u64,
 }
 
-/// The slot of flow `k`, in every CPU's cache and in the generations. Not a strong hash: a
-/// collision costs a miss, never a wrong copy (the whole key is compared).
-#[inline(always)]
-pub fn slot_of(k: &FlowKey) -> u32 {
-    let a = k.src.lo ^ k.src.hi ^ k.dst.lo ^ k.dst.hi;
-    let w = (a as u32) ^ ((a >> 32) as u32) ^ ((k.sport as u32) << 16 | k.dport as u32);
-    w.wrapping_mul(0x9E37_79B1) >> (32 - BITS)
-}
+pub use lb_common::conntrack::flow_cache_slot as slot_of;
 
 #[inline(always)]
 fn same(a: &FlowKey, b: &FlowKey) -> bool {
