@@ -151,7 +151,7 @@ fn from_backend<const IN_MAIN: bool>(
             return if IN_MAIN {
                 to_client::<true>(ctx, pkt, r, t)
             } else {
-                to_client_call(ctx, pkt, r, t)
+                Ok(to_client_call(ctx, pkt, r, t))
             };
         }
     }
@@ -375,15 +375,17 @@ fn deliver(
 }
 
 /// [`to_client`] as a BPF subprogram: its stack frame is not added to the new-flow
-/// program's, which alone comes close to the 512-byte limit.
+/// program's, which alone comes close to the 512-byte limit. It returns the verdict itself
+/// (`XDP_ABORTED` for an error): a `Result` can come back through the caller's stack, with a
+/// stack pointer left in R0, which the verifier refuses at the subprogram's exit.
 #[inline(never)]
 fn to_client_call(
     ctx: &XdpContext,
     pkt: &Packet,
     r: *mut lb_common::conntrack::RnatValue,
     t: &Tunables,
-) -> Result<u32, ()> {
-    to_client::<false>(ctx, pkt, r, t)
+) -> u32 {
+    to_client::<false>(ctx, pkt, r, t).unwrap_or(XDP_ABORTED)
 }
 
 /// Backend → SNAT address:port: rewrite back to VIP → client and send it the way the client's
