@@ -12,12 +12,17 @@
 //!   non-DSR flow whose request was seen (TCP), and used only for packets without SYN, FIN
 //!   or RST, while its `last_seen` needs no refresh ([`crate::conntrack::needs_refresh`]).
 //! - **A replaced entry reaches every CPU's copy.** A shared array holds a generation per
-//!   slot. Whatever puts a new entry under a key (a new flow on a reused 5-tuple, a
-//!   direct-server-return flow) gives its slot a new generation *after* the insert
-//!   ([`invalidate`]); the full path reads the generation *before* its lookup and keeps it
-//!   with the copy ([`generation`], [`put`]); a copy is used only while the generation is
-//!   unchanged. A replacement after the read leaves the copy stale; one before it is what
-//!   was copied.
+//!   slot; a copy keeps the generation read *before* the lookup that found its entry
+//!   ([`generation`], [`put`]) and is used only while the generation is unchanged. A new
+//!   entry goes under a key only through the new-flow program, which the balancer tail-calls
+//!   when the key's entry is missing, dead, closing (for a SYN) or of a service no longer on
+//!   the port: the balancer writes a new generation for the slot just before that call
+//!   ([`invalidate`]), the new-flow program again after its insert. The first makes every
+//!   copy taken before it stale, in this program's own generations (while lbd restarts, the
+//!   pinned tail-call slot already holds the new build's new-flow program, with generations
+//!   of its own); the entry being replaced is one no CPU copies in between (not established,
+//!   or past its refresh, or not served). The second covers an entry another CPU made
+//!   meanwhile.
 //! - **A state change needs nothing.** A flow that closes (FIN or RST either way) still
 //!   forwards its client's data on the full path, as its copies do; what ends it is a
 //!   timeout, or its SNAT port going to another flow, which lbd's flow collector allows
@@ -92,13 +97,13 @@ pub fn generation(slot: u32) -> u64 {
     g
 }
 
-/// Tells every CPU that the conntrack entry in `slot` was replaced: call it after the insert.
+/// Tells every CPU that the conntrack entry in `slot` is being replaced.
 ///
 /// It writes a value never written before (this CPU's count of replacements, and the CPU's
 /// number), not an increment: two CPUs' increments of one slot could interleave and bring it
 /// back to a value a stale copy holds. (Rust's BPF target has no atomic add to do it with.)
 ///
-/// A BPF subprogram: it runs once per new flow, and inlined, the values it keeps in
+/// A BPF subprogram: it runs twice per new flow, and inlined, the values it keeps in
 /// registers took stack in the new-flow program, which has none to spare.
 #[inline(never)]
 pub fn invalidate(slot: u32) {

@@ -220,6 +220,11 @@ fn track(
         reusable.then_some(e)
     });
     let Some(e) = existing else {
+        // The new-flow program may put a new entry under this key: this program's copies of
+        // the flow go stale now, before it. (The tail-call slot is pinned: while lbd restarts,
+        // it holds the new build's new-flow program, whose generations are not this
+        // program's; and what it replaces, no CPU keeps a copy of, see `flowcache`.)
+        flowcache::invalidate(slot);
         // SAFETY: a tail call with this program's context; it returns only when the slot is
         // empty (lbd fills it at load).
         unsafe { maps::LB_PROGRAMS.tail_call(ctx, lb_common::layout::NEW_FLOW_PROGRAM) };

@@ -137,6 +137,38 @@ fn publish(
     dp.publish_table(&key, svc_id, (snat, flags), &t).unwrap();
 }
 
+/// A private bpffs, unmounted and removed on drop.
+pub struct Bpffs(pub std::path::PathBuf);
+
+impl Bpffs {
+    /// Mounts one at `/run/<unique prefix from tag>`.
+    pub fn new(tag: &str) -> Bpffs {
+        let dir = std::path::PathBuf::from(format!("/run/{}", crate::netns::unique_prefix(tag)));
+        std::fs::create_dir_all(&dir).unwrap();
+        let fs = Bpffs(dir);
+        crate::netns::run(&["mount", "-t", "bpf", "bpf", fs.0.to_str().unwrap()]).unwrap();
+        fs
+    }
+}
+
+impl Drop for Bpffs {
+    fn drop(&mut self) {
+        let _ = crate::netns::run(&["umount", self.0.to_str().unwrap_or("")]);
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Loads the program as lbd does, pinning (or adopting) its maps and tail-call slot under
+/// `pin_dir`, with the real CPU count.
+pub fn load_pinned(pin_dir: &std::path::Path) -> Dataplane {
+    let mut opts = LoadOptions {
+        pin_dir: Some(pin_dir.to_path_buf()),
+        ..LoadOptions::default()
+    };
+    opts.tunables.cpus = aya::util::nr_cpus().unwrap() as u32;
+    Dataplane::load(&opts).unwrap()
+}
+
 /// Loads the program (no pins) with the real CPU count and `tweak` applied to the tunables.
 pub fn load(tweak: impl FnOnce(&mut Tunables)) -> Dataplane {
     let mut opts = LoadOptions::default();

@@ -5,31 +5,8 @@ use std::path::PathBuf;
 
 use aya::maps::MapInfo;
 use lb_common::map_names;
-use lb_tests::{
-    netns::{run, unique_prefix},
-    require_root,
-};
+use lb_tests::{netns::run, require_root, xdp::Bpffs};
 use lb_userspace::dataplane::{Dataplane, LoadOptions, maps_dir};
-
-/// A private bpffs, unmounted and removed on drop.
-struct Bpffs(PathBuf);
-
-impl Bpffs {
-    fn new(tag: &str) -> Bpffs {
-        let dir = PathBuf::from(format!("/run/{}", unique_prefix(tag)));
-        std::fs::create_dir_all(&dir).unwrap();
-        let fs = Bpffs(dir);
-        run(&["mount", "-t", "bpf", "bpf", fs.0.to_str().unwrap()]).unwrap();
-        fs
-    }
-}
-
-impl Drop for Bpffs {
-    fn drop(&mut self) {
-        let _ = run(&["umount", self.0.to_str().unwrap_or("")]);
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 fn opts(pin_dir: PathBuf) -> LoadOptions {
     LoadOptions {

@@ -1448,6 +1448,52 @@ fn a_flow_reopened_on_one_cpu_is_never_served_from_another_cpus_copy_of_the_old_
     }
 }
 
+/// While lbd restarts, the old build's balancer still runs, and the new build's new-flow
+/// program already sits in the pinned tail-call slot they share: flows the old balancer
+/// sends there are opened by the new build, with generations of its own. The old balancer's
+/// copies of a flow reopened that way must still go stale at once.
+#[test]
+fn a_flow_reopened_while_lbd_restarts_is_never_served_from_the_old_programs_copy() {
+    if !require_root("a_flow_reopened_while_lbd_restarts") {
+        return;
+    }
+    if std::thread::available_parallelism().map_or(1, |n| n.get()) < 2 {
+        eprintln!("skipped: needs two CPUs (a flow cache is per CPU)");
+        return;
+    }
+    let _ns = xdp::private_netns("fu", &[(BACKENDS[0], backend_mac(0))]);
+    let fs = xdp::Bpffs::new("fu");
+    let pins = fs.0.join("lb");
+    let mut old_build = xdp::load_pinned(&pins);
+    xdp::set_backend(&mut old_build, 1, BACKENDS[0]);
+    xdp::single_backend_table(&mut old_build, 0, VIP, 80, 6, 1);
+    let syn = tcp((CLIENT, 40000), (VIP, 80), SYN);
+
+    pin_to_cpu(1);
+    let old = sent_from(&mut old_build, &syn);
+    // The new build loads: it adopts the pinned maps and takes the tail-call slot. (Its
+    // verification takes longer than a copy lives: the copies are taken after it.)
+    let _new_build = xdp::load_pinned(&pins);
+    for _ in 0..3 {
+        assert_eq!(sent_from(&mut old_build, &request(ACK)), old);
+    }
+    pin_to_cpu0();
+    assert_eq!(
+        sent_from(&mut old_build, &tcp((CLIENT, 40000), (VIP, 80), FIN)),
+        old
+    );
+    let new = sent_from(&mut old_build, &syn);
+    assert_ne!(new, old, "each CPU has SNAT ports of its own");
+    pin_to_cpu(1);
+    for _ in 0..3 {
+        assert_eq!(
+            sent_from(&mut old_build, &request(ACK)),
+            new,
+            "sent as the new flow, not from the old program's copy on CPU 1"
+        );
+    }
+}
+
 /// The conntrack map's LRU evicts without telling the CPUs' flow caches: a copy of the
 /// evicted flow forwards its packets for at most `FLOW_CACHE_TTL_NS`, then they find no flow
 /// and pass to the host (which resets the connection), as without a cache.
