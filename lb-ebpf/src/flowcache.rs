@@ -35,8 +35,8 @@
 //!   and the flow collector frees an orphaned flow's SNAT port only after that time: no copy
 //!   of an evicted flow meets the port's next owner.
 //!
-//! Ordering: the generation is read before the entry and written after the insert, with
-//! compiler fences between; x86 keeps loads and stores in program order (TSO). On weakly
+//! Ordering: the generation is read before the entry, and written before the tail call and
+//! after the insert, with compiler fences between; x86 keeps loads and stores in program order (TSO). On weakly
 //! ordered CPUs (arm64) a stale copy could in principle be taken in the nanoseconds around
 //! a replacement; it would still be bounded by the TTL.
 

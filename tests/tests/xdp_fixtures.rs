@@ -1405,47 +1405,54 @@ fn sent_from(dp: &mut Dataplane, pkt: &[u8]) -> u16 {
     check(&out).src.1
 }
 
+/// Whether this host has the two CPUs the flow cache tests need (a cache is per CPU); says
+/// why not when it has not.
+fn two_cpus() -> bool {
+    let two = std::thread::available_parallelism().map_or(1, |n| n.get()) >= 2;
+    if !two {
+        eprintln!("skipped: needs two CPUs (a flow cache is per CPU)");
+    }
+    two
+}
+
+/// The client's connection from port 40000 opens on CPU 1 and sends its request; `meanwhile`
+/// runs; CPU 1 forwards more of its packets, from its copy of the flow. Then on CPU 0 the
+/// client closes it and opens another on the same 5-tuple: a new flow, with one of CPU 0's
+/// SNAT ports. Back on CPU 1, well within its copy's lifetime, the new connection's packets
+/// must go out as the new flow's.
+fn reopened_on_cpu0_is_sent_as_the_new_flow_by_cpu1(dp: &mut Dataplane, meanwhile: impl FnOnce()) {
+    let syn = tcp((CLIENT, 40000), (VIP, 80), SYN);
+    pin_to_cpu(1);
+    let old = sent_from(dp, &syn);
+    meanwhile();
+    for _ in 0..3 {
+        assert_eq!(sent_from(dp, &request(ACK)), old);
+    }
+    pin_to_cpu0();
+    assert_eq!(sent_from(dp, &tcp((CLIENT, 40000), (VIP, 80), FIN)), old);
+    let new = sent_from(dp, &syn);
+    assert_ne!(new, old, "each CPU has SNAT ports of its own");
+    pin_to_cpu(1);
+    for _ in 0..3 {
+        assert_eq!(
+            sent_from(dp, &request(ACK)),
+            new,
+            "sent as the new flow, not from CPU 1's copy of the old one"
+        );
+    }
+}
+
 /// Each CPU forwards an established flow's packets from its own copy of the flow's entry
 /// (its flow cache). A client that closes a connection and opens another on the same
 /// 5-tuple gets a new flow (a new SNAT port, maybe another backend): a CPU that holds a copy
 /// of the old flow must send the new connection's packets as the new flow's, at once.
 #[test]
 fn a_flow_reopened_on_one_cpu_is_never_served_from_another_cpus_copy_of_the_old_one() {
-    if !require_root("a_flow_reopened_on_one_cpu_is_never_served") {
-        return;
-    }
-    if std::thread::available_parallelism().map_or(1, |n| n.get()) < 2 {
-        eprintln!("skipped: needs two CPUs (a flow cache is per CPU)");
+    if !require_root("a_flow_reopened_on_one_cpu_is_never_served") || !two_cpus() {
         return;
     }
     let (_ns, mut dp) = one_backend("fr");
-    let syn = tcp((CLIENT, 40000), (VIP, 80), SYN);
-
-    // CPU 1: the connection opens and sends its request; CPU 1 keeps a copy of its flow and
-    // forwards its next packets from it.
-    pin_to_cpu(1);
-    let old = sent_from(&mut dp, &syn);
-    for _ in 0..3 {
-        assert_eq!(sent_from(&mut dp, &request(ACK)), old);
-    }
-    // CPU 0: the client closes it and opens another on the same 5-tuple, a new flow with one
-    // of CPU 0's SNAT ports.
-    pin_to_cpu0();
-    assert_eq!(
-        sent_from(&mut dp, &tcp((CLIENT, 40000), (VIP, 80), FIN)),
-        old
-    );
-    let new = sent_from(&mut dp, &syn);
-    assert_ne!(new, old, "each CPU has SNAT ports of its own");
-    // CPU 1, well within its copy's lifetime: the new connection's packets are the new flow's.
-    pin_to_cpu(1);
-    for _ in 0..3 {
-        assert_eq!(
-            sent_from(&mut dp, &request(ACK)),
-            new,
-            "sent as the new flow, not from CPU 1's copy of the old one"
-        );
-    }
+    reopened_on_cpu0_is_sent_as_the_new_flow_by_cpu1(&mut dp, || {});
 }
 
 /// While lbd restarts, the old build's balancer still runs, and the new build's new-flow
@@ -1454,11 +1461,7 @@ fn a_flow_reopened_on_one_cpu_is_never_served_from_another_cpus_copy_of_the_old_
 /// copies of a flow reopened that way must still go stale at once.
 #[test]
 fn a_flow_reopened_while_lbd_restarts_is_never_served_from_the_old_programs_copy() {
-    if !require_root("a_flow_reopened_while_lbd_restarts") {
-        return;
-    }
-    if std::thread::available_parallelism().map_or(1, |n| n.get()) < 2 {
-        eprintln!("skipped: needs two CPUs (a flow cache is per CPU)");
+    if !require_root("a_flow_reopened_while_lbd_restarts") || !two_cpus() {
         return;
     }
     let _ns = xdp::private_netns("fu", &[(BACKENDS[0], backend_mac(0))]);
@@ -1467,31 +1470,13 @@ fn a_flow_reopened_while_lbd_restarts_is_never_served_from_the_old_programs_copy
     let mut old_build = xdp::load_pinned(&pins);
     xdp::set_backend(&mut old_build, 1, BACKENDS[0]);
     xdp::single_backend_table(&mut old_build, 0, VIP, 80, 6, 1);
-    let syn = tcp((CLIENT, 40000), (VIP, 80), SYN);
-
-    pin_to_cpu(1);
-    let old = sent_from(&mut old_build, &syn);
-    // The new build loads: it adopts the pinned maps and takes the tail-call slot. (Its
-    // verification takes longer than a copy lives: the copies are taken after it.)
-    let _new_build = xdp::load_pinned(&pins);
-    for _ in 0..3 {
-        assert_eq!(sent_from(&mut old_build, &request(ACK)), old);
-    }
-    pin_to_cpu0();
-    assert_eq!(
-        sent_from(&mut old_build, &tcp((CLIENT, 40000), (VIP, 80), FIN)),
-        old
-    );
-    let new = sent_from(&mut old_build, &syn);
-    assert_ne!(new, old, "each CPU has SNAT ports of its own");
-    pin_to_cpu(1);
-    for _ in 0..3 {
-        assert_eq!(
-            sent_from(&mut old_build, &request(ACK)),
-            new,
-            "sent as the new flow, not from the old program's copy on CPU 1"
-        );
-    }
+    let mut new_build = None;
+    // The new build loads once the flow is open, before CPU 1 takes its copies (a load
+    // takes longer than a copy lives): it adopts the pinned maps and takes the tail-call
+    // slot. The old build's balancer carries every packet.
+    reopened_on_cpu0_is_sent_as_the_new_flow_by_cpu1(&mut old_build, || {
+        new_build = Some(xdp::load_pinned(&pins));
+    });
 }
 
 /// The conntrack map's LRU evicts without telling the CPUs' flow caches: a copy of the
