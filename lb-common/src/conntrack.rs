@@ -25,6 +25,11 @@ pub mod signal {
     pub const ANSWERED: u8 = 1;
 }
 
+/// The XDP program refreshes an entry's `last_seen` at most this often: a write per packet
+/// would bounce the entry's cache line between CPUs for no gain in precision. No idle timeout
+/// is shorter (lbd's config refuses one), so an entry refreshed within it is alive.
+pub const REFRESH_NS: u64 = 1_000_000_000;
+
 /// How long the XDP program may use a CPU's cached copy of an established flow's conntrack
 /// entry after taking it (its per-CPU flow cache, `lb-ebpf/src/flowcache.rs`). A new entry
 /// under the key reaches the copies at once (a generation they are checked against); an

@@ -7,9 +7,7 @@ use lb_common::{PROTO_TCP, conntrack::state};
 
 use crate::parse::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
 
-/// Refresh `last_seen` at most this often: a write per packet would bounce the entry's cache
-/// line between CPUs for no gain in precision.
-const REFRESH_NS: u64 = 1_000_000_000;
+use lb_common::conntrack::REFRESH_NS;
 
 /// Whether an entry last refreshed at `last_seen` is refreshed by a packet at `now`.
 #[inline(always)]

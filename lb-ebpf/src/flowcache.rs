@@ -36,15 +36,15 @@
 //!   of an evicted flow meets the port's next owner.
 //!
 //! Ordering: the generation is read before the entry, and written before the tail call and
-//! after the insert, with compiler fences between; x86 keeps loads and stores in program order (TSO). On weakly
-//! ordered CPUs (arm64) a stale copy could in principle be taken in the nanoseconds around
-//! a replacement; it would still be bounded by the TTL.
+//! after the insert, with compiler fences between; x86 keeps loads and stores in program
+//! order (TSO). On weakly ordered CPUs (arm64) a stale copy could in principle be taken in
+//! the nanoseconds around a replacement; it would still be bounded by the TTL.
 
 use aya_ebpf::helpers::bpf_get_smp_processor_id;
 use core::sync::atomic::{Ordering, compiler_fence};
 
 use lb_common::{
-    PROTO_TCP, Tunables,
+    PROTO_TCP,
     conntrack::{CtValue, FLOW_CACHE_SLOTS, FLOW_CACHE_TTL_NS, signal, state},
     flow::FlowKey,
 };
@@ -53,6 +53,8 @@ use crate::{
     maps::{LB_FLOW_CACHE, LB_FLOW_CHANGES, LB_FLOW_GEN},
     parse::{Packet, TCP_FIN, TCP_RST, TCP_SYN},
 };
+
+pub use lb_common::conntrack::flow_cache_slot as slot_of;
 
 /// Slots per CPU, and generations.
 pub const SLOTS: u32 = FLOW_CACHE_SLOTS;
@@ -70,8 +72,7 @@ pub struct Slot {
     pub generation: u64,
 }
 
-pub use lb_common::conntrack::flow_cache_slot as slot_of;
-
+/// Word by word: the derived `==` may become a call to the object's `bcmp`, a subprogram.
 #[inline(always)]
 fn same(a: &FlowKey, b: &FlowKey) -> bool {
     a.src.lo == b.src.lo
@@ -127,7 +128,7 @@ pub fn invalidate(slot: u32) {
 /// This CPU's copy of the entry of `pkt`'s flow (in `slot`), when it has one that the full
 /// path would use unchanged for this packet.
 #[inline(always)]
-pub fn get(pkt: &Packet, slot: u32, now: u64, t: &Tunables) -> Option<&'static CtValue> {
+pub fn get(pkt: &Packet, slot: u32, now: u64) -> Option<&'static CtValue> {
     if pkt.is_tcp() && pkt.tcp_flags & (TCP_SYN | TCP_FIN | TCP_RST) != 0 {
         return None;
     }
@@ -136,11 +137,11 @@ pub fn get(pkt: &Packet, slot: u32, now: u64, t: &Tunables) -> Option<&'static C
     if !same(&s.key, &pkt.key) || generation(slot) != s.generation {
         return None;
     }
-    let ct = &s.ct;
+    // No refresh due means alive too: no idle timeout is shorter than the refresh interval
+    // (`lb_common::conntrack::REFRESH_NS`).
     let fresh = now.wrapping_sub(s.taken_ns) < FLOW_CACHE_TTL_NS
-        && !crate::conntrack::needs_refresh(ct.last_seen_ns, now)
-        && crate::conntrack::alive(ct.last_seen_ns, ct.state, pkt.key.proto, now, t);
-    fresh.then_some(ct)
+        && !crate::conntrack::needs_refresh(s.ct.last_seen_ns, now);
+    fresh.then_some(&s.ct)
 }
 
 /// Keeps a copy of `e`, the entry of `key`'s flow in `slot` after the full path's writes,

@@ -171,7 +171,7 @@ fn to_backend(
     let slot = flowcache::slot_of(&pkt.key);
     // This CPU's copy of the flow's entry when this packet would change nothing in it (see
     // `flowcache`): no hashing of the key, no bucket walk.
-    let cached = flowcache::get(pkt, slot, now, t)
+    let cached = flowcache::get(pkt, slot, now)
         .filter(|c| serves(services_on_port, c.service_id))
         .filter(|_| nat::ttl(pkt) > 1);
     let e = match cached {

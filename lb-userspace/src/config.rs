@@ -39,6 +39,8 @@ pub enum ConfigError {
 pub const MIN_HEALTH_INTERVAL: Duration = Duration::from_millis(50);
 /// Bounds of the flow idle timeouts (`daemon.tcp_established_timeout` and the like).
 const MIN_FLOW_TIMEOUT: Duration = Duration::from_secs(1);
+// The XDP flow cache takes an entry refreshed within `REFRESH_NS` to be alive.
+const _: () = assert!(MIN_FLOW_TIMEOUT.as_nanos() >= lb_common::conntrack::REFRESH_NS as u128);
 /// Shortest `tcp_syn_reclaim`: below it, clients far away (a round trip of 100 ms and more)
 /// would lose their handshakes to a flood's SYNs.
 const MIN_SYN_RECLAIM: Duration = Duration::from_millis(100);

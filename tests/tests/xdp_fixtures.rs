@@ -1378,7 +1378,7 @@ fn pin_to_cpu(cpu: usize) {
 }
 
 /// A data plane (in a private namespace named after `tag`) whose one service, VIP:80/tcp, has
-/// backend 1 alone; and the client's segment from port 40000 with flags `f` and a request.
+/// backend 1 alone.
 fn one_backend(tag: &str) -> (Netns, Dataplane) {
     let ns = xdp::private_netns(tag, &[(BACKENDS[0], backend_mac(0))]);
     let mut dp = xdp::load(|_| {});
